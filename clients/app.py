@@ -1,0 +1,143 @@
+"""Flower ClientApp: one hospital. Each handler decodes a message, calls fedseg, encodes a reply.
+
+Message types (the server's strategies send them in this order):
+- ``train.autoencoders``: train the image and mask AEs on local data; reply sizes and losses.
+- ``query.latents``: keyed fp16 latents for a chunk of the training stream or the test split.
+- ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
+The trained AEs stay in ``context.state`` (the node's local state); key material is never put
+in a reply, and a guard mod checks every reply for it before it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedseg.config import RunConfig, config_from_run_config
+from fedseg.privacy.audit import guard_and_audit
+from fedseg.report import Examples, write_overlays
+from fedseg.site import (
+    SiteModels,
+    SiteSetup,
+    evaluate_predictions,
+    pick_examples,
+    resolve_site,
+    segment_mapped,
+    site_transform,
+    test_chunk,
+    train_site,
+    training_chunk,
+)
+
+log = logging.getLogger("fedseg.client")
+STATE_KEY = "autoencoders"
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """``cfg`` given: the CLI's scenario; otherwise read from the Flower run config."""
+
+    def resolve(context: Context) -> tuple[RunConfig, SiteSetup]:
+        run_cfg = cfg or config_from_run_config(dict(context.run_config))
+        torch.set_num_threads(run_cfg.training.threads)
+        return run_cfg, resolve_site(run_cfg, dict(context.node_config))
+
+    def outgoing_guard(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_content():
+            run_cfg, setup = resolve(context)
+            arrays = {
+                f"{rk}.{ak}": arr.numpy()
+                for rk, rec in reply.content.array_records.items()
+                for ak, arr in rec.items()
+            }
+            texts = [json.dumps(dict(rec)) for rec in reply.content.config_records.values()]
+            guard_and_audit(
+                run_cfg, setup.split.name, setup.key_file, msg.metadata.message_type, arrays, texts
+            )
+        return reply
+
+    app = ClientApp(mods=[outgoing_guard])
+
+    def load_models(run_cfg: RunConfig, setup: SiteSetup, context: Context) -> SiteModels:
+        if STATE_KEY not in context.state.array_records:
+            raise RuntimeError(f"site {setup.split.name}: autoencoders not trained yet")
+        models = SiteModels.build(run_cfg, setup.split.train.num_classes)
+        models.load_state(context.state.array_records[STATE_KEY].to_torch_state_dict())
+        return models
+
+    @app.train("autoencoders")
+    def train_autoencoders(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        site = setup.split
+        site_transform(run_cfg, setup.key_file)  # creates the site's key on first use
+        log.info("%s: training autoencoders on %d images", site.name, len(site.train))
+        models, stats = train_site(run_cfg, site.train)
+        context.state.array_records[STATE_KEY] = ArrayRecord(models.state())
+        metrics = MetricRecord(
+            {
+                "n_train": len(site.train),
+                "n_test": len(site.test),
+                "image_loss": stats.image_loss,
+                "mask_loss": stats.mask_loss,
+                "epochs": stats.epochs,
+                "seconds": stats.seconds,
+            }
+        )
+        info = ConfigRecord({"site": site.name, "class_names": list(site.train.class_names)})
+        return Message(RecordDict({"metrics": metrics, "site": info}), reply_to=msg)
+
+    @app.query("latents")
+    def latents(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        request = msg.content.config_records["request"]
+        split, start, stop = str(request["split"]), int(request["start"]), int(request["stop"])
+        models = load_models(run_cfg, setup, context)
+        transform = site_transform(run_cfg, setup.key_file)
+        if split == "train":
+            arrays = training_chunk(run_cfg, setup.split.train, models, transform, start, stop)
+        elif split == "test":
+            arrays = test_chunk(setup.split.test, models, transform, start, stop)
+        else:
+            raise ValueError(f"request.split must be 'train' or 'test', got {split!r}")
+        return Message(RecordDict({"latents": to_record(arrays)}), reply_to=msg)
+
+    @app.evaluate("segment")
+    def segment(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        started = time.perf_counter()
+        models = load_models(run_cfg, setup, context)
+        transform = site_transform(run_cfg, setup.key_file)
+        mapped = arrays_of(msg.content.array_records["mapped"])
+        pred = segment_mapped(run_cfg, models, transform, mapped)
+        test = setup.split.test
+        metrics = evaluate_predictions(test, pred)
+        pick = pick_examples(test, run_cfg.overlays_per_site)
+        # Overlays show patient images: they are written locally, never sent.
+        write_overlays(
+            setup.out_dir,
+            setup.split.name,
+            Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
+            test.class_names,
+        )
+        metrics["decode_seconds"] = time.perf_counter() - started
+        reply = ConfigRecord({"metrics_json": json.dumps(metrics)})
+        return Message(RecordDict({"result": reply}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})

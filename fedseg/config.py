@@ -1,0 +1,245 @@
+"""The typed configuration tree: the one place where defaults live.
+
+A scenario TOML file maps onto :class:`RunConfig` section by section (``[data]``,
+``[federation]``, ``[model]``, ``[training]``, ``[privacy]``, ``[baselines]``). Unknown keys
+are errors, so a typo in a hospital's config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DataKind = Literal["synthetic", "pairs", "nifti"]
+Transform = Literal["none", "klt"]
+Custody = Literal["client", "server"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class DatasetConfig:
+    """Where one data source lives and how its files become (image, class map) pairs."""
+
+    kind: DataKind = "synthetic"
+    path: str = ""  # folder with images/ + masks/ (or labels/); relative to the config file
+    test_path: str = ""  # optional held-out test folder with the same layout (e.g. us-nerve/test)
+    image_dir: str = "images"
+    mask_dir: str = ""  # "" = "masks" if present, else "labels"
+    label_values: list[int] = field(default_factory=list)  # stored value of class i; [] = identity
+    class_names: list[str] = field(default_factory=list)  # [] = "background", "class1", ...
+    spacing_csv: str = ""  # CSV with a file-name column and a mm-per-pixel column
+    spacing_column: str = ""  # column of spacing_csv; "" = the first column naming "pixel size"
+    spacing_mm: float = 0.0  # isotropic spacing for pairs; 0 = unknown (metrics in pixels)
+    group_regex: str = ""  # first group of a match on the file stem = patient id; "" = file
+    axis: int = 2  # NIfTI slicing axis
+    keep_empty_slices: bool = False  # NIfTI: keep slices without foreground
+    max_items: int = 0  # use at most this many files/volumes (0 = all), for quick runs
+    # synthetic hospitals
+    synthetic_train: int = 48  # training images per synthetic hospital
+    synthetic_test: int = 16
+    seed: int = 0
+
+
+@dataclass
+class FederationConfig:
+    """How the pooled data is cut into hospitals and how Ray simulates them."""
+
+    num_sites: int = 3
+    test_fraction: float = 0.2  # used when the data set has no separate test folder
+    seed: int = 0
+    client_cpus: float = 2.0  # Ray resources per simulated client
+    node_wait_s: float = 60.0  # how long the server waits for nodes to register
+    message_timeout_s: float = 3600.0  # a node that has not replied by then is dropped (0 = wait)
+
+
+@dataclass
+class ModelConfig:
+    """Widths of the autoencoders and the mapping network."""
+
+    image_size: int = 128
+    ae_widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])
+    latent_channels: int = 32  # channels of each of the three latent scales
+    umn_width: int = 96
+    umn_blocks: int = 2  # residual context blocks per scale
+
+
+@dataclass
+class TrainingConfig:
+    """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
+
+    batch_size: int = 16
+    ae_epochs: int = 30
+    ae_lr: float = 2e-3
+    ae_minutes: float = 0.0
+    augment_copies: int = 4  # augmented encodings per training image sent for the UMN
+    umn_rounds: int = 4  # server rounds (a checkpoint after each)
+    umn_epochs_per_round: int = 25
+    umn_lr: float = 1e-3
+    umn_minutes: float = 0.0
+    threads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class PrivacyConfig:
+    """Which latent transform the clients apply and who holds the keys."""
+
+    transform: Transform = "klt"
+    custody: Custody = "client"
+    key_dir: str = ""  # where simulated clients keep their key files; "" = <out>/keys
+    bias_scale: float = 1.0
+    audit_dir: str = ""  # keep a copy of every payload each site sends (for audits and tests)
+
+
+@dataclass
+class BaselineConfig:
+    """Privacy-agnostic references trained in the same harness."""
+
+    centralized_unet: bool = True
+    local_unet: bool = True
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    epochs: int = 60
+    minutes: float = 0.0  # 0 = epochs only; "match" budgets are set by the caller
+    match_wall_clock: bool = True  # give the centralized UNet the federated run's training time
+    lr: float = 2e-3
+
+
+@dataclass
+class RunConfig:
+    """One run: a scenario plus where its results go."""
+
+    name: str = "demo"
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    out_dir: str = "results/demo"
+    overlays_per_site: int = 4
+
+    def validate(self) -> RunConfig:
+        """Reject values that would fail later, deep inside a Ray actor."""
+        checks = [
+            (self.model.image_size % 32 == 0, "model.image_size must be a multiple of 32"),
+            (len(self.model.ae_widths) == 5, "model.ae_widths needs 5 stages"),
+            (self.federation.num_sites >= 1, "federation.num_sites must be >= 1"),
+            (0 < self.federation.test_fraction < 1, "federation.test_fraction must be in (0, 1)"),
+            (self.privacy.transform in ("none", "klt"), "privacy.transform: 'none' or 'klt'"),
+            (self.privacy.custody in ("client", "server"), "privacy.custody: 'client'/'server'"),
+            (self.data.kind in ("synthetic", "pairs", "nifti"), "data.kind: synthetic/pairs/nifti"),
+            (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),
+            (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a dataclass from a dict, recursing into nested dataclasses."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{where}.{name}] must be a table")
+            kwargs[name] = _build(hint, value, f"{where}.{name}".strip("."))
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}".strip("."))
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where} must be int, got {value!r}")
+    if origin is list and not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    if origin is Literal and value not in typing.get_args(hint):
+        raise ConfigError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
+    return value
+
+
+def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Build and validate a RunConfig; relative data paths are resolved against base_dir."""
+    cfg: RunConfig = _build(RunConfig, values, "")
+    if base_dir is not None:
+        for attr in ("path", "test_path", "spacing_csv"):
+            value = getattr(cfg.data, attr)
+            if value and not Path(value).is_absolute():
+                setattr(cfg.data, attr, str((base_dir / value).resolve()))
+    return cfg.validate()
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a scenario TOML file (relative paths in it are relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    values.setdefault("name", path.stem)
+    return config_from_dict(values, base_dir=path.parent.resolve())
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """Shrink a run so it finishes in a couple of minutes on 2 cores (``--quick``)."""
+    cfg.data.synthetic_train = min(cfg.data.synthetic_train, 24)
+    cfg.data.synthetic_test = min(cfg.data.synthetic_test, 8)
+    cfg.training.ae_epochs = min(cfg.training.ae_epochs, 8)
+    cfg.training.augment_copies = min(cfg.training.augment_copies, 2)
+    cfg.training.umn_rounds = min(cfg.training.umn_rounds, 2)
+    cfg.training.umn_epochs_per_round = min(cfg.training.umn_epochs_per_round, 10)
+    cfg.baselines.epochs = min(cfg.baselines.epochs, 10)
+    cfg.model.image_size = min(cfg.model.image_size, 64)
+    return cfg
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """A Flower run config (``[tool.flwr.app.config]``, flattened) -> RunConfig.
+
+    ``scenario`` names a TOML file ("" = the embedded synthetic demo), ``quick`` shrinks it, and
+    any ``section.field`` key (hyphens or underscores) overrides one value, e.g.
+    ``flwr run . --run-config "privacy.custody='server'"``.
+    """
+    scenario = str(run_config.get("scenario", ""))
+    cfg = load_config(scenario) if scenario else RunConfig()
+    if run_config.get("quick"):
+        cfg = quick(cfg)
+    if run_config.get("out-dir"):
+        cfg.out_dir = str(run_config["out-dir"])
+    for key, value in run_config.items():
+        if "." not in key:
+            continue
+        section, _, name = key.replace("-", "_").partition(".")
+        target = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(target) or name not in {
+            f.name for f in dataclasses.fields(target)
+        }:
+            raise ConfigError(f"run config key {key!r} names no config field")
+        hint = typing.get_type_hints(type(target))[name]
+        setattr(target, name, _coerce(value, hint, key))
+    return cfg.validate()

@@ -1,0 +1,145 @@
+"""What the server computes: collect keyed latents, train the UMN, answer mapping queries.
+
+Key custody decides what the server can see. With ``client`` custody (the default) it holds no
+key and trains in each site's keyed space through that site's adapters. With ``server`` custody
+(the reference paper's setting) each site's key ring is provisioned to the server out of band
+(never in a Flower message), and the server un-keys latents before training and re-keys its
+answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedseg.config import RunConfig
+from fedseg.models.autoencoder import latent_shapes
+from fedseg.models.umn import UnifiedMappingNetwork
+from fedseg.privacy.keys import KeyRing, read_key_file
+from fedseg.privacy.klt import LatentTransform
+from fedseg.training import Budget, SiteLatents, map_latents, train_umn
+from fedseg.wire import pack, unpack
+
+CHECKPOINT_NAME = "umn.pt"
+
+
+def key_path(key_dir: str | Path, site: str) -> Path:
+    return Path(key_dir) / f"{site}.key"
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, sites: list[str], key_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.sites = list(sites)
+        self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+        torch.manual_seed(cfg.training.seed)
+        m = cfg.model
+        self.umn = UnifiedMappingNetwork(self.sites, m.latent_channels, m.umn_width, m.umn_blocks)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.epoch = 0
+        self.round = 0
+        self._chunks: dict[str, list[tuple[list, list]]] = {s: [] for s in self.sites}
+        self._transforms = {s: LatentTransform(None) for s in self.sites}
+        if cfg.privacy.transform == "klt" and cfg.privacy.custody == "server":
+            if key_dir is None:
+                raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
+            for s in self.sites:
+                ring = KeyRing.from_secret(
+                    read_key_file(key_path(key_dir, s)),
+                    cfg.model.latent_channels,
+                    bias_scale=cfg.privacy.bias_scale,
+                )
+                self._transforms[s] = LatentTransform(ring)
+
+    def add_chunk(self, site: str, arrays: dict[str, np.ndarray]) -> int:
+        """Validate one chunk of a site's training latents; returns its item count."""
+        image = unpack(arrays, "image", self.shapes)
+        mask = unpack(arrays, "mask", self.shapes)
+        if image[0].shape[0] != mask[0].shape[0]:
+            raise ValueError(
+                f"site {site}: {image[0].shape[0]} image vs {mask[0].shape[0]} mask latents"
+            )
+        t = self._transforms[site]
+        # Kept in fp16 (as received) to halve the server's memory.
+        self._chunks[site].append(
+            (
+                [z.half() for z in t.inverse(image, "image")],
+                [z.half() for z in t.inverse(mask, "mask")],
+            )
+        )
+        return image[0].shape[0]
+
+    def site_latents(self) -> list[SiteLatents]:
+        out = []
+        for site, chunks in self._chunks.items():
+            if not chunks:
+                continue
+            image = [torch.cat([c[0][s] for c in chunks]) for s in range(3)]
+            mask = [torch.cat([c[1][s] for c in chunks]) for s in range(3)]
+            out.append(SiteLatents(site, image, mask))
+        return out
+
+    def retain(self, sites: list[str]) -> None:
+        """Forget what sites that dropped out had sent, so half a site never trains the UMN."""
+        for site in self._chunks:
+            if site not in sites:
+                self._chunks[site] = []
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.umn.parameters())
+
+    def collected(self) -> dict[str, int]:
+        return {s: sum(c[0][0].shape[0] for c in chunks) for s, chunks in self._chunks.items()}
+
+    def train_round(self, on_epoch=None) -> float:
+        """One UMN round (its share of the epochs/time budget); returns the last loss."""
+        t = self.cfg.training
+        rounds = max(t.umn_rounds, 1)
+        budget = Budget(t.umn_epochs_per_round, t.umn_minutes / rounds if t.umn_minutes else 0.0)
+        # One cosine schedule over all rounds: the round's budget is a slice of it.
+        self.optimizer, loss, self.epoch = train_umn(
+            self.umn,
+            self.site_latents(),
+            budget,
+            t.umn_lr * _round_lr_factor(self.round, rounds),
+            t.batch_size,
+            t.seed,
+            optimizer=self.optimizer,
+            on_epoch=on_epoch,
+            start_epoch=self.epoch,
+        )
+        self.round += 1
+        return loss
+
+    def map_query(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Keyed image latents in, keyed mask latents out."""
+        t = self._transforms[site]
+        image = t.inverse(unpack(arrays, "image", self.shapes), "image")
+        mapped = map_latents(self.umn, site, image)
+        return pack(t.forward(mapped, "mask"), "mask")
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """UMN weights, optimizer and progress; never a key, whatever the custody."""
+        path = Path(directory) / CHECKPOINT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "round": self.round,
+                "epoch": self.epoch,
+                "sites": self.sites,
+                "umn": self.umn.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "config": self.cfg.to_dict(),
+            },
+            tmp,
+        )
+        tmp.replace(path)
+        return path
+
+
+def _round_lr_factor(round_index: int, rounds: int) -> float:
+    """Step the base LR down over rounds so the per-round cosine does not restart at full LR."""
+    return 0.5 * (1 + np.cos(np.pi * round_index / rounds))

@@ -1,0 +1,119 @@
+"""Data sources turned into per-hospital train/test sets (numpy only; no torch, no Flower)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from fedseg.config import DatasetConfig, FederationConfig, ModelConfig, RunConfig
+from fedseg.data.dataset import DataError, SiteData
+from fedseg.data.labels import LabelMap, default_class_names, mask_to_2d
+from fedseg.data.nifti import load_nifti
+from fedseg.data.pairs import load_pairs
+from fedseg.data.splits import split_groups, train_test_split
+from fedseg.data.synthetic import synthetic_site
+
+__all__ = [
+    "DataError",
+    "LabelMap",
+    "SiteData",
+    "SiteSplit",
+    "default_class_names",
+    "load_dataset",
+    "load_federation",
+    "load_nifti",
+    "load_pairs",
+    "mask_to_2d",
+    "site_for_partition",
+    "split_groups",
+    "synthetic_site",
+    "train_test_split",
+]
+
+
+@dataclass
+class SiteSplit:
+    """One simulated hospital: what it trains on and what it is evaluated on."""
+
+    name: str
+    train: SiteData
+    test: SiteData
+
+
+def load_dataset(
+    cfg: DatasetConfig, size: int, path: str | None = None, name: str = "data"
+) -> SiteData:
+    """One folder of real data as a single SiteData; ``path`` overrides ``cfg.path``."""
+    folder = Path(path if path is not None else cfg.path)
+    if cfg.kind == "pairs":
+        return load_pairs(folder, cfg, size, name)
+    if cfg.kind == "nifti":
+        return load_nifti(folder, cfg, size, name)
+    raise DataError(f"data.kind {cfg.kind!r} has no folder to load (use load_federation)")
+
+
+def load_federation(cfg: RunConfig) -> list[SiteSplit]:
+    """All hospitals of a run, cut by patient so no patient is in two sites or two splits."""
+    data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
+    if data.kind == "synthetic":
+        sites = []
+        for i in range(fed.num_sites):
+            name = f"hospital-{i + 1}"
+            site = synthetic_site(
+                i, data.synthetic_train + data.synthetic_test, size, data.seed, name
+            )
+            train = site.subset(range(data.synthetic_train))
+            test = site.subset(range(data.synthetic_train, len(site)))
+            sites.append(SiteSplit(name, train, test))
+        return sites
+
+    base = Path(data.path).name
+    names = [f"{base}-{i + 1}" for i in range(fed.num_sites)]
+    parts = split_groups(load_dataset(data, size, name=base), fed.num_sites, fed.seed, names)
+    if data.test_path:
+        held_out = load_dataset(data, size, path=data.test_path, name=f"{base}-test")
+        if not data.label_values and not data.class_names:
+            # Open identity map: the class count was inferred per folder; use the larger.
+            widest = max(held_out.class_names, parts[0].class_names, key=len)
+            for site_data in [held_out, *parts]:
+                site_data.class_names = list(widest)
+        if held_out.class_names != parts[0].class_names:
+            raise DataError(
+                f"{data.test_path}: classes {held_out.class_names} differ from "
+                f"{data.path}: {parts[0].class_names}"
+            )
+        tests = split_groups(held_out, fed.num_sites, fed.seed, names)
+        return [SiteSplit(p.name, p, t) for p, t in zip(parts, tests, strict=True)]
+    sites = []
+    for i, part in enumerate(parts):
+        train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
+        sites.append(SiteSplit(part.name, train, test))
+    return sites
+
+
+@lru_cache(maxsize=4)
+def _cached_federation(data_json: str, federation_json: str, size: int) -> list[SiteSplit]:
+    cfg = RunConfig(
+        data=DatasetConfig(**json.loads(data_json)),
+        federation=FederationConfig(**json.loads(federation_json)),
+        model=ModelConfig(image_size=size),
+    )
+    return load_federation(cfg)
+
+
+def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
+    """The site a simulated client plays; cached because many clients share one process.
+
+    The returned arrays are shared between calls: treat them as read-only.
+    """
+    sites = _cached_federation(
+        json.dumps(dataclasses.asdict(cfg.data), sort_keys=True),
+        json.dumps(dataclasses.asdict(cfg.federation), sort_keys=True),
+        cfg.model.image_size,
+    )
+    if not 0 <= partition_id < len(sites):
+        raise DataError(f"partition_id {partition_id} out of range: {len(sites)} sites")
+    return sites[partition_id]

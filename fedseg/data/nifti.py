@@ -1,0 +1,134 @@
+"""3D NIfTI volumes cut into 2D slices; every slice keeps its volume as its group."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from rich.progress import track
+
+from fedseg.config import DatasetConfig
+from fedseg.data.dataset import (
+    DataError,
+    SiteData,
+    empty_site,
+    normalise,
+    resize_image,
+    resize_mask,
+    resized_spacing,
+)
+from fedseg.data.labels import LabelMap
+from fedseg.data.pairs import PROGRESS_ABOVE, mask_folder
+
+
+def volume_stem(path: Path) -> str:
+    """File name without .nii / .nii.gz: the patient (group) id."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_volumes(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    return sorted(
+        p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and p.name[0] != "."
+    )
+
+
+def read_volume(path: Path, label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+    """3D array and voxel size (mm); trailing singleton dims (X,Y,Z,1) are dropped."""
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
+        # A zero voxel size means the header does not know it: report pixels, not 0 mm.
+        zooms = tuple(float(z) if z > 0 else float("nan") for z in img.header.get_zooms())
+    except Exception as err:  # nibabel raises several types for damaged files
+        raise DataError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from err
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if not label and not np.isfinite(data).all():
+        raise DataError(f"{path}: volume contains NaN or inf values")
+    return data, zooms[:3]
+
+
+def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteData:
+    """Slices along ``cfg.axis``; empty slices are dropped unless asked for (they dominate)."""
+    folder = Path(folder)
+    if cfg.axis not in (0, 1, 2):
+        raise DataError(f"axis must be 0, 1 or 2, got {cfg.axis}")
+    image_dir, label_dir = folder / cfg.image_dir, mask_folder(folder, cfg.mask_dir)
+    volumes = list_volumes(image_dir)
+    if not volumes:
+        raise DataError(f"{image_dir}: no .nii or .nii.gz volumes")
+    labels_present = {p.name for p in list_volumes(label_dir)}
+    for path in volumes:
+        if path.name not in labels_present:
+            raise DataError(f"{path}: no label volume with the same name in {label_dir}")
+    image_names = {p.name for p in volumes}
+    extra = sorted(labels_present - image_names)
+    if extra:
+        raise DataError(f"{label_dir / extra[0]}: no image volume with the same name")
+    if cfg.max_items > 0:
+        volumes = volumes[: cfg.max_items]
+
+    label_map = LabelMap(cfg.label_values, cfg.class_names)
+
+    Slice = tuple[np.ndarray, np.ndarray, np.ndarray, str, str]  # image, mask, spacing, group, name
+
+    def load_volume(path: Path) -> tuple[list[Slice], int]:
+        label_path = label_dir / path.name
+        image, zooms = read_volume(path, label=False)
+        raw, _ = read_volume(label_path, label=True)
+        if image.shape != raw.shape:
+            raise DataError(f"{path} has shape {image.shape} but {label_path} has {raw.shape}")
+        label = label_map.apply(raw, str(label_path))
+        in_plane = tuple(z for i, z in enumerate(zooms) if i != cfg.axis)
+        image, label = np.moveaxis(image, cfg.axis, 0), np.moveaxis(label, cfg.axis, 0)
+        spacing = resized_spacing(in_plane, image.shape[1:], size)
+        group = volume_stem(path)
+        slices = [
+            (
+                normalise(resize_image(image[z], size)),
+                resize_mask(label[z], size),
+                spacing,
+                group,
+                f"{path.name}#{z}",
+            )
+            for z in range(image.shape[0])
+            if cfg.keep_empty_slices or label[z].any()
+        ]
+        return slices, int(label.max())
+
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(
+            track(
+                pool.map(load_volume, volumes),
+                total=len(volumes),
+                description=f"loading {name}",
+                transient=True,
+                disable=len(volumes) <= PROGRESS_ABOVE,
+            )
+        )
+    class_names = label_map.class_names_for(max(m for _, m in results))
+    slices = [one for volume_slices, _ in results for one in volume_slices]
+    if not slices:
+        return empty_site(name, size, class_names)
+    images, masks, spacing, groups, names = zip(*slices, strict=True)
+    return SiteData(
+        name=name,
+        images=np.stack(images)[:, None],
+        masks=np.stack(masks),
+        spacing=np.stack(spacing),
+        groups=np.array(groups, dtype=str),
+        names=list(names),
+        class_names=class_names,
+    )

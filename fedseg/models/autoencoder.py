@@ -1,0 +1,92 @@
+"""Skip-connected autoencoder whose three latent scales are what a hospital shares.
+
+The encoder has five stride-2 stages; the outputs of stages 3, 4 and 5 (1/8, 1/16 and 1/32 of
+the input) are projected to ``latent_channels`` each. The decoder starts from the coarsest
+latent and takes the two finer latents as skips, so everything the decoder needs is in the
+latents: nothing else has to cross the wire at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Latents = list[torch.Tensor]  # [1/8, 1/16, 1/32] scale, each (B, C, h, w)
+LATENT_STRIDES = (8, 16, 32)
+
+
+def conv_block(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, widths: list[int], latent_channels: int) -> None:
+        super().__init__()
+        chans = [in_channels, *widths]
+        self.stages = nn.ModuleList(conv_block(chans[i], chans[i + 1], 2) for i in range(5))
+        self.heads = nn.ModuleList(nn.Conv2d(w, latent_channels, 1) for w in widths[2:])
+
+    def forward(self, x: torch.Tensor) -> Latents:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return [head(f) for head, f in zip(self.heads, feats[2:], strict=True)]
+
+
+class Decoder(nn.Module):
+    def __init__(self, out_channels: int, widths: list[int], latent_channels: int) -> None:
+        super().__init__()
+        w1, w2, w3, w4, w5 = widths
+        c = latent_channels
+        self.coarse = conv_block(c, w5)
+        self.up16 = conv_block(w5 + c, w4)
+        self.up8 = conv_block(w4 + c, w3)
+        self.up4 = conv_block(w3, w2)
+        self.up2 = conv_block(w2, w1)
+        self.up1 = conv_block(w1, w1)
+        self.out = nn.Conv2d(w1, out_channels, 1)
+
+    def forward(self, latents: Latents) -> torch.Tensor:
+        z8, z16, z32 = latents
+        x = self.coarse(z32)
+        x = self.up16(torch.cat([_up(x), z16], 1))
+        x = self.up8(torch.cat([_up(x), z8], 1))
+        for block in (self.up4, self.up2, self.up1):
+            x = block(_up(x))
+        return self.out(x)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class SkipAutoencoder(nn.Module):
+    """Image AE (1 channel in/out) or mask AE (one-hot classes in, class logits out)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, widths: list[int], latent_channels: int
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(in_channels, widths, latent_channels)
+        self.decoder = Decoder(out_channels, widths, latent_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def latent_shapes(image_size: int, latent_channels: int) -> list[tuple[int, int, int]]:
+    """(C, h, w) of each latent scale for a square input."""
+    return [(latent_channels, image_size // s, image_size // s) for s in LATENT_STRIDES]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,18 @@
+"""Privacy-agnostic reference networks, taken from MONAI rather than written again."""
+
+from __future__ import annotations
+
+from monai.networks.nets import UNet
+from torch import nn
+
+
+def make_unet(num_classes: int, channels: list[int]) -> nn.Module:
+    """The centralized/local reference: MONAI's residual UNet, as in the design's anchor run."""
+    return UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=num_classes,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+    )

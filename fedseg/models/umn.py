@@ -1,0 +1,102 @@
+"""Unified multi-scale latent-to-latent mapping network (UMN).
+
+One network, trained by the server, maps a site's image latents at three scales to that site's
+mask latents at three scales. Context flows both ways across scales: a bottom-up pass brings
+fine detail down to the 1/32 scale, where pyramid pooling adds image-wide context, and a
+top-down pass carries that context back to the finer scales.
+
+Each site gets a 1x1 input and output adapter per scale. Sites train their autoencoders
+independently, so their latent spaces differ; and with ``client`` key custody each site's latents
+are additionally mixed by a keyed orthogonal map the server never learns. A keyed latent transform
+(KLT) is an affine map over channels, so a 1x1 adapter can represent its inverse exactly: the
+shared trunk sees aligned features without anyone handing it a key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedseg.models.autoencoder import Latents
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class PyramidPooling(nn.Module):
+    """Image-wide context at the coarsest scale (bins that do not fit are skipped)."""
+
+    def __init__(self, width: int, bins: tuple[int, ...] = (1, 2, 4)) -> None:
+        super().__init__()
+        self.bins = bins
+        self.reduce = nn.ModuleList(nn.Conv2d(width, width // 4, 1) for _ in bins)
+        self.fuse = nn.Conv2d(width + width // 4 * len(bins), width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        parts = [x]
+        for bin_size, reduce in zip(self.bins, self.reduce, strict=True):
+            b = min(bin_size, h, w)
+            pooled = reduce(F.adaptive_avg_pool2d(x, b))
+            parts.append(F.interpolate(pooled, size=(h, w), mode="nearest"))
+        return F.relu(self.fuse(torch.cat(parts, 1)))
+
+
+def _stack(width: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualBlock(width, dilation=1 + i % 2) for i in range(blocks)))
+
+
+class UnifiedMappingNetwork(nn.Module):
+    """Image latents -> mask latents at three scales, with per-site adapters."""
+
+    def __init__(self, sites: list[str], latent_channels: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.sites = list(sites)
+        c, w = latent_channels, width
+        self.in_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
+        self.out_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
+        self.stems = nn.ModuleList(nn.Conv2d(c, w, 1) for _ in range(3))
+        self.down = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for _ in range(2))
+        self.encode = nn.ModuleList(_stack(w, blocks) for _ in range(3))
+        self.context = PyramidPooling(w)
+        self.decode = nn.ModuleList(_stack(w, blocks) for _ in range(2))
+        self.heads = nn.ModuleList(nn.Conv2d(w, c, 1) for _ in range(3))
+
+    def site_index(self, site: str) -> int:
+        if site not in self.sites:
+            raise KeyError(f"unknown site {site!r}; this UMN serves {self.sites}")
+        return self.sites.index(site)
+
+    def forward(self, latents: Latents, site: int) -> Latents:
+        x8, x16, x32 = (
+            stem(adapters[site](z))
+            for stem, adapters, z in zip(self.stems, self.in_adapters, latents, strict=True)
+        )
+        f8 = self.encode[0](x8)
+        f16 = self.encode[1](x16 + self.down[0](f8))
+        f32 = self.context(self.encode[2](x32 + self.down[1](f16)))
+        g16 = self.decode[0](f16 + _up(f32, f16))
+        g8 = self.decode[1](f8 + _up(g16, f8))
+        outs = (head(f) for head, f in zip(self.heads, (g8, g16, f32), strict=True))
+        return [adapters[site](o) for adapters, o in zip(self.out_adapters, outs, strict=True)]
+
+
+def _adapters(n_sites: int, channels: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(n_sites))
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)

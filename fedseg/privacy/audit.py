@@ -1,0 +1,51 @@
+"""The last stop before a reply leaves a hospital: refuse key material, optionally keep a copy.
+
+With ``privacy.audit_dir`` set, every payload a site sends is also written to
+``<audit_dir>/<site>/NNNN_<message type>.npz`` so a hospital (or a test) can inspect exactly
+what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from fedseg.config import RunConfig
+from fedseg.privacy.keys import KeyRing, load_or_create_key
+from fedseg.privacy.leakcheck import find_key_material
+
+
+class KeyLeakError(RuntimeError):
+    """A reply would have carried key material; it was not sent."""
+
+
+def guard_and_audit(
+    cfg: RunConfig,
+    site: str,
+    key_file: Path | None,
+    message_type: str,
+    arrays: dict[str, np.ndarray],
+    texts: Iterable[str],
+) -> None:
+    texts = list(texts)
+    if cfg.privacy.transform != "none" and key_file is not None:
+        secret = load_or_create_key(key_file)
+        ring = KeyRing.from_secret(
+            secret, cfg.model.latent_channels, bias_scale=cfg.privacy.bias_scale
+        )
+        findings = find_key_material(arrays, texts, secret, ring)
+        if findings:
+            raise KeyLeakError(
+                f"{site}: refusing to send {message_type}: {'; '.join(findings[:5])}"
+            )
+    if cfg.privacy.audit_dir:
+        folder = Path(cfg.privacy.audit_dir) / site
+        folder.mkdir(parents=True, exist_ok=True)
+        index = len(list(folder.glob("*.npz")))
+        safe_type = message_type.replace(".", "_")
+        np.savez(
+            folder / f"{index:04d}_{safe_type}.npz", __texts__=np.array(json.dumps(texts)), **arrays
+        )

@@ -1,0 +1,134 @@
+"""Client secrets and the keys derived from them.
+
+A hospital holds one 256-bit secret in a key file readable only by its owner (mode 0600).
+Every transform key is derived from it with HKDF-SHA256 under a label naming the role (image or
+mask latents) and the scale, so keys for different purposes are independent and nothing but
+the secret ever needs to be stored. No object here prints its key material.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SECRET_BYTES = 32
+KEY_FILE_HEADER = "fedseg-secret-v1"
+ROLES = ("image", "mask")
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, malformed or readable by others."""
+
+
+def generate_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def write_key_file(path: str | Path, secret: bytes | None = None, overwrite: bool = False) -> Path:
+    """Create a key file with mode 0600 from the first byte on (no window where it is open)."""
+    path = Path(path)
+    secret = generate_secret() if secret is None else secret
+    if len(secret) != SECRET_BYTES:
+        raise KeyFileError(f"a secret has {SECRET_BYTES} bytes, got {len(secret)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError as err:
+        raise KeyFileError(f"key file {path} exists; refusing to overwrite a secret") from err
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{KEY_FILE_HEADER}:{secret.hex()}\n")
+    os.chmod(path, 0o600)  # in case the file existed with other bits and overwrite=True
+    return path
+
+
+def read_key_file(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise KeyFileError(
+            f"key file not found: {path} (create one with `fedseg keygen --out {path}`)"
+        )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"key file {path} has mode {mode:o}; it must be 600 (chmod 600 {path})")
+    text = path.read_text().strip()
+    header, _, body = text.partition(":")
+    try:
+        secret = bytes.fromhex(body)
+    except ValueError:
+        secret = b""
+    if header != KEY_FILE_HEADER or len(secret) != SECRET_BYTES:
+        raise KeyFileError(f"key file {path} is not a fedseg secret ({KEY_FILE_HEADER}:<64 hex>)")
+    return secret
+
+
+def load_or_create_key(path: str | Path) -> bytes:
+    """What a simulated hospital does on first start: make its own secret, then reuse it."""
+    path = Path(path)
+    if not path.exists():
+        write_key_file(path)
+    return read_key_file(path)
+
+
+def derive_bytes(secret: bytes, label: str, length: int = 32) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=b"fedseg", info=label.encode()
+    ).derive(secret)
+
+
+@dataclass(frozen=True, repr=False)
+class LatentKey:
+    """KLT key of one (role, scale): z' = P Q z + b over channels; ``mixing`` holds P Q."""
+
+    mixing: np.ndarray  # (C, C) orthogonal, float64
+    bias: np.ndarray  # (C,) float64
+    rotation: np.ndarray  # Q, kept so leak checks can look for it too
+    permutation: np.ndarray  # P as an index array
+
+    def __repr__(self) -> str:
+        return f"LatentKey(channels={self.mixing.shape[0]}, <secret>)"
+
+
+def derive_latent_key(
+    secret: bytes, role: str, scale: int, channels: int, bias_scale: float
+) -> LatentKey:
+    """Q from the QR of a seeded Gaussian (signs fixed so Q is unique), P a permutation, b bias."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    seed = int.from_bytes(derive_bytes(secret, f"klt/{role}/scale{scale}"), "big")
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.standard_normal((channels, channels)))
+    q = q * np.sign(np.diag(r))[None, :]
+    perm = rng.permutation(channels)
+    bias = rng.standard_normal(channels) * bias_scale
+    return LatentKey(mixing=q[perm], bias=bias, rotation=q, permutation=perm)
+
+
+@dataclass(frozen=True, repr=False)
+class KeyRing:
+    """All KLT keys of one hospital: ``keys[role][scale]``."""
+
+    keys: dict[str, list[LatentKey]]
+
+    @classmethod
+    def from_secret(
+        cls, secret: bytes, channels: int, scales: int = 3, bias_scale: float = 1.0
+    ) -> KeyRing:
+        return cls(
+            {
+                role: [
+                    derive_latent_key(secret, role, s, channels, bias_scale) for s in range(scales)
+                ]
+                for role in ROLES
+            }
+        )
+
+    def __repr__(self) -> str:
+        return "KeyRing(<secret>)"

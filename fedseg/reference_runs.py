@@ -1,0 +1,83 @@
+"""Baselines in the same harness: a centralized UNet on pooled data and one UNet per site.
+
+Same splits, same augmentation, same metrics as the federated run. The centralized UNet is the
+privacy-agnostic reference (what sharing all data would give); local UNets show what each
+hospital reaches alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedseg.config import RunConfig
+from fedseg.data import SiteData, SiteSplit
+from fedseg.models.baselines import make_unet
+from fedseg.report import Examples
+from fedseg.site import evaluate_predictions, pick_examples
+from fedseg.training import Budget, predict, train_segmenter
+
+Progress = Callable[[int, int, float], None]
+
+
+def _fit(cfg: RunConfig, train: SiteData, minutes: float, seed: int, on_epoch: Progress | None):
+    torch.manual_seed(seed)
+    b = cfg.baselines
+    net = make_unet(train.num_classes, b.unet_channels)
+    epochs = train_segmenter(
+        net,
+        train.images,
+        train.masks,
+        train.num_classes,
+        Budget(b.epochs if minutes <= 0 else 10**6, minutes),
+        b.lr,
+        cfg.training.batch_size,
+        seed,
+        on_epoch,
+    )
+    return net, epochs
+
+
+def _score(cfg: RunConfig, net, sites: list[SiteSplit]) -> tuple[dict, dict[str, Examples], float]:
+    metrics, examples, seconds, count = {}, {}, 0.0, 0
+    for site in sites:
+        started = time.perf_counter()
+        pred = predict(net, site.test.images)
+        seconds += time.perf_counter() - started
+        count += len(site.test)
+        metrics[site.name] = evaluate_predictions(site.test, pred)
+        pick = pick_examples(site.test, cfg.overlays_per_site)
+        examples[site.name] = Examples(site.test.images[pick, 0], site.test.masks[pick], pred[pick])
+    return metrics, examples, seconds / max(count, 1)
+
+
+def centralized_unet(
+    cfg: RunConfig, sites: list[SiteSplit], minutes: float, on_epoch: Progress | None = None
+) -> tuple[dict, dict[str, Examples]]:
+    """Train on the pooled training data of all sites; score on each site's test split."""
+    pooled = SiteData.concat([s.train for s in sites], "pooled")
+    started = time.perf_counter()
+    net, epochs = _fit(cfg, pooled, minutes, cfg.training.seed, on_epoch)
+    train_s = time.perf_counter() - started
+    metrics, examples, per_image = _score(cfg, net, sites)
+    extra = {"epochs": epochs, "train_seconds": train_s, "seconds_per_image": per_image}
+    return {
+        "sites": metrics,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        **extra,
+    }, examples
+
+
+def local_unets(
+    cfg: RunConfig, sites: list[SiteSplit], minutes: float, on_epoch: Progress | None = None
+) -> tuple[dict, dict[str, Examples]]:
+    """One UNet per site, trained and scored on that site alone."""
+    metrics, examples, epochs = {}, {}, {}
+    for i, site in enumerate(sites):
+        net, epochs[site.name] = _fit(cfg, site.train, minutes, cfg.training.seed + i, on_epoch)
+        m, ex, _ = _score(cfg, net, [site])
+        metrics.update(m)
+        examples.update(ex)
+    return {"sites": metrics, "epochs": epochs}, examples

@@ -1,0 +1,183 @@
+"""Everything a hospital computes, behind the few calls its Flower handlers make.
+
+The site owns its data, its two autoencoders and its key; it only ever hands out keyed latents
+and metrics. Training latents are produced in chunks of a deterministic, augmented stream
+(sample j is image j mod n under augmentation copy j div n), so the server can pull them chunk
+by chunk and a retried chunk is identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedseg.config import RunConfig
+from fedseg.data import SiteData, SiteSplit, site_for_partition
+from fedseg.evaluation import segmentation_metrics
+from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
+from fedseg.privacy.keys import KeyRing, load_or_create_key
+from fedseg.privacy.klt import LatentTransform
+from fedseg.training import (
+    AutoencoderStats,
+    Budget,
+    augment,
+    decode_masks,
+    encode,
+    one_hot,
+    train_autoencoders,
+)
+from fedseg.wire import pack, unpack
+
+
+@dataclass
+class SiteModels:
+    image_ae: SkipAutoencoder
+    mask_ae: SkipAutoencoder
+
+    @classmethod
+    def build(cls, cfg: RunConfig, num_classes: int) -> SiteModels:
+        m = cfg.model
+        return cls(
+            SkipAutoencoder(1, 1, m.ae_widths, m.latent_channels),
+            SkipAutoencoder(num_classes, num_classes, m.ae_widths, m.latent_channels),
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"image.{k}": v for k, v in self.image_ae.state_dict().items()}
+        out.update({f"mask.{k}": v for k, v in self.mask_ae.state_dict().items()})
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for prefix, net in (("image.", self.image_ae), ("mask.", self.mask_ae)):
+            net.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+            net.eval()
+
+
+def site_transform(cfg: RunConfig, key_file: str | Path | None) -> LatentTransform:
+    """The site's keyed transform; the secret is read here and never returned."""
+    if cfg.privacy.transform == "none":
+        return LatentTransform(None)
+    if key_file is None:
+        raise ValueError("privacy.transform = 'klt' needs a key file (node config 'key-file')")
+    secret = load_or_create_key(key_file)
+    return LatentTransform(
+        KeyRing.from_secret(secret, cfg.model.latent_channels, bias_scale=cfg.privacy.bias_scale)
+    )
+
+
+def train_site(
+    cfg: RunConfig, data: SiteData, on_epoch=None
+) -> tuple[SiteModels, AutoencoderStats]:
+    torch.manual_seed(cfg.training.seed)
+    models = SiteModels.build(cfg, data.num_classes)
+    t = cfg.training
+    stats = train_autoencoders(
+        data.images,
+        data.masks,
+        models.image_ae,
+        models.mask_ae,
+        data.num_classes,
+        Budget(t.ae_epochs, t.ae_minutes),
+        t.ae_lr,
+        t.batch_size,
+        t.seed,
+        on_epoch,
+    )
+    return models, stats
+
+
+def stream_length(data: SiteData, augment_copies: int) -> int:
+    """Length of the training stream: the originals, then ``augment_copies`` augmented passes."""
+    return len(data) * (1 + augment_copies)
+
+
+def training_chunk(
+    cfg: RunConfig,
+    data: SiteData,
+    models: SiteModels,
+    transform: LatentTransform,
+    start: int,
+    stop: int,
+) -> dict[str, np.ndarray]:
+    """Keyed image and mask latents of stream items [start, stop), as fp16 wire arrays."""
+    n = len(data)
+    index = np.arange(start, stop)
+    images = torch.from_numpy(data.images[index % n])
+    masks = torch.from_numpy(data.masks[index % n])
+    copies = index // n
+    for copy in np.unique(copies[copies > 0]):
+        sel = torch.from_numpy(np.flatnonzero(copies == copy))
+        gen = torch.Generator().manual_seed(cfg.training.seed * 100_003 + int(copy) * 7919 + start)
+        images[sel], masks[sel] = augment(images[sel], masks[sel], gen)
+    image_latents = transform.forward(encode(models.image_ae, images), "image")
+    mask_latents = transform.forward(
+        encode(models.mask_ae, one_hot(masks, data.num_classes)), "mask"
+    )
+    return {**pack(image_latents, "image"), **pack(mask_latents, "mask")}
+
+
+def test_chunk(
+    data: SiteData, models: SiteModels, transform: LatentTransform, start: int, stop: int
+) -> dict[str, np.ndarray]:
+    """Keyed image latents of test images [start, stop): the inference query."""
+    images = torch.from_numpy(data.images[start:stop])
+    return pack(transform.forward(encode(models.image_ae, images), "image"), "image")
+
+
+def segment_mapped(
+    cfg: RunConfig, models: SiteModels, transform: LatentTransform, arrays: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Un-key the server's mapped mask latents and decode them into class maps."""
+    shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+    mapped = unpack(arrays, "mask", shapes)
+    return decode_masks(models.mask_ae, transform.inverse(mapped, "mask"))
+
+
+def evaluate_predictions(data: SiteData, pred: np.ndarray) -> dict:
+    if pred.shape != data.masks.shape:
+        raise ValueError(f"prediction shape {pred.shape} != test masks {data.masks.shape}")
+    spacing = data.spacing if data.spacing_known else None
+    return segmentation_metrics(pred, data.masks, data.class_names, spacing)
+
+
+def pick_examples(data: SiteData, k: int) -> np.ndarray:
+    """Indices of k test images spread over the set, preferring ones with foreground."""
+    fg = np.flatnonzero(data.masks.reshape(len(data), -1).max(1) > 0)
+    pool = fg if len(fg) >= k else np.arange(len(data))
+    return pool[np.linspace(0, len(pool) - 1, min(k, len(pool))).astype(int)]
+
+
+@dataclass
+class SiteSetup:
+    """Where a hospital's data, key and local outputs are, from its node config."""
+
+    split: SiteSplit
+    key_file: Path | None
+    out_dir: Path
+
+
+def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
+    """A real SuperNode names its data and key; a simulated one gets a partition of the scenario.
+
+    Node config keys: ``data-dir``, ``key-file``, ``site-name``, ``out-dir`` (deployment) or
+    ``partition-id`` (simulation).
+    """
+    out_dir = Path(str(node_config.get("out-dir", cfg.out_dir)))
+    if "data-dir" in node_config:
+        name = str(node_config.get("site-name", Path(str(node_config["data-dir"])).name))
+        from fedseg.data import load_local_site
+
+        split = load_local_site(cfg, Path(str(node_config["data-dir"])), name)
+    elif "partition-id" in node_config:
+        split = site_for_partition(cfg, int(node_config["partition-id"]))
+    else:
+        raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
+    key_file = node_config.get("key-file")
+    if key_file is None and cfg.privacy.transform != "none":
+        key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{split.name}.key"
+    return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)

@@ -1,0 +1,268 @@
+"""Plain-torch training loops, called by the Flower handlers, the server and the baselines.
+
+Every loop runs for a number of epochs or a wall-clock budget, whichever ends first, with a
+cosine learning rate driven by that progress, so a run given "10 minutes" uses all ten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.nn import functional as F
+
+from fedseg.models.autoencoder import Latents, SkipAutoencoder
+from fedseg.models.umn import UnifiedMappingNetwork
+
+Progress = Callable[[int, int, float], None]  # (epoch, epochs, loss)
+
+
+@dataclass
+class Budget:
+    """Epochs and an optional wall-clock limit (minutes <= 0: epochs only)."""
+
+    epochs: int
+    minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def progress(self, epoch: int) -> float:
+        frac = epoch / max(self.epochs, 1)
+        if self.minutes > 0:
+            frac = max(frac, (time.perf_counter() - self.start) / (60 * self.minutes))
+        return min(frac, 1.0)
+
+    def done(self, epoch: int) -> bool:
+        return self.progress(epoch) >= 1.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def augment(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flip, rotation, scale and contrast; masks follow the geometry (nearest)."""
+    n = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-0.26, 0.26)  # about +-15 degrees
+    scale = uniform(0.9, 1.1)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out_images = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    out_masks = F.grid_sample(
+        masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[:, 0].long()
+    gain = uniform(0.8, 1.25)[:, None, None, None]
+    shift = uniform(-0.2, 0.2)[:, None, None, None]
+    return out_images * gain + shift, out_masks
+
+
+def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class AutoencoderStats:
+    image_loss: float
+    mask_loss: float
+    epochs: int
+    seconds: float
+
+
+def train_autoencoders(
+    images: np.ndarray,
+    masks: np.ndarray,
+    image_ae: SkipAutoencoder,
+    mask_ae: SkipAutoencoder,
+    num_classes: int,
+    budget: Budget,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Progress | None = None,
+) -> AutoencoderStats:
+    """Train a site's image AE (MSE) and mask AE (Dice + CE) together on augmented pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
+    params = list(image_ae.parameters()) + list(mask_ae.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    mask_loss_fn = DiceCELoss(softmax=True)
+    image_ae.train()
+    mask_ae.train()
+    epoch, img_loss, msk_loss = 0, float("nan"), float("nan")
+    while not budget.done(epoch):
+        cosine_lr(optimizer, lr, budget.progress(epoch))
+        img_losses, msk_losses = [], []
+        for idx in _batches(len(x_all), batch_size, gen):
+            x, y = augment(x_all[idx], y_all[idx], gen)
+            target = one_hot(y, num_classes)
+            loss_img = F.mse_loss(image_ae(x), x)
+            loss_msk = mask_loss_fn(mask_ae(target), target)
+            optimizer.zero_grad(set_to_none=True)
+            (loss_img + loss_msk).backward()
+            optimizer.step()
+            img_losses.append(loss_img.item())
+            msk_losses.append(loss_msk.item())
+        epoch += 1
+        img_loss, msk_loss = float(np.mean(img_losses)), float(np.mean(msk_losses))
+        if on_epoch:
+            on_epoch(epoch, budget.epochs, img_loss + msk_loss)
+    image_ae.eval()
+    mask_ae.eval()
+    return AutoencoderStats(img_loss, msk_loss, epoch, budget.elapsed())
+
+
+@torch.no_grad()
+def encode(ae: SkipAutoencoder, x: torch.Tensor, batch_size: int = 64) -> Latents:
+    ae.eval()
+    parts = [ae.encoder(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return [torch.cat(scale) for scale in zip(*parts, strict=True)]
+
+
+@torch.no_grad()
+def decode_masks(mask_ae: SkipAutoencoder, latents: Latents, batch_size: int = 64) -> np.ndarray:
+    mask_ae.eval()
+    n = latents[0].shape[0]
+    preds = [
+        mask_ae.decoder([z[i : i + batch_size] for z in latents]).argmax(1)
+        for i in range(0, n, batch_size)
+    ]
+    return torch.cat(preds).numpy().astype(np.int64)
+
+
+@dataclass
+class SiteLatents:
+    """What the server holds for one site: its (keyed) image and mask latents."""
+
+    site: str
+    image: Latents
+    mask: Latents
+
+    def __len__(self) -> int:
+        return self.image[0].shape[0]
+
+
+def train_umn(
+    umn: UnifiedMappingNetwork,
+    sites: list[SiteLatents],
+    budget: Budget,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: Progress | None = None,
+    start_epoch: int = 0,
+) -> tuple[torch.optim.Optimizer, float, int]:
+    """Fit the UMN to map each site's image latents to its mask latents (latent MSE).
+
+    Batches are drawn per site (each site has its own adapters), interleaved at random so no
+    site dominates the end of an epoch. Returns the optimizer (for checkpoints), the last loss
+    and the epoch count.
+    """
+    gen = torch.Generator().manual_seed(seed + start_epoch)
+    optimizer = optimizer or torch.optim.AdamW(umn.parameters(), lr=lr, weight_decay=1e-4)
+    umn.train()
+    epoch, last = start_epoch, float("nan")
+    while not budget.done(epoch - start_epoch):
+        cosine_lr(optimizer, lr, budget.progress(epoch - start_epoch))
+        plan = [
+            (s, idx) for s, site in enumerate(sites) for idx in _batches(len(site), batch_size, gen)
+        ]
+        losses = []
+        for k in torch.randperm(len(plan), generator=gen).tolist():
+            s, idx = plan[k]
+            site = sites[s]
+            pred = umn([z[idx].float() for z in site.image], umn.site_index(site.site))
+            loss = sum(F.mse_loss(p, t[idx].float()) for p, t in zip(pred, site.mask, strict=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch += 1
+        last = float(np.mean(losses))
+        if on_epoch:
+            on_epoch(epoch, budget.epochs, last)
+    umn.eval()
+    return optimizer, last, epoch
+
+
+@torch.no_grad()
+def map_latents(umn: UnifiedMappingNetwork, site: str, latents: Latents, batch_size: int = 64):
+    umn.eval()
+    index = umn.site_index(site)
+    n = latents[0].shape[0]
+    parts = [
+        umn([z[i : i + batch_size].float() for z in latents], index)
+        for i in range(0, n, batch_size)
+    ]
+    return [torch.cat(scale) for scale in zip(*parts, strict=True)]
+
+
+def train_segmenter(
+    net: nn.Module,
+    images: np.ndarray,
+    masks: np.ndarray,
+    num_classes: int,
+    budget: Budget,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Progress | None = None,
+) -> int:
+    """Supervised baseline (MONAI UNet, Dice + CE), with the same augmentation as the AEs."""
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    net.train()
+    epoch = 0
+    while not budget.done(epoch):
+        cosine_lr(optimizer, lr, budget.progress(epoch))
+        losses = []
+        for idx in _batches(len(x_all), batch_size, gen):
+            x, y = augment(x_all[idx], y_all[idx], gen)
+            loss = loss_fn(net(x), y[:, None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch += 1
+        if on_epoch:
+            on_epoch(epoch, budget.epochs, float(np.mean(losses)))
+    net.eval()
+    return epoch
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    net.eval()
+    x = torch.from_numpy(images)
+    preds = [net(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(preds).numpy().astype(np.int64)

@@ -1,0 +1,45 @@
+"""Phase 1: every hospital trains its image and mask autoencoders on its own data."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from strategies.common import Federation, SiteInfo, exchange, log
+
+
+class LocalAutoencoderTraining:
+    """Weights stay at the sites; the server learns only sizes, class names and losses."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+
+    def run(self, grid: Grid, node_ids: list[int], federation: Federation) -> None:
+        replies, failed = exchange(
+            grid,
+            node_ids,
+            "train.autoencoders",
+            lambda _: RecordDict({"config": ConfigRecord({})}),
+            self.timeout_s,
+        )
+        for node_id, reason in failed.items():
+            federation.drop(node_id, "autoencoders", reason)
+        for node_id, reply in replies.items():
+            metrics = reply.content.metric_records["metrics"]
+            info = reply.content.config_records["site"]
+            federation.sites[node_id] = SiteInfo(
+                node_id=node_id,
+                name=str(info["site"]),
+                n_train=int(metrics["n_train"]),
+                n_test=int(metrics["n_test"]),
+                class_names=[str(c) for c in info["class_names"]],
+            )
+            log.info(
+                "%s: AEs trained (%d images, %d epochs, %.0fs; image MSE %.4f, mask loss %.4f)",
+                info["site"],
+                metrics["n_train"],
+                metrics["epochs"],
+                metrics["seconds"],
+                metrics["image_loss"],
+                metrics["mask_loss"],
+            )

@@ -1,0 +1,92 @@
+"""The message plumbing every phase shares: send to many nodes, keep who answered and who not."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger("fedseg.server")
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    name: str
+    n_train: int
+    n_test: int
+    class_names: list[str]
+
+
+@dataclass
+class Federation:
+    """Who takes part, and who dropped out of which phase (and why)."""
+
+    sites: dict[int, SiteInfo] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+
+    def drop(self, node_id: int, phase: str, reason: str) -> None:
+        site = self.sites.pop(node_id, None)
+        name = site.name if site else f"node {node_id}"
+        log.warning("%s dropped out of %s: %s", name, phase, reason)
+        self.dropped.append({"phase": phase, "site": name, "reason": reason})
+
+    def by_name(self) -> dict[str, SiteInfo]:
+        return {s.name: s for s in self.sites.values()}
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """In simulation the node list can be empty at first: wait until they have registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected or time.monotonic() > deadline:
+            if len(nodes) < expected:
+                log.warning(
+                    "only %d of %d nodes registered after %.0fs", len(nodes), expected, timeout_s
+                )
+            return nodes
+        time.sleep(0.5)
+
+
+def exchange(
+    grid: Grid,
+    node_ids: list[int],
+    message_type: str,
+    content: Callable[[int], RecordDict],
+    timeout: float | None,
+) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send one message per node; return (replies by node, failure reason by node)."""
+    messages = [Message(content(n), dst_node_id=n, message_type=message_type) for n in node_ids]
+    replies, failed = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[src] = f"client error: {short_reason(reply.error.reason)}"
+        else:
+            replies[src] = reply
+    for n in node_ids:
+        if n not in replies and n not in failed:
+            failed[n] = f"no reply within {timeout}s"
+    return replies, failed
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful last line of a client's traceback (Ray wraps it in several layers)."""
+    lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+    last = lines[-1] if lines else reason
+    last = last.split("Message: ")[-1].rstrip("'>")
+    return last[:limit]
