@@ -30,7 +30,7 @@ from fedseg.site import (
     resolve_site,
     segment_mapped,
     site_transform,
-    test_chunk,
+    query_chunk,
     train_site,
     training_chunk,
 )
@@ -102,7 +102,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if split == "train":
             arrays = training_chunk(run_cfg, setup.split.train, models, transform, start, stop)
         elif split == "test":
-            arrays = test_chunk(setup.split.test, models, transform, start, stop)
+            arrays = query_chunk(setup.split.test, models, transform, start, stop)
         else:
             raise ValueError(f"request.split must be 'train' or 'test', got {split!r}")
         return Message(RecordDict({"latents": to_record(arrays)}), reply_to=msg)

@@ -25,6 +25,10 @@ from fedseg.wire import pack, unpack
 CHECKPOINT_NAME = "umn.pt"
 
 
+class UnknownSiteError(ValueError):
+    """A query names a site this server was not trained for."""
+
+
 def key_path(key_dir: str | Path, site: str) -> Path:
     return Path(key_dir) / f"{site}.key"
 
@@ -53,8 +57,13 @@ class Coordinator:
                 )
                 self._transforms[s] = LatentTransform(ring)
 
+    def _check_site(self, site: str) -> None:
+        if site not in self._transforms:
+            raise UnknownSiteError(f"unknown site {site!r}; this server serves {self.sites}")
+
     def add_chunk(self, site: str, arrays: dict[str, np.ndarray]) -> int:
         """Validate one chunk of a site's training latents; returns its item count."""
+        self._check_site(site)
         image = unpack(arrays, "image", self.shapes)
         mask = unpack(arrays, "mask", self.shapes)
         if image[0].shape[0] != mask[0].shape[0]:
@@ -115,6 +124,7 @@ class Coordinator:
 
     def map_query(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keyed image latents in, keyed mask latents out."""
+        self._check_site(site)
         t = self._transforms[site]
         image = t.inverse(unpack(arrays, "image", self.shapes), "image")
         mapped = map_latents(self.umn, site, image)

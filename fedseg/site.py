@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedseg.config import RunConfig
-from fedseg.data import SiteData, SiteSplit, site_for_partition
+from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.keys import KeyRing, load_or_create_key
@@ -121,7 +121,7 @@ def training_chunk(
     return {**pack(image_latents, "image"), **pack(mask_latents, "mask")}
 
 
-def test_chunk(
+def query_chunk(
     data: SiteData, models: SiteModels, transform: LatentTransform, start: int, stop: int
 ) -> dict[str, np.ndarray]:
     """Keyed image latents of test images [start, stop): the inference query."""
@@ -170,8 +170,6 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     out_dir = Path(str(node_config.get("out-dir", cfg.out_dir)))
     if "data-dir" in node_config:
         name = str(node_config.get("site-name", Path(str(node_config["data-dir"])).name))
-        from fedseg.data import load_local_site
-
         split = load_local_site(cfg, Path(str(node_config["data-dir"])), name)
     elif "partition-id" in node_config:
         split = site_for_partition(cfg, int(node_config["partition-id"]))

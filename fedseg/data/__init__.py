@@ -24,6 +24,7 @@ __all__ = [
     "default_class_names",
     "load_dataset",
     "load_federation",
+    "load_local_site",
     "load_nifti",
     "load_pairs",
     "mask_to_2d",
@@ -117,3 +118,14 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
     if not 0 <= partition_id < len(sites):
         raise DataError(f"partition_id {partition_id} out of range: {len(sites)} sites")
     return sites[partition_id]
+
+
+def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
+    """A real hospital's own folder: its ``test/`` subfolder is the test split if present,
+    otherwise whole patients are held out with ``federation.test_fraction``."""
+    size = cfg.model.image_size
+    data = load_dataset(cfg.data, size, path=str(data_dir), name=name)
+    if (data_dir / "test").is_dir():
+        return SiteSplit(name, data, load_dataset(cfg.data, size, path=str(data_dir / "test"), name=name))
+    train, test = train_test_split(data, cfg.federation.test_fraction, cfg.federation.seed)
+    return SiteSplit(name, train, test)

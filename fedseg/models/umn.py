@@ -22,14 +22,16 @@ from fedseg.models.autoencoder import Latents
 
 
 class ResidualBlock(nn.Module):
+    """GroupNorm, not BatchNorm: batches come from one site at a time, and running statistics
+    averaged over sites would not match any one site at inference."""
     def __init__(self, width: int, dilation: int = 1) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False),
-            nn.BatchNorm2d(width),
+            nn.GroupNorm(8, width),
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            nn.GroupNorm(8, width),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
