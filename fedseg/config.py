@@ -78,6 +78,8 @@ class TrainingConfig:
     ae_epochs: int = 30
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
+    mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
+    cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 4  # augmented encodings per training image sent for the UMN
     umn_rounds: int = 4  # server rounds (a checkpoint after each)
     umn_epochs_per_round: int = 25

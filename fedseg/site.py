@@ -87,6 +87,8 @@ def train_site(
         t.batch_size,
         t.seed,
         on_epoch,
+        latent_noise=t.mask_latent_noise,
+        cross_weight=t.cross_decoding_weight,
     )
     return models, stats
 

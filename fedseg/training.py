@@ -107,8 +107,20 @@ def train_autoencoders(
     batch_size: int,
     seed: int,
     on_epoch: Progress | None = None,
+    latent_noise: float = 0.0,
+    cross_weight: float = 0.0,
 ) -> AutoencoderStats:
-    """Train a site's image AE (MSE) and mask AE (Dice + CE) together on augmented pairs."""
+    """Train a site's image AE (MSE) and mask AE (Dice + CE) together on augmented pairs.
+
+    The mask decoder is trained on noisy latents (``latent_noise`` times each latent's own
+    spread) so that it decodes the UMN's imperfect predictions into clean masks, instead of
+    having only ever seen the encoder's exact outputs.
+
+    ``cross_weight`` > 0 also asks the mask decoder to decode the *image* latents into the mask
+    (local labels, local weights: nothing extra leaves the site). Image latents trained for
+    reconstruction alone keep texture but bury what separates a nerve from a vessel; this term
+    makes them carry it, so the server's mapping network has far less left to learn.
+    """
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
     params = list(image_ae.parameters()) + list(mask_ae.parameters())
@@ -123,10 +135,15 @@ def train_autoencoders(
         for idx in _batches(len(x_all), batch_size, gen):
             x, y = augment(x_all[idx], y_all[idx], gen)
             target = one_hot(y, num_classes)
-            loss_img = F.mse_loss(image_ae(x), x)
-            loss_msk = mask_loss_fn(mask_ae(target), target)
+            z_img = image_ae.encoder(x)
+            loss_img = F.mse_loss(image_ae.decoder(z_img), x)
+            z_msk = _noisy(mask_ae.encoder(target), latent_noise, gen)
+            loss_msk = mask_loss_fn(mask_ae.decoder(z_msk), target)
+            loss = loss_img + loss_msk
+            if cross_weight > 0:
+                loss = loss + cross_weight * mask_loss_fn(mask_ae.decoder(z_img), target)
             optimizer.zero_grad(set_to_none=True)
-            (loss_img + loss_msk).backward()
+            loss.backward()
             optimizer.step()
             img_losses.append(loss_img.item())
             msk_losses.append(loss_msk.item())
@@ -137,6 +154,16 @@ def train_autoencoders(
     image_ae.eval()
     mask_ae.eval()
     return AutoencoderStats(img_loss, msk_loss, epoch, budget.elapsed())
+
+
+def _noisy(latents: Latents, scale: float, generator: torch.Generator) -> Latents:
+    if scale <= 0:
+        return latents
+    out = []
+    for z in latents:
+        noise = torch.randn(z.shape, generator=generator)
+        out.append(z + scale * z.detach().std(dim=(0, 2, 3), keepdim=True) * noise)
+    return out
 
 
 @torch.no_grad()

@@ -126,6 +126,8 @@ def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
     size = cfg.model.image_size
     data = load_dataset(cfg.data, size, path=str(data_dir), name=name)
     if (data_dir / "test").is_dir():
-        return SiteSplit(name, data, load_dataset(cfg.data, size, path=str(data_dir / "test"), name=name))
+        return SiteSplit(
+            name, data, load_dataset(cfg.data, size, path=str(data_dir / "test"), name=name)
+        )
     train, test = train_test_split(data, cfg.federation.test_fraction, cfg.federation.seed)
     return SiteSplit(name, train, test)

@@ -52,17 +52,17 @@ class Decoder(nn.Module):
         self.up8 = conv_block(w4 + c, w3)
         self.up4 = conv_block(w3, w2)
         self.up2 = conv_block(w2, w1)
-        self.up1 = conv_block(w1, w1)
-        self.out = nn.Conv2d(w1, out_channels, 1)
+        # Full resolution gets one conv: a block there would cost more than the rest together.
+        self.out = nn.Conv2d(w1, out_channels, 3, padding=1)
 
     def forward(self, latents: Latents) -> torch.Tensor:
         z8, z16, z32 = latents
         x = self.coarse(z32)
         x = self.up16(torch.cat([_up(x), z16], 1))
         x = self.up8(torch.cat([_up(x), z8], 1))
-        for block in (self.up4, self.up2, self.up1):
+        for block in (self.up4, self.up2):
             x = block(_up(x))
-        return self.out(x)
+        return self.out(_up(x))
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from fedseg.models.autoencoder import Latents
 class ResidualBlock(nn.Module):
     """GroupNorm, not BatchNorm: batches come from one site at a time, and running statistics
     averaged over sites would not match any one site at inference."""
+
     def __init__(self, width: int, dilation: int = 1) -> None:
         super().__init__()
         self.body = nn.Sequential(
