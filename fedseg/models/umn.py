@@ -84,16 +84,19 @@ class UnifiedMappingNetwork(nn.Module):
         return self.sites.index(site)
 
     def forward(self, latents: Latents, site: int) -> Latents:
-        x8, x16, x32 = (
-            stem(adapters[site](z))
-            for stem, adapters, z in zip(self.stems, self.in_adapters, latents, strict=True)
-        )
+        aligned = [adapters[site](z) for adapters, z in zip(self.in_adapters, latents, strict=True)]
+        x8, x16, x32 = (stem(z) for stem, z in zip(self.stems, aligned, strict=True))
         f8 = self.encode[0](x8)
         f16 = self.encode[1](x16 + self.down[0](f8))
         f32 = self.context(self.encode[2](x32 + self.down[1](f16)))
         g16 = self.decode[0](f16 + _up(f32, f16))
         g8 = self.decode[1](f8 + _up(g16, f8))
-        outs = (head(f) for head, f in zip(self.heads, (g8, g16, f32), strict=True))
+        # Residual around the trunk: where image latents already predict the mask (see the
+        # AEs' cross-decoding objective), the trunk only has to learn a correction.
+        outs = (
+            head(f) + z
+            for head, f, z in zip(self.heads, (g8, g16, f32), aligned, strict=True)
+        )
         return [adapters[site](o) for adapters, o in zip(self.out_adapters, outs, strict=True)]
 
 
