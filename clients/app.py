@@ -27,10 +27,10 @@ from fedseg.site import (
     SiteSetup,
     evaluate_predictions,
     pick_examples,
+    query_chunk,
     resolve_site,
     segment_mapped,
     site_transform,
-    query_chunk,
     train_site,
     training_chunk,
 )

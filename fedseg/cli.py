@@ -115,7 +115,8 @@ def _summary(metrics: dict) -> None:
 def _cell(site: dict | None) -> str:
     if not site:
         return "-"
-    return f"{_num(site['dice_mean'])} / {_num(site['hd95_mean'], 1)} / {_num(site['asd_mean'], 1)} {site['units']}"
+    dice, hd95, asd = site["dice_mean"], site["hd95_mean"], site["asd_mean"]
+    return f"{_num(dice)} / {_num(hd95, 1)} / {_num(asd, 1)} {site['units']}"
 
 
 def _num(x, digits: int = 3) -> str:

@@ -11,7 +11,7 @@ from fedseg.config import RunConfig
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.privacy.keys import write_key_file
-from fedseg.site import segment_mapped, site_transform, query_chunk, train_site, training_chunk
+from fedseg.site import query_chunk, segment_mapped, site_transform, train_site, training_chunk
 from fedseg.wire import WireError, pack, unpack
 
 

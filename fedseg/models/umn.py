@@ -93,10 +93,7 @@ class UnifiedMappingNetwork(nn.Module):
         g8 = self.decode[1](f8 + _up(g16, f8))
         # Residual around the trunk: where image latents already predict the mask (see the
         # AEs' cross-decoding objective), the trunk only has to learn a correction.
-        outs = (
-            head(f) + z
-            for head, f, z in zip(self.heads, (g8, g16, f32), aligned, strict=True)
-        )
+        outs = (head(f) + z for head, f, z in zip(self.heads, (g8, g16, f32), aligned, strict=True))
         return [adapters[site](o) for adapters, o in zip(self.out_adapters, outs, strict=True)]
 
 
