@@ -101,3 +101,13 @@ def test_leak_check_finds_secret_bytes_hex_and_permutation():
     assert find_key_material({"raw": np.frombuffer(secret, np.uint8)}, [], secret, ring)
     perm = ring.keys["image"][0].permutation.astype(np.int64)
     assert find_key_material({"p": perm}, [], secret, ring)
+
+
+def test_leak_check_has_no_false_positive_on_flat_regions():
+    """Flat background gives long runs of one repeated value; that is not a key."""
+    secret = generate_secret()
+    ring = KeyRing.from_secret(secret, 32)
+    key = ring.keys["mask"][0]
+    flat = np.full((4, 32, 16, 16), key.bias[0], dtype=np.float16)  # a key value, repeated
+    flat[:, :, 8:] = key.mixing[0, 0]
+    assert find_key_material({"mask0": flat}, [], secret, ring) == []

@@ -3,10 +3,10 @@
 Two checks, both cheap enough to run on every reply:
 - byte patterns: the raw secret and each HKDF output, as bytes or hex, in any array or text;
   each permutation as int32/int64 bytes;
-- value runs: any array holding ``min_run`` consecutive values that are all entries of a key
-  (P Q, Q or the bias, cast to that array's dtype). A leaked matrix row, column or bias is such
-  a run. In fp32/fp64 a chance match is rare (runs of 8 suffice); fp16 is coarse enough that a
-  third of small fp16 values are some key entry, so there the run must span a whole key row.
+- key vectors: every row and column of P Q and of Q, and the bias, cast to the dtype of each
+  float array, looked for as a contiguous run of values. Candidate windows start where a value
+  equals the first entry of some key vector, and identical windows (flat image regions give
+  many) are compared once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from fedseg.privacy.keys import KeyRing, derive_bytes
 
@@ -33,33 +34,31 @@ def _byte_patterns(secret: bytes, ring: KeyRing | None) -> list[tuple[str, bytes
     return patterns
 
 
-def _key_values(ring: KeyRing) -> np.ndarray:
-    parts = [
-        np.concatenate([k.mixing.ravel(), k.rotation.ravel(), k.bias.ravel()])
-        for keys in ring.keys.values()
-        for k in keys
-    ]
-    return np.concatenate(parts)
+def _key_vectors(ring: KeyRing) -> list[np.ndarray]:
+    vectors = []
+    for keys in ring.keys.values():
+        for key in keys:
+            for matrix in (key.mixing, key.rotation):
+                vectors += list(matrix) + list(matrix.T)
+            vectors.append(key.bias)
+    return vectors
 
 
-def _row_length(ring: KeyRing) -> int:
-    return next(iter(ring.keys.values()))[0].mixing.shape[0]
-
-
-def _longest_run(flags: np.ndarray) -> int:
-    if not flags.any():
-        return 0
-    padded = np.concatenate([[0], flags.astype(np.int8), [0]])
-    edges = np.flatnonzero(np.diff(padded))
-    return int((edges[1::2] - edges[0::2]).max())
+def _contains_vector(flat: np.ndarray, vectors: list[np.ndarray]) -> bool:
+    length = len(vectors[0])
+    if flat.size < length:
+        return False
+    cast = np.stack(vectors).astype(flat.dtype)
+    wanted = {row.tobytes() for row in cast}
+    starts = np.flatnonzero(np.isin(flat[: flat.size - length + 1], cast[:, 0]))
+    if starts.size == 0:
+        return False
+    windows = np.unique(sliding_window_view(flat, length)[starts], axis=0)
+    return any(w.tobytes() in wanted for w in windows)
 
 
 def find_key_material(
-    arrays: dict[str, np.ndarray],
-    strings: Iterable[str],
-    secret: bytes,
-    ring: KeyRing | None,
-    min_run: int = 8,
+    arrays: dict[str, np.ndarray], strings: Iterable[str], secret: bytes, ring: KeyRing | None
 ) -> list[str]:
     """Descriptions of key material found in the payload (empty list: clean)."""
     blobs = {name: np.ascontiguousarray(a).tobytes() for name, a in arrays.items()}
@@ -71,12 +70,8 @@ def find_key_material(
         if pattern in blob
     ]
     if ring is not None:
-        values = _key_values(ring)
+        vectors = _key_vectors(ring)
         for name, arr in arrays.items():
-            if not np.issubdtype(arr.dtype, np.floating) or arr.size < min_run:
-                continue
-            needed = _row_length(ring) if arr.dtype == np.float16 else min_run
-            run = _longest_run(np.isin(arr.ravel(), values.astype(arr.dtype)))
-            if run >= needed:
-                findings.append(f"a run of {run} key values in {name}")
+            if np.issubdtype(arr.dtype, np.floating) and _contains_vector(arr.ravel(), vectors):
+                findings.append(f"a key row, column or bias in {name}")
     return findings
