@@ -25,12 +25,12 @@ console = Console()
 
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
-    logging.getLogger("fedseg").setLevel(logging.INFO)
+    logging.getLogger("fedseg").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) -> dict:

@@ -42,8 +42,8 @@ class DatasetConfig:
     keep_empty_slices: bool = False  # NIfTI: keep slices without foreground
     max_items: int = 0  # use at most this many files/volumes (0 = all), for quick runs
     # synthetic hospitals
-    synthetic_train: int = 48  # training images per synthetic hospital
-    synthetic_test: int = 16
+    synthetic_train: int = 32  # training images per synthetic hospital
+    synthetic_test: int = 12
     seed: int = 0
 
 
@@ -75,14 +75,14 @@ class TrainingConfig:
     """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
 
     batch_size: int = 16
-    ae_epochs: int = 30
+    ae_epochs: int = 15
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
-    augment_copies: int = 4  # augmented encodings per training image sent for the UMN
-    umn_rounds: int = 4  # server rounds (a checkpoint after each)
-    umn_epochs_per_round: int = 25
+    augment_copies: int = 2  # augmented encodings per training image sent for the UMN
+    umn_rounds: int = 3  # server rounds (a checkpoint after each)
+    umn_epochs_per_round: int = 4
     umn_lr: float = 1e-3
     umn_minutes: float = 0.0
     threads: int = 2
