@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedseg.config import ConfigError, RunConfig, load_config, quick
+from fedseg.config import ConfigError, RunConfig, demo_config, load_config
 from fedseg.privacy.keys import KeyFileError, write_key_file
 
 app = typer.Typer(add_completion=False, help="Federated segmentation that shares keyed latents.")
@@ -138,8 +138,7 @@ def demo(
 ) -> None:
     """Three synthetic hospitals (the embedded default) through Flower + Ray."""
     _logging(verbose)
-    cfg = RunConfig(name="demo-quick" if quick_run else "demo", out_dir=str(out))
-    execute(quick(cfg) if quick_run else cfg, verbose=False)
+    execute(demo_config(str(out), quick_run), verbose=False)
 
 
 @app.command()

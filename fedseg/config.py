@@ -75,14 +75,14 @@ class TrainingConfig:
     """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
 
     batch_size: int = 16
-    ae_epochs: int = 15
+    ae_epochs: int = 30
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 2  # augmented encodings per training image sent for the UMN
     umn_rounds: int = 3  # server rounds (a checkpoint after each)
-    umn_epochs_per_round: int = 4
+    umn_epochs_per_round: int = 8
     umn_lr: float = 1e-3
     umn_minutes: float = 0.0
     threads: int = 2
@@ -207,14 +207,25 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(values, base_dir=path.parent.resolve())
 
 
+def demo_config(out_dir: str, quick_run: bool = False) -> RunConfig:
+    """The embedded default: 3 synthetic hospitals at 64 px, sized to finish in minutes on a
+    2-core laptop (scenario files default to 128 px)."""
+    cfg = RunConfig(name="demo-quick" if quick_run else "demo", out_dir=out_dir)
+    cfg.model.image_size = 64
+    cfg.training.ae_epochs = 60
+    cfg.training.umn_rounds = 3
+    cfg.training.umn_epochs_per_round = 10
+    return quick(cfg) if quick_run else cfg
+
+
 def quick(cfg: RunConfig) -> RunConfig:
     """Shrink a run so it finishes in a couple of minutes on 2 cores (``--quick``)."""
     cfg.data.synthetic_train = min(cfg.data.synthetic_train, 24)
     cfg.data.synthetic_test = min(cfg.data.synthetic_test, 8)
-    cfg.training.ae_epochs = min(cfg.training.ae_epochs, 8)
+    cfg.training.ae_epochs = min(cfg.training.ae_epochs, 30)
     cfg.training.augment_copies = min(cfg.training.augment_copies, 2)
     cfg.training.umn_rounds = min(cfg.training.umn_rounds, 2)
-    cfg.training.umn_epochs_per_round = min(cfg.training.umn_epochs_per_round, 10)
+    cfg.training.umn_epochs_per_round = min(cfg.training.umn_epochs_per_round, 8)
     cfg.baselines.epochs = min(cfg.baselines.epochs, 10)
     cfg.model.image_size = min(cfg.model.image_size, 64)
     return cfg
