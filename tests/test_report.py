@@ -118,3 +118,12 @@ def test_minimal_metrics_without_baselines(tmp_path: Path) -> None:
 def test_load_metrics_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         load_metrics(tmp_path / "nope")
+
+
+def test_results_are_readable_by_others(tmp_path):
+    import stat
+
+    from fedseg.report import write_results
+
+    write_results(tmp_path, {"config": {}, "sites": {}, "mean": {}})
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
