@@ -84,6 +84,7 @@ class TrainingConfig:
     umn_rounds: int = 3  # server rounds (a checkpoint after each)
     umn_epochs_per_round: int = 8
     umn_lr: float = 1e-3
+    adapter_lr_scale: float = 1.0  # learning-rate factor for the per-site adapters
     umn_minutes: float = 0.0
     threads: int = 2
     seed: int = 0

@@ -118,6 +118,7 @@ class Coordinator:
             optimizer=self.optimizer,
             on_epoch=on_epoch,
             start_epoch=self.epoch,
+            adapter_lr_scale=t.adapter_lr_scale,
         )
         self.round += 1
         return loss

@@ -48,7 +48,8 @@ class Budget:
 
 def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        scale = group.get("lr_scale", 1.0)
+        group["lr"] = scale * base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def augment(
@@ -206,6 +207,7 @@ def train_umn(
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Progress | None = None,
     start_epoch: int = 0,
+    adapter_lr_scale: float = 1.0,
 ) -> tuple[torch.optim.Optimizer, float, int]:
     """Fit the UMN to map each site's image latents to its mask latents (latent MSE).
 
@@ -214,7 +216,14 @@ def train_umn(
     and the epoch count.
     """
     gen = torch.Generator().manual_seed(seed + start_epoch)
-    optimizer = optimizer or torch.optim.AdamW(umn.parameters(), lr=lr, weight_decay=1e-4)
+    if optimizer is None:
+        adapters = [p for n, p in umn.named_parameters() if "adapters" in n]
+        trunk = [p for n, p in umn.named_parameters() if "adapters" not in n]
+        groups = [
+            {"params": trunk, "lr_scale": 1.0},
+            {"params": adapters, "lr_scale": adapter_lr_scale},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     umn.train()
     epoch, last = start_epoch, float("nan")
     while not budget.done(epoch - start_epoch):
