@@ -43,7 +43,3 @@ def add_baselines(out_dir: Path, baselines: dict[str, dict], timing: dict[str, f
     metrics["timing_s"].update(timing)
     write_results(out_dir, metrics)
     return metrics
-
-
-def baseline_block(site_metrics: dict[str, dict], **extra: Any) -> dict[str, Any]:
-    return {"sites": site_metrics, "mean": mean_over_sites(site_metrics), **extra}

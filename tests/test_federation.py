@@ -18,21 +18,13 @@ from fedseg.config import RunConfig
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from simulations.engine import simulate
+from tests.helpers import small_config
 
 
 def tiny_config(tmp_path: Path, **privacy) -> RunConfig:
-    cfg = RunConfig(name="tiny", out_dir=str(tmp_path / "out"))
-    cfg.data.synthetic_train, cfg.data.synthetic_test = 8, 4
-    cfg.federation.num_sites = 2
-    cfg.model.image_size = 64
-    cfg.model.ae_widths = [8, 8, 16, 16, 16]
-    cfg.model.latent_channels = 16
-    cfg.model.umn_width = 16
-    cfg.model.umn_blocks = 1
-    cfg.training.ae_epochs = 1
-    cfg.training.augment_copies = 1
-    cfg.training.umn_rounds = 1
-    cfg.training.umn_epochs_per_round = 1
+    cfg = small_config(
+        tmp_path / "out", 2, [8, 8, 16, 16, 16], 16, ae_epochs=1, umn_epochs_per_round=1
+    )
     cfg.privacy.audit_dir = str(tmp_path / "audit")
     for key, value in privacy.items():
         setattr(cfg.privacy, key, value)

@@ -13,21 +13,11 @@ from fedseg.data import load_federation
 from fedseg.privacy.keys import write_key_file
 from fedseg.site import query_chunk, segment_mapped, site_transform, train_site, training_chunk
 from fedseg.wire import WireError, pack, unpack
+from tests.helpers import small_config as tiny
 
 
 def small_config(tmp_path, transform="klt", custody="server") -> RunConfig:
-    cfg = RunConfig(out_dir=str(tmp_path))
-    cfg.data.synthetic_train, cfg.data.synthetic_test = 12, 6
-    cfg.federation.num_sites = 1
-    cfg.model.image_size = 64
-    cfg.model.ae_widths = [8, 16, 16, 32, 32]
-    cfg.model.latent_channels = 16
-    cfg.model.umn_width = 32
-    cfg.model.umn_blocks = 1
-    cfg.training.ae_epochs = 6
-    cfg.training.augment_copies = 1
-    cfg.training.umn_rounds = 1
-    cfg.training.umn_epochs_per_round = 4
+    cfg = tiny(tmp_path, 1, [8, 16, 16, 32, 32], 32, ae_epochs=6, umn_epochs_per_round=4)
     cfg.privacy.transform = transform
     cfg.privacy.custody = custody
     cfg.privacy.key_dir = str(tmp_path / "keys")

@@ -1,0 +1,29 @@
+"""Small configurations shared by the tests that train real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedseg.config import RunConfig
+
+
+def small_config(
+    out_dir: Path, sites: int, widths: list[int], umn_width: int, **training
+) -> RunConfig:
+    """Synthetic hospitals at 64 px with tiny networks: tests the plumbing, not accuracy."""
+    cfg = RunConfig(name="tiny", out_dir=str(out_dir))
+    cfg.data.synthetic_train, cfg.data.synthetic_test = (
+        12 if sites == 1 else 8,
+        6 if sites == 1 else 4,
+    )
+    cfg.federation.num_sites = sites
+    cfg.model.image_size = 64
+    cfg.model.ae_widths = widths
+    cfg.model.latent_channels = 16
+    cfg.model.umn_width = umn_width
+    cfg.model.umn_blocks = 1
+    cfg.training.augment_copies = 1
+    cfg.training.umn_rounds = 1
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    return cfg
