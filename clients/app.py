@@ -30,6 +30,7 @@ from fedseg.site import (
     query_chunk,
     resolve_site,
     segment_mapped,
+    site_models_path,
     site_transform,
     train_site,
     training_chunk,
@@ -79,6 +80,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         log.info("%s: training autoencoders on %d images", site.name, len(site.train))
         models, stats = train_site(run_cfg, site.train)
         context.state.array_records[STATE_KEY] = ArrayRecord(models.state())
+        models.save(site_models_path(setup.out_dir, site.name), site.train.class_names)
         metrics = MetricRecord(
             {
                 "n_train": len(site.train),

@@ -8,6 +8,7 @@ by chunk and a retried chunk is identical.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,37 @@ class SiteModels:
                 {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             )
             net.eval()
+
+    def save(self, path: str | Path, class_names: list[str]) -> Path:
+        """Keep the site's AEs on the site's own disk (0600: decoders can reveal its images)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"state": self.state(), "class_names": list(class_names)}, handle)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, cfg: RunConfig, path: str | Path) -> tuple[SiteModels, list[str]]:
+        """The AEs a site saved with :meth:`save`, for ``cfg``'s model sizes."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"site autoencoders not found: {path}")
+        saved = torch.load(path, weights_only=True)
+        names = list(saved["class_names"])
+        models = cls.build(cfg, len(names))
+        try:
+            models.load_state(saved["state"])
+        except RuntimeError as err:
+            raise ValueError(f"{path}: autoencoders do not match the model config: {err}") from err
+        return models, names
+
+
+def site_models_path(out_dir: str | Path, site: str) -> Path:
+    """Where a site keeps its trained AEs (its own disk; never sent)."""
+    return Path(out_dir) / "sites" / site / "autoencoders.pt"
 
 
 def site_transform(cfg: RunConfig, key_file: str | Path | None) -> LatentTransform:

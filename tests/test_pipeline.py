@@ -116,3 +116,24 @@ def test_wire_rejects_bad_payloads():
             unpack(payload, "image", shapes)
     with pytest.raises(WireError, match="fp16 range"):
         pack([torch.full((1, 4, 8, 8), 1e6)], "image")
+
+
+def test_site_models_saved_privately_and_reloaded(trained, tmp_path):
+    import stat
+
+    import torch
+
+    from fedseg.site import SiteModels, site_models_path
+
+    cfg, site, models = trained
+    path = models.save(site_models_path(tmp_path, site.name), site.train.class_names)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded, names = SiteModels.load(cfg, path)
+    assert names == list(site.train.class_names)
+    x = torch.from_numpy(site.test.images[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.image_ae(x), models.image_ae.eval()(x))
+    other = small_config(tmp_path)
+    other.model.latent_channels = 8
+    with pytest.raises(ValueError, match="do not match the model config"):
+        SiteModels.load(other, path)
