@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DataKind = Literal["synthetic", "pairs", "nifti"]
-Transform = Literal["none", "klt"]
+Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 
 
@@ -135,7 +135,10 @@ class RunConfig:
             (len(self.model.ae_widths) == 5, "model.ae_widths needs 5 stages"),
             (self.federation.num_sites >= 1, "federation.num_sites must be >= 1"),
             (0 < self.federation.test_fraction < 1, "federation.test_fraction must be in (0, 1)"),
-            (self.privacy.transform in ("none", "klt"), "privacy.transform: 'none' or 'klt'"),
+            (
+                self.privacy.transform in ("none", "klt", "knt"),
+                "privacy.transform: 'none', 'klt' or 'knt'",
+            ),
             (self.privacy.custody in ("client", "server"), "privacy.custody: 'client'/'server'"),
             (self.data.kind in ("synthetic", "pairs", "nifti"), "data.kind: synthetic/pairs/nifti"),
             (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),

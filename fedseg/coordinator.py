@@ -17,8 +17,9 @@ import torch
 from fedseg.config import RunConfig
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.umn import UnifiedMappingNetwork
-from fedseg.privacy.keys import KeyRing, read_key_file
+from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
+from fedseg.privacy.transforms import keyed_transform
 from fedseg.training import Budget, SiteLatents, map_latents, train_umn
 from fedseg.wire import pack, unpack
 
@@ -46,16 +47,11 @@ class Coordinator:
         self.round = 0
         self._chunks: dict[str, list[tuple[list, list]]] = {s: [] for s in self.sites}
         self._transforms = {s: LatentTransform(None) for s in self.sites}
-        if cfg.privacy.transform == "klt" and cfg.privacy.custody == "server":
+        if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
             for s in self.sites:
-                ring = KeyRing.from_secret(
-                    read_key_file(key_path(key_dir, s)),
-                    cfg.model.latent_channels,
-                    bias_scale=cfg.privacy.bias_scale,
-                )
-                self._transforms[s] = LatentTransform(ring)
+                self._transforms[s] = keyed_transform(cfg, read_key_file(key_path(key_dir, s)))
 
     def _check_site(self, site: str) -> None:
         if site not in self._transforms:

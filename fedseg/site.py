@@ -19,8 +19,9 @@ from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
-from fedseg.privacy.keys import KeyRing, load_or_create_key
+from fedseg.privacy.keys import load_or_create_key
 from fedseg.privacy.klt import LatentTransform
+from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.training import (
     AutoencoderStats,
     Budget,
@@ -90,16 +91,16 @@ def site_models_path(out_dir: str | Path, site: str) -> Path:
     return Path(out_dir) / "sites" / site / "autoencoders.pt"
 
 
-def site_transform(cfg: RunConfig, key_file: str | Path | None) -> LatentTransform:
+def site_transform(cfg: RunConfig, key_file: str | Path | None) -> Keyed:
     """The site's keyed transform; the secret is read here and never returned."""
     if cfg.privacy.transform == "none":
         return LatentTransform(None)
     if key_file is None:
-        raise ValueError("privacy.transform = 'klt' needs a key file (node config 'key-file')")
-    secret = load_or_create_key(key_file)
-    return LatentTransform(
-        KeyRing.from_secret(secret, cfg.model.latent_channels, bias_scale=cfg.privacy.bias_scale)
-    )
+        raise ValueError(
+            f"privacy.transform = {cfg.privacy.transform!r} needs a key file "
+            "(node config 'key-file')"
+        )
+    return keyed_transform(cfg, load_or_create_key(key_file))
 
 
 def train_site(

@@ -7,6 +7,9 @@ Two checks, both cheap enough to run on every reply:
   float array, looked for as a contiguous run of values. Candidate windows start where a value
   equals the first entry of some key vector, and identical windows (flat image regions give
   many) are compared once.
+KNT parameters are covered too: its HKDF outputs (for up to ``knt.MAX_LAYERS`` layers) and every
+row and column of its mixings, its biases, amplitudes, slopes and shifts. They depend only on
+the secret and the channel count, so the guard derives them itself whichever transform is on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Iterable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedseg.privacy.keys import KeyRing, derive_bytes
+from fedseg.privacy.keys import ROLES, KeyRing, derive_bytes
+from fedseg.privacy.knt import MAX_LAYERS, KntKeyRing, knt_label
 
 INT_TYPES = (np.int32, np.int64)
 
@@ -31,17 +35,28 @@ def _byte_patterns(secret: bytes, ring: KeyRing | None) -> list[tuple[str, bytes
             for dtype in INT_TYPES:
                 perm = key.permutation.astype(dtype).tobytes()
                 patterns.append((f"{label} permutation as {np.dtype(dtype)}", perm))
+    scales = len(ring.keys[ROLES[0]]) if ring else 0
+    for role in ROLES:
+        for s in range(scales):
+            for layer in range(MAX_LAYERS + 1):
+                label = knt_label(role, s, layer)
+                seed = derive_bytes(secret, label)
+                patterns += [(f"{label} seed", seed), (f"{label} seed (hex)", seed.hex().encode())]
     return patterns
 
 
-def _key_vectors(ring: KeyRing) -> list[np.ndarray]:
+def _key_vectors(secret: bytes, ring: KeyRing) -> list[np.ndarray]:
     vectors = []
     for keys in ring.keys.values():
         for key in keys:
             for matrix in (key.mixing, key.rotation):
                 vectors += list(matrix) + list(matrix.T)
             vectors.append(key.bias)
-    return vectors
+    channels, scales = ring.keys[ROLES[0]][0].mixing.shape[0], len(ring.keys[ROLES[0]])
+    knt = KntKeyRing.from_secret(secret, channels, scales)
+    # The last layer's amplitudes are zeros (no nonlinearity): not secret, and would match any
+    # flat region.
+    return vectors + [v for v in knt.vectors() if np.any(v)]
 
 
 def _contains_vector(flat: np.ndarray, vectors: list[np.ndarray]) -> bool:
@@ -70,8 +85,8 @@ def find_key_material(
         if pattern in blob
     ]
     if ring is not None:
-        vectors = _key_vectors(ring)
+        vectors = _key_vectors(secret, ring)
         for name, arr in arrays.items():
             if np.issubdtype(arr.dtype, np.floating) and _contains_vector(arr.ravel(), vectors):
-                findings.append(f"a key row, column or bias in {name}")
+                findings.append(f"a key row, column or parameter vector in {name}")
     return findings

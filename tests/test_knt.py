@@ -1,0 +1,172 @@
+"""Keyed nonlinear transform: bijection, nonlinearity, fp16 wire, custody, leak guard."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fedseg.config import ConfigError, RunConfig, config_from_dict
+from fedseg.coordinator import Coordinator
+from fedseg.privacy.keys import KeyRing, derive_bytes, generate_secret, write_key_file
+from fedseg.privacy.knt import (
+    STRENGTH,
+    KntKeyRing,
+    KntTransform,
+    _invert_f,
+    knt_label,
+)
+from fedseg.privacy.leakcheck import find_key_material
+from fedseg.site import SiteModels, site_transform
+from fedseg.wire import pack, unpack
+
+C = 16
+
+
+def _latents(batch: int = 3, scale: float = 2.0, size: int = 64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, C, size // s, size // s, generator=g) * scale for s in (8, 16, 32)]
+
+
+@pytest.fixture(scope="module")
+def knt():
+    secret = generate_secret()
+    return secret, KntTransform(KntKeyRing.from_secret(secret, C))
+
+
+@pytest.mark.parametrize("role", ["image", "mask"])
+@pytest.mark.parametrize("scale", [0.1, 2.0, 30.0])
+def test_round_trip_below_1e4(knt, role, scale):
+    _, t = knt
+    z = _latents(scale=scale)
+    back = t.inverse(t.forward(z, role), role)
+    for a, b in zip(z, back, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-4 * max(1.0, scale / 10)
+
+
+def test_newton_inverse_of_each_nonlinearity_on_a_grid():
+    """Three Newton steps are enough over the whole keyed parameter range, float64."""
+    u = torch.linspace(-80, 80, 100_001, dtype=torch.float64)
+    worst = 0.0
+    for gain, s, c in itertools.product(
+        [STRENGTH[0], STRENGTH[1]], [0.7, 1.0, 1.6], [-1.0, 0.0, 0.4, 1.0]
+    ):
+        g, s_, c_ = (torch.tensor(v, dtype=torch.float64) for v in (gain, s, c))
+        a = g / s_
+        y = u + a * torch.tanh(s_ * u + c_)
+        worst = max(worst, (_invert_f(y, a, s_, c_, g) - u).abs().max().item())
+    assert worst < 1e-8
+
+
+def test_knt_is_not_affine(knt):
+    """The best affine fit from plain to keyed channels leaves a clear residual (KLT: none)."""
+    secret, t = knt
+    z = _latents(batch=8)[0]
+    x = z.permute(0, 2, 3, 1).reshape(-1, C).double()
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    klt = KeyRing.from_secret(secret, C).keys["image"][0]
+    for keyed, affine in ((t.forward([z], "image")[0], False), (None, True)):
+        if affine:
+            y = x @ torch.from_numpy(klt.mixing).T + torch.from_numpy(klt.bias)
+        else:
+            y = keyed.permute(0, 2, 3, 1).reshape(-1, C).double()
+        w = torch.linalg.lstsq(design, y).solution
+        rel = ((design @ w - y).norm() / (y - y.mean(0)).norm()).item()
+        assert (rel < 1e-6) if affine else (rel > 0.05), (affine, rel)
+
+
+def test_keys_are_deterministic_and_differ_by_secret_role_and_scale(knt):
+    secret, t = knt
+    z = _latents()
+    again = KntTransform(KntKeyRing.from_secret(secret, C)).forward(z, "image")
+    for a, b in zip(t.forward(z, "image"), again, strict=True):
+        torch.testing.assert_close(a, b)
+    other = KntTransform(KntKeyRing.from_secret(generate_secret(), C)).forward(z, "image")
+    assert (other[0] - again[0]).abs().mean() > 0.5
+    assert (t.forward(z, "mask")[0] - again[0]).abs().mean() > 0.5
+    assert repr(t) == "KntTransform(<secret>)" and "secret" in repr(
+        KntKeyRing.from_secret(secret, 4)
+    )
+
+
+def test_fp16_wire_stays_in_range_and_decodes(knt):
+    _, t = knt
+    z = _latents(scale=50.0)
+    shapes = [tuple(x.shape[1:]) for x in z]
+    keyed = t.forward(z, "mask")
+    arrays = pack(keyed, "mask")  # raises WireError beyond the fp16 range
+    back = t.inverse(unpack(arrays, "mask", shapes), "mask")
+    for a, b, k in zip(z, back, keyed, strict=True):
+        # fp16 keeps ~11 bits; the inverse is 1-Lipschitz per element, so no amplification
+        assert (a - b).abs().max().item() < 4 * k.abs().max().item() * 2**-11
+
+
+def test_config_accepts_knt_and_names_the_choices():
+    cfg = config_from_dict({"privacy": {"transform": "knt"}})
+    assert cfg.privacy.transform == "knt"
+    with pytest.raises(ConfigError, match="'none', 'klt', 'knt'"):
+        config_from_dict({"privacy": {"transform": "rsa"}})
+
+
+def test_leak_guard_finds_knt_parameters(knt):
+    secret, t = knt
+    ring = KeyRing.from_secret(secret, C)
+    keyed = t.forward(_latents(), "image")
+    assert (
+        find_key_material({"image0": keyed[0].numpy().astype(np.float16)}, [], secret, ring) == []
+    )
+    layer = t._ring.layers["mask"][1][0]
+    for name, vector in (
+        ("mixing row", layer.mixing[3]),
+        ("mixing column", layer.mixing[:, 5]),
+        ("bias", layer.bias),
+        ("slope", layer.slope),
+        ("shift", layer.shift),
+        ("amplitude", layer.amp),
+    ):
+        payload = np.concatenate([np.zeros(7), vector, np.ones(3)]).astype(np.float32)
+        assert find_key_material({"x": payload}, [], secret, ring), name
+    seed = derive_bytes(secret, knt_label("image", 2, 1))
+    found = find_key_material({}, [f"debug {seed.hex()}"], secret, ring)
+    assert any("knt/image/scale2/layer1" in f for f in found)
+
+
+def _cfg(tmp_path, custody: str) -> RunConfig:
+    cfg = RunConfig(out_dir=str(tmp_path))
+    cfg.model.image_size = 64
+    cfg.model.ae_widths = [8, 8, 16, 16, 16]
+    cfg.model.latent_channels = C
+    cfg.model.umn_width = 16
+    cfg.model.umn_blocks = 1
+    cfg.privacy.transform = "knt"
+    cfg.privacy.custody = custody
+    cfg.privacy.key_dir = str(tmp_path / "keys")
+    return cfg.validate()
+
+
+def test_server_custody_unkeys_knt_and_client_custody_does_not(tmp_path):
+    """With the keys, the server stores plain latents; without, it keeps the keyed ones."""
+    write_key_file(tmp_path / "keys" / "a.key")
+    cfg = _cfg(tmp_path, "server")
+    models = SiteModels.build(cfg, 3)
+    models.image_ae.eval()
+    models.mask_ae.eval()
+    transform = site_transform(cfg, tmp_path / "keys" / "a.key")
+    assert isinstance(transform, KntTransform)
+    with torch.no_grad():
+        plain = models.image_ae.encoder(torch.randn(4, 1, 64, 64))
+        keyed = transform.forward(plain, "image")
+    arrays = {**pack(keyed, "image"), **pack(keyed, "mask")}
+    server = Coordinator(cfg, ["a"], key_dir=cfg.privacy.key_dir)
+    client = Coordinator(_cfg(tmp_path, "client"), ["a"], key_dir=None)
+    server.add_chunk("a", arrays)
+    client.add_chunk("a", arrays)
+    held_server = server.site_latents()[0].image
+    held_client = client.site_latents()[0].image
+    for p, s, c, k in zip(plain, held_server, held_client, keyed, strict=True):
+        tol = 4 * k.abs().max().item() * 2**-11
+        assert (p - s.float()).abs().max().item() < tol
+        torch.testing.assert_close(c.float(), k.half().float())
