@@ -77,20 +77,30 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         run_cfg, setup = resolve(context)
         site = setup.split
         site_transform(run_cfg, setup.key_file)  # creates the site's key on first use
-        log.info("%s: training autoencoders on %d images", site.name, len(site.train))
-        models, stats = train_site(run_cfg, site.train)
+        saved = site_models_path(setup.out_dir, site.name)
+        reuse = bool(msg.content.config_records["config"].get("reuse", False))
+        sizes = {"n_train": len(site.train), "n_test": len(site.test)}
+        if reuse and saved.is_file():
+            # Resuming: the same AEs, so the latents the server kept still match this site.
+            models, names = SiteModels.load(run_cfg, saved)
+            if names != list(site.train.class_names):
+                raise ValueError(f"{saved}: classes {names} != the data's {site.train.class_names}")
+            log.info("%s: reloaded autoencoders from %s", site.name, saved)
+            metrics = MetricRecord({**sizes, "reused": 1})
+        else:
+            log.info("%s: training autoencoders on %d images", site.name, len(site.train))
+            models, stats = train_site(run_cfg, site.train)
+            models.save(saved, site.train.class_names)
+            metrics = MetricRecord(
+                {
+                    **sizes,
+                    "image_loss": stats.image_loss,
+                    "mask_loss": stats.mask_loss,
+                    "epochs": stats.epochs,
+                    "seconds": stats.seconds,
+                }
+            )
         context.state.array_records[STATE_KEY] = ArrayRecord(models.state())
-        models.save(site_models_path(setup.out_dir, site.name), site.train.class_names)
-        metrics = MetricRecord(
-            {
-                "n_train": len(site.train),
-                "n_test": len(site.test),
-                "image_loss": stats.image_loss,
-                "mask_loss": stats.mask_loss,
-                "epochs": stats.epochs,
-                "seconds": stats.seconds,
-            }
-        )
         info = ConfigRecord({"site": site.name, "class_names": list(site.train.class_names)})
         return Message(RecordDict({"metrics": metrics, "site": info}), reply_to=msg)
 

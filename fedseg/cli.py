@@ -148,6 +148,7 @@ def run(
     custody: str | None = typer.Option(None, help="override privacy.custody: client | server"),
     transform: str | None = typer.Option(None, help="override privacy.transform: none | klt"),
     baselines: bool = typer.Option(True, help="train the centralized and local UNets too"),
+    resume: bool = typer.Option(False, help="continue a killed run from its checkpoints"),
     verbose: bool = typer.Option(True, help="show the federation's log"),
 ) -> None:
     """Any scenario from a TOML file."""
@@ -159,7 +160,12 @@ def run(
         if transform:
             cfg.privacy.transform = transform  # type: ignore[assignment]
         cfg.out_dir = str(out or Path("results") / cfg.name)
+        cfg.resume = resume
         cfg.validate()
+        if resume:
+            from fedseg.checkpoint import describe_resume
+
+            console.print(describe_resume(cfg))
     except ConfigError as err:
         raise typer.Exit(code=_fail(str(err))) from err
     execute(cfg, with_baselines=baselines, verbose=False)

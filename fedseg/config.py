@@ -127,6 +127,7 @@ class RunConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     out_dir: str = "results/demo"
     overlays_per_site: int = 4
+    resume: bool = False  # continue from <out_dir>/checkpoints if they were made with this config
 
     def validate(self) -> RunConfig:
         """Reject values that would fail later, deep inside a Ray actor."""
@@ -248,6 +249,8 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
         cfg = quick(cfg)
     if run_config.get("out-dir"):
         cfg.out_dir = str(run_config["out-dir"])
+    if run_config.get("resume"):
+        cfg.resume = True
     for key, value in run_config.items():
         if "." not in key:
             continue

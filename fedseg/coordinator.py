@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.umn import UnifiedMappingNetwork
@@ -127,7 +128,7 @@ class Coordinator:
         mapped = map_latents(self.umn, site, image)
         return pack(t.forward(mapped, "mask"), "mask")
 
-    def save_checkpoint(self, directory: str | Path) -> Path:
+    def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""
         path = Path(directory) / CHECKPOINT_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,13 +141,47 @@ class Coordinator:
                 "umn": self.umn.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "config": self.cfg.to_dict(),
+                **(extra or {}),
             },
             tmp,
         )
         tmp.replace(path)
         return path
 
+    def save_latents(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """What the sites sent (fp16, as the server holds it), so a resume need not re-collect."""
+        state = {"sites": self.sites, "chunks": self._chunks, "config": self.cfg.to_dict()}
+        return save_private({**state, **(extra or {})}, Path(directory) / LATENTS_NAME)
+
+    def restore_latents(self, state: dict) -> None:
+        """Take back what :meth:`save_latents` wrote (same sites, or a refusal)."""
+        if list(state["sites"]) != self.sites:
+            raise CheckpointMismatch(f"latents were saved for {state['sites']}, not {self.sites}")
+        self._chunks = {s: [(list(i), list(m)) for i, m in state["chunks"][s]] for s in self.sites}
+
+    def restore_round(self, state: dict) -> None:
+        """UMN weights, optimizer and progress of the last finished round."""
+        if list(state["sites"]) != self.sites:
+            raise CheckpointMismatch(f"UMN was trained for {state['sites']}, not {self.sites}")
+        self.umn.load_state_dict(state["umn"])
+        self.round, self.epoch = int(state["round"]), int(state["epoch"])
+        if state.get("optimizer") is not None:
+            # The same groups train_umn builds; load_state_dict checks that they match.
+            adapters = [p for n, p in self.umn.named_parameters() if "adapters" in n]
+            trunk = [p for n, p in self.umn.named_parameters() if "adapters" not in n]
+            scale = self.cfg.training.adapter_lr_scale
+            self.optimizer = torch.optim.AdamW(
+                [{"params": trunk, "lr_scale": 1.0}, {"params": adapters, "lr_scale": scale}],
+                lr=self.cfg.training.umn_lr,
+                weight_decay=1e-4,
+            )
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as err:
+                raise CheckpointMismatch(f"UMN optimizer state does not fit: {err}") from err
+        self.umn.eval()
+
 
 def _round_lr_factor(round_index: int, rounds: int) -> float:
     """Step the base LR down over rounds so the per-round cosine does not restart at full LR."""
-    return 0.5 * (1 + np.cos(np.pi * round_index / rounds))
+    return float(0.5 * (1 + np.cos(np.pi * round_index / rounds)))  # float: weights_only loads

@@ -10,6 +10,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg.checkpoint import LATENTS_NAME, UMN_NAME, checkpoint_dir, load_checkpoint
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
 from fedseg.models.autoencoder import latent_shapes
@@ -25,39 +26,70 @@ CHUNK_SIZE = 128
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    """All phases; returns the metrics dict it also wrote to ``cfg.out_dir``."""
+    """All phases; returns the metrics dict it also wrote to ``cfg.out_dir``.
+
+    With ``cfg.resume`` the sites reload their saved autoencoders, and the server takes back
+    the collected latents and the last finished UMN round from ``<out_dir>/checkpoints``.
+    """
     torch.set_num_threads(cfg.training.threads)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timing: dict[str, float] = {}
     timeout = cfg.federation.message_timeout_s or None
+    saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
+    saved_round = load_checkpoint(cfg, UMN_NAME) if cfg.resume and saved_latents else None
+    if cfg.resume and saved_latents is None:
+        log.info("no collected latents in %s: resuming from the sites' autoencoders", out_dir)
+    timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}
 
     nodes = wait_for_nodes(grid, cfg.federation.num_sites, cfg.federation.node_wait_s)
     log.info("%d hospitals registered", len(nodes))
     federation = Federation()
 
     started = time.perf_counter()
-    LocalAutoencoderTraining(timeout).run(grid, nodes, federation)
-    timing["autoencoders"] = time.perf_counter() - started
+    LocalAutoencoderTraining(timeout, reuse=cfg.resume).run(grid, nodes, federation)
+    if saved_latents is None:
+        timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
         raise RuntimeError("no hospital finished autoencoder training; see the log for why")
 
     names = sorted(s.name for s in federation.sites.values())
+    if saved_latents:
+        names = list(saved_latents["sites"])
+        for node_id, site in list(federation.sites.items()):
+            if site.name not in names:
+                federation.drop(node_id, "resume", "not part of the checkpointed run")
     coordinator = Coordinator(cfg, names, key_dir=cfg.privacy.key_dir or out_dir / "keys")
-    started = time.perf_counter()
-    copies = 1 + cfg.training.augment_copies
-    totals = {n: s.n_train * copies for n, s in federation.sites.items()}
-    train_bytes = LatentCollection("train", CHUNK_SIZE, timeout).run(
-        grid, federation, totals, coordinator.add_chunk
-    )
-    coordinator.retain([s.name for s in federation.sites.values()])
-    timing["latent_collection"] = time.perf_counter() - started
-    log.info("collected keyed latents: %s (%.1f MiB)", coordinator.collected(), train_bytes / 2**20)
+    if saved_latents:
+        coordinator.restore_latents(saved_latents)
+        train_bytes = int(saved_latents["train_bytes"])
+        log.info("resumed: collected latents %s from the checkpoint", coordinator.collected())
+    else:
+        started = time.perf_counter()
+        copies = 1 + cfg.training.augment_copies
+        totals = {n: s.n_train * copies for n, s in federation.sites.items()}
+        train_bytes = LatentCollection("train", CHUNK_SIZE, timeout).run(
+            grid, federation, totals, coordinator.add_chunk
+        )
+        coordinator.retain([s.name for s in federation.sites.values()])
+        timing["latent_collection"] = time.perf_counter() - started
+        coordinator.save_latents(
+            checkpoint_dir(cfg), {"timing": timing, "train_bytes": train_bytes}
+        )
+        log.info(
+            "collected keyed latents: %s (%.1f MiB)", coordinator.collected(), train_bytes / 2**20
+        )
 
-    started = time.perf_counter()
-    MappingTraining(coordinator, out_dir / "checkpoints").run(cfg.training.umn_rounds)
-    timing["umn_training"] = time.perf_counter() - started
-    timing["training_total"] = sum(timing.values())
+    prior_umn_s = 0.0
+    if saved_round:
+        coordinator.restore_round(saved_round)
+        prior_umn_s = float(saved_round.get("umn_seconds", 0.0))
+        log.info("resumed: UMN after round %d of %d", coordinator.round, cfg.training.umn_rounds)
+    mapping = MappingTraining(coordinator, checkpoint_dir(cfg), prior_umn_s)
+    mapping.run(cfg.training.umn_rounds)
+    timing["umn_training"] = mapping.seconds
+    timing["training_total"] = sum(
+        timing[k] for k in ("autoencoders", "latent_collection", "umn_training") if k in timing
+    )
 
     started = time.perf_counter()
     site_metrics, map_s = SegmentationEvaluation(coordinator, CHUNK_SIZE, timeout).run(
@@ -77,6 +109,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         dropped=federation.dropped,
         umn_parameters=coordinator.parameter_count(),
         train_latent_bytes=train_bytes,
+        resumed={
+            "latents": saved_latents is not None,
+            "from_round": int(saved_round["round"]) if saved_round else 0,
+        },
     )
     return metrics
 

@@ -11,15 +11,16 @@ from strategies.common import Federation, SiteInfo, exchange, log
 class LocalAutoencoderTraining:
     """Weights stay at the sites; the server learns only sizes, class names and losses."""
 
-    def __init__(self, timeout_s: float | None) -> None:
+    def __init__(self, timeout_s: float | None, reuse: bool = False) -> None:
         self.timeout_s = timeout_s
+        self.reuse = reuse  # resuming: sites reload the AEs they saved instead of retraining
 
     def run(self, grid: Grid, node_ids: list[int], federation: Federation) -> None:
         replies, failed = exchange(
             grid,
             node_ids,
             "train.autoencoders",
-            lambda _: RecordDict({"config": ConfigRecord({})}),
+            lambda _: RecordDict({"config": ConfigRecord({"reuse": self.reuse})}),
             self.timeout_s,
         )
         for node_id, reason in failed.items():
@@ -34,6 +35,9 @@ class LocalAutoencoderTraining:
                 n_test=int(metrics["n_test"]),
                 class_names=[str(c) for c in info["class_names"]],
             )
+            if metrics.get("reused", 0):
+                log.info("%s: reloaded its saved AEs", info["site"])
+                continue
             log.info(
                 "%s: AEs trained (%d images, %d epochs, %.0fs; image MSE %.4f, mask loss %.4f)",
                 info["site"],
