@@ -184,6 +184,16 @@ def keygen(
     console.print(f"wrote {path} (mode 600)")
 
 
+def _register_serving() -> None:
+    from fedseg.serving.cli import segment, serve
+
+    app.command(name="serve")(serve)
+    app.command(name="segment")(segment)
+
+
+_register_serving()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,172 @@
+"""A small certificate authority for one federation, and the SuperNodes' signing keys.
+
+The coordinator creates a CA, signs the TLS certificates of the SuperLink and of the
+segmentation service with it, and hands each hospital only the CA certificate (public). Private
+keys are written with mode 0600 and never leave the machine that made them. SuperNode
+authentication keys are ECDSA P-384 in OpenSSH format, which is what Flower reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+VALID_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Mode 0600 from the first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+    return path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseg"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def ensure_ca(directory: str | Path, name: str = "fedseg federation CA") -> tuple[Path, Path]:
+    """The CA in ``directory`` (created on first use): (certificate, private key)."""
+    directory = Path(directory)
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if cert_path.is_file() and key_path.is_file():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = _name(name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    write_private(key_path, _pem_key(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def issue_server_cert(
+    ca_dir: str | Path, out_dir: str | Path, name: str, hosts: list[str]
+) -> ServerCert:
+    """A TLS server certificate for ``hosts`` (IP addresses or DNS names), signed by the CA."""
+    if not hosts:
+        raise ValueError("a server certificate needs at least one host name or IP address")
+    ca_cert_path, ca_key_path = ensure_ca(ca_dir)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out_dir = Path(out_dir)
+    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+    write_private(key_path, _pem_key(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ServerCert(ca_cert_path, cert_path, key_path)
+
+
+def supernode_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair (OpenSSH ECDSA P-384): (private, public).
+
+    The private key stays on the hospital's SuperNode; the coordinator registers the public one
+    with ``flwr supernode register``. An existing pair is kept.
+    """
+    directory = Path(directory)
+    private, public = directory / f"{name}_ecdsa", directory / f"{name}_ecdsa.pub"
+    if private.is_file() and public.is_file():
+        return private, public
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + f" {name}\n".encode()
+    )
+    return private, public

@@ -1,0 +1,89 @@
+"""Reading a clinician's input and writing the mask back with the input's geometry.
+
+2D files (PNG, JPEG, TIFF) come back as a mask of the same width and height; a NIfTI volume is
+segmented slice by slice along the scenario's axis and written with the input's affine and
+header, so it overlays the scan in any viewer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from fedseg.data.dataset import DataError, normalise, resize_image
+from fedseg.data.nifti import read_volume
+from fedseg.data.pairs import IMAGE_SUFFIXES, read_image
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+@dataclass
+class Scan:
+    """Model-ready slices (N, 1, S, S) and what is needed to put a mask back in place."""
+
+    path: Path
+    images: np.ndarray
+    plane_shape: tuple[int, int]  # in-plane size of the input (rows, cols)
+    axis: int | None = None  # NIfTI slicing axis; None for a 2D file
+    nifti: nib.Nifti1Image | None = None
+
+
+def read_scan(path: str | Path, size: int, axis: int) -> Scan:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    if is_nifti(path):
+        volume, _ = read_volume(path, label=False)
+        slices = np.moveaxis(volume, axis, 0)
+        images = np.stack([normalise(resize_image(s, size)) for s in slices])[:, None]
+        return Scan(path, images, tuple(slices.shape[1:]), axis, nib.load(path))
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(f"{path}: unsupported input; use PNG, JPEG, TIFF or NIfTI (.nii, .nii.gz)")
+    image = read_image(path)
+    return Scan(path, normalise(resize_image(image, size))[None, None], image.shape)
+
+
+def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize to (rows, cols) with pixel-centre sampling (no invented classes)."""
+    h, w = mask.shape
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return mask.take(rows, axis=0).take(cols, axis=1)
+
+
+def stored_values(pred: np.ndarray, label_values: list[int]) -> np.ndarray:
+    """Class indices -> the values the site's masks store (``data.label_values``)."""
+    if not label_values:
+        return pred
+    return np.asarray(label_values, dtype=np.int64)[pred]
+
+
+def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list[int]) -> Path:
+    """``pred``: (N, S, S) class indices, one per slice of ``scan``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    planes = stored_values(
+        np.stack([resize_nearest(p, scan.plane_shape) for p in pred]), label_values
+    )
+    dtype = np.uint8 if planes.max(initial=0) < 256 else np.uint16
+    if scan.nifti is not None:
+        if not is_nifti(out):
+            raise DataError(f"{out}: a NIfTI input needs a .nii or .nii.gz output")
+        volume = np.moveaxis(planes, 0, scan.axis).astype(dtype)
+        header = scan.nifti.header.copy()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(1.0, 0.0)  # class values as stored, never rescaled
+        nib.save(nib.Nifti1Image(volume, scan.nifti.affine, header), out)
+        return out
+    if out.suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise DataError(f"{out}: write a 2D mask as .png or .tif (lossless)")
+    Image.fromarray(planes[0].astype(dtype)).save(out)
+    return out
