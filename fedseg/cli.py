@@ -146,7 +146,7 @@ def run(
     config: Path = typer.Option(..., "--config", help="scenario TOML (see simulations/scenarios)"),
     out: Path | None = typer.Option(None, help="results folder (default results/<name>)"),
     custody: str | None = typer.Option(None, help="override privacy.custody: client | server"),
-    transform: str | None = typer.Option(None, help="override privacy.transform: none | klt"),
+    transform: str | None = typer.Option(None, help="override privacy.transform: none | klt | knt"),
     baselines: bool = typer.Option(True, help="train the centralized and local UNets too"),
     resume: bool = typer.Option(False, help="continue a killed run from its checkpoints"),
     verbose: bool = typer.Option(True, help="show the federation's log"),
@@ -192,6 +192,15 @@ def _register_serving() -> None:
 
 
 _register_serving()
+
+
+def _register_attack() -> None:
+    from fedseg.attacks.cli import attack
+
+    app.command(name="attack")(attack)
+
+
+_register_attack()
 
 
 def main() -> None:

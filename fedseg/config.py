@@ -115,6 +115,19 @@ class BaselineConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Settings of the attack suite (``fedseg attack``); attacks never change a run."""
+
+    victim: int = 0  # index of the victim site; the next site's training images are auxiliary
+    inversion_epochs: int = 40  # learned-inversion decoder training on the auxiliary images
+    key_recovery_pairs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8, 16])
+    knt_fit_steps: int = 600  # gradient steps of the KNT key-recovery fit per pair count
+    reid_epochs: int = 40  # contrastive embedding network training
+    bootstrap: int = 1000  # resamples for AUC confidence intervals
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """One run: a scenario plus where its results go."""
 
@@ -125,6 +138,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     out_dir: str = "results/demo"
     overlays_per_site: int = 4
     resume: bool = False  # continue from <out_dir>/checkpoints if they were made with this config

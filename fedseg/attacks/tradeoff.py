@@ -1,0 +1,71 @@
+"""Privacy against utility: Dice beside each attack's success, one point per mode (run).
+
+Reads what ``fedseg attack`` stored in each run's metrics.json (so run the attacks first); each
+run contributes the attack results for its own transform.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedseg.attacks.context import RunFolderError
+from fedseg.attacks.figures import tradeoff
+from fedseg.attacks.report import figure_dir, table
+
+# (label, where in metrics["attacks"] for a run of mode m); higher = attack more successful
+MEASURES = {
+    "cross-decoder SSIM": lambda a, m: a["cross-decoder"][m + "_mean"]["ssim"],
+    "inversion SSIM (pairs, no key)": lambda a, m: a["inversion"][m][
+        "no key" if m == "none" else "pairs, no key"
+    ]["ssim"],
+    "inversion SSIM (encoder, no key)": lambda a, m: a["inversion"][m][
+        "no key" if m == "none" else "encoder, no key"
+    ]["ssim"],
+    "membership AUC (loss)": lambda a, m: a["membership"]["loss_threshold"]["auc"],
+    "membership AUC (trained)": lambda a, m: a["membership"]["trained_model"]["auc"],
+    "re-identification AUC": lambda a, m: a["reid"][m]["auc"],
+}
+
+
+def collect(runs: list[Path]) -> tuple[dict, list[list]]:
+    points: dict[str, dict[str, tuple[float, float]]] = {}
+    rows = []
+    for run in runs:
+        path = run / "metrics.json"
+        if not path.is_file():
+            raise RunFolderError(f"{path} not found")
+        metrics = json.loads(path.read_text())
+        mode = metrics["config"]["privacy"]["transform"]
+        custody = metrics["config"]["privacy"]["custody"]
+        label = f"{mode} ({custody})"
+        dice = metrics["mean"]["dice"]
+        attacks = metrics.get("attacks", {})
+        row = [label, dice]
+        for name, get in MEASURES.items():
+            try:
+                value = float(get(attacks, mode))
+            except (KeyError, TypeError):
+                row.append("-")
+                continue
+            points.setdefault(name, {})[label] = (value, dice)
+            row.append(value)
+        rows.append(row)
+    return points, rows
+
+
+def run(runs: list[Path], out: Path) -> tuple[dict, str]:
+    points, rows = collect(runs)
+    if not points:
+        raise RunFolderError("no attack results in these runs: run `fedseg attack` on each first")
+    fig = tradeoff(figure_dir(out) / "tradeoff.png", points, "Dice vs attack success per mode")
+    md = (
+        "## Privacy / utility\n\n"
+        "Mean foreground Dice of each run beside each attack's success on it (higher = the "
+        "attack did better). Runs: "
+        + ", ".join(f"`{r}`" for r in runs)
+        + ".\n\n"
+        + table(["mode (custody)", "Dice", *MEASURES], rows)
+        + f"\n\n![trade-off]({fig.relative_to(out)})\n"
+    )
+    return {"runs": [str(r) for r in runs], "points": points}, md
