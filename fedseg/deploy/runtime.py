@@ -1,0 +1,177 @@
+"""The commands of a real deployment: one SuperLink (coordinator), one SuperNode per hospital.
+
+Everything runs under TLS with certificates from the federation's own CA (``certs.py``), and the
+SuperLink admits only SuperNodes whose public key was registered (``--enable-supernode-auth``).
+Flower's runtime dependency installation (``uv sync`` of the app's dependencies on every run)
+is turned off everywhere: hospitals install fedseg once, like any other software.
+
+Files on the coordinator, under one folder::
+
+    ca/ca.pem, ca/ca.key                  the CA (ca.pem goes to every hospital; ca.key stays)
+    superlink/superlink.pem, .key         the SuperLink's TLS certificate
+    flwr/config.toml                      the Flower CLI's connection to the SuperLink
+
+Files at a hospital: ca.pem (from the coordinator), its SuperNode key pair (made there; only
+the ``.pub`` file goes to the coordinator), its data, and its fedseg secret.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedseg.deploy.certs import ensure_ca, issue_server_cert
+
+CONNECTION = "fedseg"
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator's deployment folder."""
+
+    root: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca" / "ca.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "superlink" / "superlink.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "superlink" / "superlink.key"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+
+def init_coordinator(root: str | Path, hosts: list[str], address: str) -> Coordinator:
+    """CA, SuperLink certificate for ``hosts``, and the Flower CLI's connection to ``address``."""
+    layout = Coordinator(Path(root).resolve())
+    ensure_ca(layout.ca.parent)
+    issue_server_cert(layout.ca.parent, layout.cert.parent, "superlink", hosts)
+    write_flwr_config(layout.flwr_home, address, layout.ca)
+    return layout
+
+
+def write_flwr_config(flwr_home: Path, address: str, ca: Path) -> Path:
+    """``$FLWR_HOME/config.toml``: how ``flwr run`` / ``flwr supernode`` reach the SuperLink."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "{address}"\n'
+        f'root-certificates = "{ca.resolve()}"\n'
+    )
+    return path
+
+
+def binary(name: str) -> str:
+    """A Flower executable next to this Python (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found; install flwr in this environment")
+    return found
+
+
+def environment(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: venv first on PATH (SuperExec is started by name)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def superlink_command(
+    layout: Coordinator, host: str, port: int, database: Path | None
+) -> list[str]:
+    return [
+        binary("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(layout.ca),
+        "--ssl-certfile",
+        str(layout.cert),
+        "--ssl-keyfile",
+        str(layout.key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database) if database else ":flwr-in-memory:",
+    ]
+
+
+def node_config(data_dir: Path, key_file: Path, site: str, out_dir: Path) -> str:
+    values = {
+        "data-dir": data_dir,
+        "key-file": key_file,
+        "site-name": site,
+        "out-dir": out_dir,
+    }
+    for key, value in values.items():
+        if any(c in str(value) for c in " \"'"):
+            raise ValueError(f"node config {key}={value!r}: no spaces or quotes, please")
+    return " ".join(f'{key}="{value}"' for key, value in values.items())
+
+
+def supernode_command(
+    superlink: str,
+    ca: Path,
+    private_key: Path,
+    config: str,
+    runtime_port: int,
+) -> list[str]:
+    """A hospital's SuperNode. ``runtime_port``: its local ClientApp API (one per SuperNode)."""
+    return [
+        binary("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(private_key),
+        "--node-config",
+        config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--max-retries",
+        "3",
+    ]
+
+
+def register_command(public_key: Path) -> list[str]:
+    """Admit a hospital's SuperNode (run on the coordinator, with ``environment(flwr_home)``)."""
+    return [binary("flwr"), "supernode", "register", str(public_key), CONNECTION]
+
+
+def run_command(app_dir: Path, run_config: dict[str, object]) -> list[str]:
+    """Start the federation. Values follow TOML: strings are quoted here."""
+
+    def toml(value: object) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return f'"{value}"'
+        return str(value)
+
+    overrides = " ".join(f"{k}={toml(v)}" for k, v in run_config.items())
+    command = [binary("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    return command + (["--run-config", overrides] if overrides else [])
