@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedseg.config import RunConfig, config_from_run_config
+from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
@@ -37,6 +39,7 @@ from fedseg.site import (
 )
 
 log = logging.getLogger("fedseg.client")
+APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 STATE_KEY = "autoencoders"
 
 
@@ -44,7 +47,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """``cfg`` given: the CLI's scenario; otherwise read from the Flower run config."""
 
     def resolve(context: Context) -> tuple[RunConfig, SiteSetup]:
-        run_cfg = cfg or config_from_run_config(dict(context.run_config))
+        run_cfg = cfg or config_from_run_config(resolve_scenario(dict(context.run_config), APP_DIR))
         torch.set_num_threads(run_cfg.training.threads)
         return run_cfg, resolve_site(run_cfg, dict(context.node_config))
 

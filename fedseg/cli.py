@@ -184,6 +184,15 @@ def keygen(
     console.print(f"wrote {path} (mode 600)")
 
 
+def _register_attack() -> None:
+    from fedseg.attacks.cli import attack
+
+    app.command(name="attack")(attack)
+
+
+_register_attack()
+
+
 def _register_serving() -> None:
     from fedseg.serving.cli import segment, serve
 
@@ -194,13 +203,13 @@ def _register_serving() -> None:
 _register_serving()
 
 
-def _register_attack() -> None:
-    from fedseg.attacks.cli import attack
+def _register_deploy() -> None:
+    from fedseg.deploy.cli import app as deploy_app
 
-    app.command(name="attack")(attack)
+    app.add_typer(deploy_app, name="deploy")
 
 
-_register_attack()
+_register_deploy()
 
 
 def main() -> None:

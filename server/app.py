@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedseg.checkpoint import LATENTS_NAME, UMN_NAME, checkpoint_dir, load_checkpoint
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
+from fedseg.deploy.runtime import resolve_scenario
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.results import federated_metrics
 from fedseg.wire import payload_bytes
@@ -23,6 +24,7 @@ from strategies.latents import LatentCollection
 from strategies.mapping import MappingTraining
 
 CHUNK_SIZE = 128
+APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
@@ -123,7 +125,7 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedseg").setLevel(logging.INFO)
-        run_cfg = cfg or config_from_run_config(dict(context.run_config))
+        run_cfg = cfg or config_from_run_config(resolve_scenario(dict(context.run_config), APP_DIR))
         run_federation(grid, run_cfg)
 
     return app

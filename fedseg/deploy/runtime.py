@@ -175,3 +175,12 @@ def run_command(app_dir: Path, run_config: dict[str, object]) -> list[str]:
     overrides = " ".join(f"{k}={toml(v)}" for k, v in run_config.items())
     command = [binary("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
     return command + (["--run-config", overrides] if overrides else [])
+
+
+def resolve_scenario(run_config: dict, app_dir: Path) -> dict:
+    """A relative ``scenario`` is looked up inside the app (the FAB every node received), so a
+    hospital needs no copy of the scenario file at a matching path."""
+    scenario = str(run_config.get("scenario", ""))
+    if scenario and not Path(scenario).is_absolute() and (app_dir / scenario).is_file():
+        return {**run_config, "scenario": str(app_dir / scenario)}
+    return run_config

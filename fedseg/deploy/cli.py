@@ -1,0 +1,125 @@
+"""``fedseg deploy``: the commands of a real deployment, with TLS and SuperNode authentication.
+
+Coordinator: ``init`` (once), ``superlink`` (keeps running), ``register`` (once per hospital),
+``run`` (each federated run). Hospital: ``node-key`` (once), ``supernode`` (keeps running).
+Each command prints or runs the exact Flower command, so an operator can also run it by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedseg.deploy import runtime
+from fedseg.deploy.certs import supernode_keypair
+
+app = typer.Typer(
+    add_completion=False, help="Run fedseg across machines (Flower SuperLink/SuperNodes)."
+)
+console = Console()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    console.print(f"$ {shlex.join(command)}")
+    os.execvpe(command[0], command, env)
+
+
+@app.command()
+def init(
+    folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder to create"),
+    address: str = typer.Option(..., help="host:port where hospitals reach the SuperLink"),
+    host: list[str] = typer.Option(
+        [], help="extra name or IP in the SuperLink certificate (repeatable)"
+    ),
+) -> None:
+    """Create the federation's CA, the SuperLink certificate and the Flower CLI connection."""
+    name = address.rsplit(":", 1)[0].strip("[]")
+    layout = runtime.init_coordinator(folder, [name, *host], address)
+    console.print(
+        f"CA certificate for the hospitals: {layout.ca}  (keep {layout.ca.parent / 'ca.key'} here)"
+    )
+    console.print(
+        f"next: fedseg deploy superlink --dir {folder} --port {address.rsplit(':', 1)[1]}"
+    )
+
+
+@app.command()
+def superlink(
+    folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder (init)"),
+    host: str = typer.Option("0.0.0.0", help="listen address"),
+    port: int = typer.Option(9093, help="HTTPS port (Fleet, Control and Runtime APIs)"),
+    database: Path | None = typer.Option(None, help="SQLite file; registrations survive restarts"),
+) -> None:
+    """Start the SuperLink (TLS, SuperNode authentication, no runtime dependency installation)."""
+    layout = runtime.Coordinator(folder.resolve())
+    command = runtime.superlink_command(layout, host, port, database)
+    _exec(command, runtime.environment(layout.flwr_home))
+
+
+@app.command("node-key")
+def node_key(
+    folder: Path = typer.Option(..., "--dir", help="where the hospital keeps its SuperNode key"),
+    site: str = typer.Option(..., help="site name"),
+) -> None:
+    """At a hospital: create its SuperNode key pair; send only the .pub file to the coordinator."""
+    private, public = supernode_keypair(folder, site)
+    console.print(f"private key (stays here, mode 600): {private}\npublic key (send it): {public}")
+
+
+@app.command()
+def register(
+    public_key: Path = typer.Argument(..., help="a hospital's SuperNode public key (.pub)"),
+    folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder (init)"),
+) -> None:
+    """On the coordinator: admit one hospital's SuperNode."""
+    layout = runtime.Coordinator(folder.resolve())
+    command = runtime.register_command(public_key)
+    console.print(f"$ FLWR_HOME={layout.flwr_home} {shlex.join(command)}")
+    raise typer.Exit(subprocess.run(command, env=runtime.environment(layout.flwr_home)).returncode)
+
+
+@app.command()
+def supernode(
+    superlink_address: str = typer.Option(..., "--superlink", help="SuperLink host:port"),
+    ca: Path = typer.Option(..., help="the federation's CA certificate (ca.pem)"),
+    private_key: Path = typer.Option(..., help="this SuperNode's private key (node-key)"),
+    data_dir: Path = typer.Option(..., help="the site's data folder (test/ = its test split)"),
+    key_file: Path = typer.Option(..., help="the site's fedseg secret (fedseg keygen)"),
+    site_name: str = typer.Option(..., help="the site's name"),
+    out_dir: Path = typer.Option(
+        Path("fedseg-site"), help="where the site keeps its AEs, overlays"
+    ),
+    runtime_port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode)"),
+) -> None:
+    """At a hospital: start its SuperNode (TLS to the SuperLink, authenticated by its key)."""
+    config = runtime.node_config(
+        data_dir.resolve(), key_file.resolve(), site_name, out_dir.resolve()
+    )
+    command = runtime.supernode_command(superlink_address, ca, private_key, config, runtime_port)
+    _exec(command, runtime.environment())
+
+
+@app.command()
+def run(
+    folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder (init)"),
+    scenario: Path | None = typer.Option(
+        None, help="scenario TOML (its [data] settings apply at every site)"
+    ),
+    out: Path = typer.Option(Path("results/deployment"), help="results folder on the coordinator"),
+    resume: bool = typer.Option(False, help="continue a stopped run from its checkpoints"),
+) -> None:
+    """On the coordinator: run the federation on the registered SuperNodes."""
+    layout = runtime.Coordinator(folder.resolve())
+    values: dict[str, object] = {"out-dir": str(out.resolve()), "quick": False, "resume": resume}
+    if scenario:
+        values["scenario"] = str(scenario.resolve())
+    command = runtime.run_command(REPO, values)
+    console.print(f"$ FLWR_HOME={layout.flwr_home} {shlex.join(command)}")
+    env = runtime.environment(layout.flwr_home)
+    raise typer.Exit(subprocess.run(command, env=env, cwd=REPO).returncode)
