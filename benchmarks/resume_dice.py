@@ -27,10 +27,12 @@ from fedseg.config import demo_config
 FEDSEG = [sys.executable, "-m", "fedseg.cli", "run", "--no-baselines", "--no-verbose"]
 
 
-def scenario_file(config: str | None, out: Path) -> Path:
+def scenario_file(config: str | None, out: Path, threads: int) -> Path:
     if config:
         return Path(config)
-    values = demo_config(str(out)).to_dict()
+    cfg = demo_config(str(out))
+    cfg.training.threads = threads  # 1 thread: far faster than 2 on an oversubscribed machine
+    values = cfg.to_dict()
     for key in ("out_dir", "resume"):
         values.pop(key, None)
     path = out / "demo.toml"
@@ -57,10 +59,11 @@ def main() -> None:
     parser.add_argument("--config", help="scenario TOML (default: the demo)")
     parser.add_argument("--out", default="results/resume-check")
     parser.add_argument("--kill-after", type=int, default=1, help="UMN round to kill after")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (demo scenario)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scenario = scenario_file(args.config, out)
+    scenario = scenario_file(args.config, out, args.threads)
     straight, killed = out / "uninterrupted", out / "killed"
 
     started = time.perf_counter()

@@ -20,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedseg.checkpoint import fingerprint
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit
@@ -83,7 +84,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         saved = site_models_path(setup.out_dir, site.name)
         reuse = bool(msg.content.config_records["config"].get("reuse", False))
         sizes = {"n_train": len(site.train), "n_test": len(site.test)}
-        if reuse and saved.is_file():
+        tag = saved.with_suffix(".config")
+        if reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(run_cfg):
             # Resuming: the same AEs, so the latents the server kept still match this site.
             models, names = SiteModels.load(run_cfg, saved)
             if names != list(site.train.class_names):
@@ -94,6 +96,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             log.info("%s: training autoencoders on %d images", site.name, len(site.train))
             models, stats = train_site(run_cfg, site.train)
             models.save(saved, site.train.class_names)
+            tag.write_text(fingerprint(run_cfg))
             metrics = MetricRecord(
                 {
                     **sizes,

@@ -105,9 +105,21 @@ def describe_resume(cfg: RunConfig) -> str:
     latents = load_checkpoint(cfg, LATENTS_NAME)
     umn = load_checkpoint(cfg, UMN_NAME)
     if latents is None:
-        return f"resume: no collected latents in {checkpoint_dir(cfg)}; sites reuse saved AEs"
+        return (
+            f"resume: nothing collected yet in {checkpoint_dir(cfg)}; starting from the beginning"
+        )
     done = int(umn["round"]) if umn else 0
     return (
         f"resume: collected latents and UMN round {done} of {cfg.training.umn_rounds} "
         f"from {checkpoint_dir(cfg)}"
     )
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """Short hash of what the federation computes; a site tags its saved AEs with it, so a
+    resume never reuses autoencoders trained under another config."""
+    import hashlib
+    import json
+
+    text = json.dumps(comparable(cfg.to_dict()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -40,7 +40,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
     saved_round = load_checkpoint(cfg, UMN_NAME) if cfg.resume and saved_latents else None
     if cfg.resume and saved_latents is None:
-        log.info("no collected latents in %s: resuming from the sites' autoencoders", out_dir)
+        log.info("nothing collected yet in %s: starting from the beginning", out_dir)
     timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}
 
     nodes = wait_for_nodes(grid, cfg.federation.num_sites, cfg.federation.node_wait_s)
@@ -48,7 +48,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     federation = Federation()
 
     started = time.perf_counter()
-    LocalAutoencoderTraining(timeout, reuse=cfg.resume).run(grid, nodes, federation)
+    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
     if saved_latents is None:
         timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
@@ -60,6 +60,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         for node_id, site in list(federation.sites.items()):
             if site.name not in names:
                 federation.drop(node_id, "resume", "not part of the checkpointed run")
+            elif not site.reused:  # its kept latents came from AEs it no longer has
+                federation.drop(node_id, "resume", "its saved autoencoders were missing")
     coordinator = Coordinator(cfg, names, key_dir=cfg.privacy.key_dir or out_dir / "keys")
     if saved_latents:
         coordinator.restore_latents(saved_latents)

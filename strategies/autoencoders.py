@@ -34,6 +34,7 @@ class LocalAutoencoderTraining:
                 n_train=int(metrics["n_train"]),
                 n_test=int(metrics["n_test"]),
                 class_names=[str(c) for c in info["class_names"]],
+                reused=bool(metrics.get("reused", 0)),
             )
             if metrics.get("reused", 0):
                 log.info("%s: reloaded its saved AEs", info["site"])

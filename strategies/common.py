@@ -21,6 +21,7 @@ class SiteInfo:
     n_train: int
     n_test: int
     class_names: list[str]
+    reused: bool = False  # reloaded its saved AEs (resume) instead of training new ones
 
 
 @dataclass

@@ -24,6 +24,7 @@ from fedseg.checkpoint import (
     UMN_NAME,
     CheckpointMismatch,
     checkpoint_dir,
+    fingerprint,
     load_checkpoint,
 )
 from fedseg.config import RunConfig
@@ -89,7 +90,12 @@ def test_checkpoint_round_trip_and_config_mismatch(tmp_path):
     # Output settings may change on resume; what the federation computes may not.
     cfg.overlays_per_site = 1
     assert load_checkpoint(cfg, UMN_NAME) is not None
+    before = fingerprint(cfg)
+    cfg.out_dir = "elsewhere"
+    assert fingerprint(cfg) == before  # sites tag their AEs with this: same run, same tag
     cfg.training.umn_lr = 0.5
+    assert fingerprint(cfg) != before
+    cfg.out_dir = str(tmp_path)
     with pytest.raises(CheckpointMismatch, match=r"training\.umn_lr: 0\.001 -> 0\.5"):
         load_checkpoint(cfg, UMN_NAME)
     with pytest.raises(CheckpointMismatch, match="saved for"):
