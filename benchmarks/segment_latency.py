@@ -160,7 +160,7 @@ def fp16_dice(run_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[128, 256])
     parser.add_argument("--n", type=int, default=50, help="timed queries per size")
     parser.add_argument("--run", type=Path, help="a finished client-custody run, for fp16 Dice")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, client and server")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -192,4 +191,3 @@ def test_federation_over_tls_with_authenticated_supernodes(tmp_path):
         ):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     print(f"deployment integration test: {wall:.0f} s wall")
-    shutil.rmtree(coordinator.flwr_home / "apps", ignore_errors=True)

@@ -27,7 +27,11 @@ def serve(
 
     try:
         run_server(run, host, port, tls_dir, max_items)
-    except ConfigError as err:
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # e.g. a missing key (server custody)
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from err
 
