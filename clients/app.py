@@ -3,6 +3,8 @@
 Message types (the server's strategies send them in this order):
 - ``train.autoencoders``: train the image and mask AEs on local data; reply sizes and losses.
 - ``query.latents``: keyed fp16 latents for a chunk of the training stream or the test split.
+- ``query.round``: one UMN round's participation (simulated hospitals): fresh keyed latents of
+  the next items of the training stream, or a heartbeat; a profile's dropout fails it here.
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
 The trained AEs stay in ``context.state`` (the node's local state); key material is never put
 in a reply, and a guard mod checks every reply for it before it leaves.
@@ -22,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from fedseg.checkpoint import fingerprint
 from fedseg.config import RunConfig, config_from_run_config
+from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.report import Examples, write_overlays
@@ -38,6 +41,7 @@ from fedseg.site import (
     train_site,
     training_chunk,
 )
+from simulations.profiles import fails_in_round, simulate_outage, slow_down
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
@@ -67,7 +71,14 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             )
         return reply
 
-    app = ClientApp(mods=[outgoing_guard])
+    def compute_speed(msg: Message, context: Context, call_next) -> Message:
+        """A slow hospital (profile ``speed`` < 1) really takes longer to answer."""
+        started = time.perf_counter()
+        reply = call_next(msg, context)
+        slow_down(resolve(context)[1].split.profile, time.perf_counter() - started)
+        return reply
+
+    app = ClientApp(mods=[outgoing_guard, compute_speed])
 
     def load_models(run_cfg: RunConfig, setup: SiteSetup, context: Context) -> SiteModels:
         if STATE_KEY not in context.state.array_records:
@@ -107,7 +118,14 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                 }
             )
         context.state.array_records[STATE_KEY] = ArrayRecord(models.state())
-        info = ConfigRecord({"site": site.name, "class_names": list(site.train.class_names)})
+        info = ConfigRecord(
+            {
+                "site": site.name,
+                "class_names": list(site.train.class_names),
+                # Aggregates only (sizes, class fractions, an intensity histogram).
+                "stats_json": json.dumps(site_statistics(site.train, site.test)),
+            }
+        )
         return Message(RecordDict({"metrics": metrics, "site": info}), reply_to=msg)
 
     @app.query("latents")
@@ -124,6 +142,22 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         else:
             raise ValueError(f"request.split must be 'train' or 'test', got {split!r}")
         return Message(RecordDict({"latents": to_record(arrays)}), reply_to=msg)
+
+    @app.query("round")
+    def umn_round(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        request = msg.content.config_records["request"]
+        rnd, start, stop = int(request["round"]), int(request["start"]), int(request["stop"])
+        site = setup.split
+        if fails_in_round(site.profile, run_cfg.federation.seed, site.index, rnd):
+            simulate_outage(site.profile, site.name, rnd, float(request["deadline_s"]))
+        content = RecordDict({"heartbeat": ConfigRecord({"site": site.name, "round": rnd})})
+        if stop > start:
+            models = load_models(run_cfg, setup, context)
+            transform = site_transform(run_cfg, setup.key_file)
+            arrays = training_chunk(run_cfg, site.train, models, transform, start, stop)
+            content["latents"] = to_record(arrays)
+        return Message(content, reply_to=msg)
 
     @app.evaluate("segment")
     def segment(msg: Message, context: Context) -> Message:

@@ -57,6 +57,35 @@ class FederationConfig:
     client_cpus: float = 2.0  # Ray resources per simulated client
     node_wait_s: float = 60.0  # how long the server waits for nodes to register
     message_timeout_s: float = 3600.0  # a node that has not replied by then is dropped (0 = wait)
+    actors: int = 0  # Ray actors running clients at once (0 = CPU cores // client_cpus, >= 1)
+    dirichlet_alpha: float = 0.0  # > 0: hospitals without explicit `samples` share a source
+    #   by a Dirichlet(alpha) draw (quantity skew); 0 = equal shares
+    round_timeout_s: float = 0.0  # per-UMN-round reply deadline (0 = message_timeout_s)
+    round_items: int = -1  # fresh training latents a site sends per UMN round (-1 = one
+    #   augmented pass of its training set, 0 = none: rounds are heartbeats only)
+
+
+@dataclass
+class HospitalConfig:
+    """One simulated hospital's profile (``[[hospitals]]``); ``count`` > 1 makes that many alike.
+
+    Shifts are applied after the loader's per-image normalisation, so they survive it.
+    """
+
+    name: str = ""  # "" = "<source>-<i>"; with count > 1 a suffix -1, -2, ... is added
+    source: str = "synthetic"  # "synthetic" (uses [data]'s synthetic_* sizes) or a [sources] key
+    count: int = 1
+    samples: int = 0  # training patients (images; volumes for NIfTI); 0 = a share of the source
+    test_samples: int = 0  # synthetic only: test images (0 = data.synthetic_test)
+    style: int = -1  # synthetic look (scanner/case mix) index; -1 = the hospital's index
+    intensity_shift: float = 0.0  # added to every pixel (in units of the image's std)
+    contrast: float = 1.0  # multiplies the normalised image
+    noise: float = 0.0  # extra Gaussian noise std (units of the image's std)
+    resolution: int = 0  # acquisition px: down- then up-sampled to model.image_size (0 = none)
+    label_noise: float = 0.0  # fraction of training masks shifted by 1-2 px (annotator error)
+    speed: float = 1.0  # compute-speed factor: 0.5 = every reply takes twice as long
+    dropout: float = 0.0  # probability that the site fails in a given UMN round
+    failure: Literal["raise", "timeout"] = "raise"  # how a dropped-out round fails
 
 
 @dataclass
@@ -139,6 +168,10 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # Heterogeneous federations: named data sources and hospital profiles ([] = the [data]
+    # source cut into federation.num_sites alike sites, as before).
+    sources: dict[str, DatasetConfig] = field(default_factory=dict)
+    hospitals: list[HospitalConfig] = field(default_factory=list)
     out_dir: str = "results/demo"
     overlays_per_site: int = 4
     resume: bool = False  # continue from <out_dir>/checkpoints if they were made with this config
@@ -158,6 +191,14 @@ class RunConfig:
             (self.data.kind in ("synthetic", "pairs", "nifti"), "data.kind: synthetic/pairs/nifti"),
             (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
+            (self.federation.actors >= 0, "federation.actors must be >= 0"),
+            (
+                not self.hospitals
+                or self.federation.num_sites == sum(h.count for h in self.hospitals),
+                "federation.num_sites must equal the hospitals' total count",
+            ),
+            (self.federation.dirichlet_alpha >= 0, "federation.dirichlet_alpha must be >= 0"),
+            *_hospital_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -166,6 +207,34 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _hospital_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    checks = []
+    for i, h in enumerate(cfg.hospitals):
+        where = f"hospitals[{i}] ({h.name or h.source})"
+        checks += [
+            (
+                h.source == "synthetic" or h.source in cfg.sources,
+                f"{where}: source {h.source!r} "
+                f"is neither 'synthetic' nor a [sources] key ({', '.join(cfg.sources) or 'none'})",
+            ),
+            (h.count >= 1, f"{where}: count must be >= 1"),
+            (h.samples >= 0 and h.test_samples >= 0, f"{where}: samples must be >= 0"),
+            (0 <= h.dropout < 1, f"{where}: dropout must be in [0, 1)"),
+            (0 <= h.label_noise <= 1, f"{where}: label_noise must be in [0, 1]"),
+            (h.speed > 0, f"{where}: speed must be > 0"),
+            (h.contrast > 0 and h.noise >= 0, f"{where}: contrast > 0 and noise >= 0"),
+            (h.resolution == 0 or h.resolution >= 8, f"{where}: resolution 0 or >= 8 px"),
+        ]
+    for name, src in cfg.sources.items():
+        checks.append(
+            (
+                src.kind in ("pairs", "nifti") and bool(src.path),
+                f"sources.{name}: kind 'pairs' or 'nifti' with a path",
+            )
+        )
+    return checks
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -178,13 +247,25 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
+        args = typing.get_args(hint)
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}.{name}] must be a table")
             kwargs[name] = _build(hint, value, f"{where}.{name}".strip("."))
+        elif args and dataclasses.is_dataclass(args[-1]):  # list[...] or dict[str, ...] of tables
+            kwargs[name] = _build_many(args[-1], value, f"{where}.{name}".strip("."))
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}".strip("."))
     return cls(**kwargs)
+
+
+def _build_many(cls: type, value: Any, where: str) -> Any:
+    """``[[where]]`` (a list of tables) or ``[where.<key>]`` (a table of tables)."""
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return [_build(cls, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+        return {k: _build(cls, v, f"{where}.{k}") for k, v in value.items()}
+    raise ConfigError(f"[{where}] must be tables, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -205,11 +286,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
     """Build and validate a RunConfig; relative data paths are resolved against base_dir."""
     cfg: RunConfig = _build(RunConfig, values, "")
+    if cfg.hospitals:  # the profiles say how many sites there are
+        cfg.federation.num_sites = sum(max(h.count, 0) for h in cfg.hospitals)
     if base_dir is not None:
-        for attr in ("path", "test_path", "spacing_csv"):
-            value = getattr(cfg.data, attr)
-            if value and not Path(value).is_absolute():
-                setattr(cfg.data, attr, str((base_dir / value).resolve()))
+        for data in (cfg.data, *cfg.sources.values()):
+            for attr in ("path", "test_path", "spacing_csv"):
+                value = getattr(data, attr)
+                if value and not Path(value).is_absolute():
+                    setattr(data, attr, str((base_dir / value).resolve()))
     return cfg.validate()
 
 

@@ -23,6 +23,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from fedseg import report_sites
 from fedseg.evaluation import dice_per_image, mean_over_sites
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ DEFAULT_METHOD = "PPCMI-SF"
 BASELINE_LABELS = {"centralized_unet": "centralized UNet", "local_unet": "local UNets"}
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4"]
 _KNOWN_KEYS = {"config", "method", "sites", "mean", "baselines", "timing_s", "bytes_per_query"}
+_KNOWN_KEYS |= report_sites.KEYS  # rendered by fedseg.report_sites
 
 
 @dataclass
@@ -154,6 +156,7 @@ def render_report(metrics: dict[str, Any], figures: list[tuple[str, str]], fallb
     lines += _timing_section(metrics.get("timing_s") or {})
     lines += _bytes_section(metrics.get("bytes_per_query"))
     lines += _config_section(metrics.get("config") or {}, list(metrics.get("sites") or {}))
+    lines += report_sites.sections(metrics)
     lines += _extra_section(metrics)
     lines += _figure_section(figures)
     return "\n".join(lines).rstrip() + "\n"
@@ -345,6 +348,8 @@ def _write_figures(
         path = fig_dir / "site_dice.png"
         if _try(_site_dice_figure, path, metrics, method):
             done.append(("Mean foreground Dice per site", f"figures/{path.name}"))
+    if metrics.get("data_stats") and _try(report_sites.figure, fig_dir / "data_stats.png", metrics):
+        done.append(("Data per site (class fractions, intensities)", "figures/data_stats.png"))
     for site, ex in examples.items():
         path = fig_dir / f"overlays_{_safe_name(site)}.png"
         extra = _baseline_columns(site, ex, baseline_examples)

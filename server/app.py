@@ -17,11 +17,13 @@ from fedseg.deploy.runtime import resolve_scenario
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.results import federated_metrics
 from fedseg.wire import payload_bytes
+from simulations.profiles import describe, round_deadline
 from strategies.autoencoders import LocalAutoencoderTraining
 from strategies.common import Federation, log, wait_for_nodes
 from strategies.evaluation import SegmentationEvaluation
 from strategies.latents import LatentCollection
 from strategies.mapping import MappingTraining
+from strategies.rounds import RoundParticipation
 
 CHUNK_SIZE = 128
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
@@ -53,6 +55,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
         raise RuntimeError("no hospital finished autoencoder training; see the log for why")
+    all_sites = sorted(federation.sites.values(), key=lambda s: s.name)
 
     names = sorted(s.name for s in federation.sites.values())
     if saved_latents:
@@ -89,7 +92,21 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         prior_umn_s = float(saved_round.get("umn_seconds", 0.0))
         log.info("resumed: UMN after round %d of %d", coordinator.round, cfg.training.umn_rounds)
     mapping = MappingTraining(coordinator, checkpoint_dir(cfg), prior_umn_s)
-    mapping.run(cfg.training.umn_rounds)
+    participation = None
+    if cfg.hospitals:  # simulated hospitals take part (or drop out) round by round
+        items = {
+            n: s.n_train if cfg.federation.round_items < 0 else cfg.federation.round_items
+            for n, s in federation.sites.items()
+        }
+        participation = RoundParticipation(coordinator, federation, items, round_deadline(cfg))
+
+        def before_round(rnd: int) -> str:
+            record = participation.run(grid, rnd)
+            return f"{len(record['present'])}/{len(federation.sites)} sites, " + (
+                f"dropped {', '.join(record['dropped'])}" if record["dropped"] else "none dropped"
+            )
+
+    mapping.run(cfg.training.umn_rounds, before_round if participation else None)
     timing["umn_training"] = mapping.seconds
     timing["training_total"] = sum(
         timing[k] for k in ("autoencoders", "latent_collection", "umn_training") if k in timing
@@ -112,6 +129,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         bytes_per_query=payload_bytes(shapes),
         dropped=federation.dropped,
         umn_parameters=coordinator.parameter_count(),
+        rounds=[
+            {**t, **(participation.history[i] if participation else {})}
+            for i, t in enumerate(mapping.round_seconds)
+        ],
+        data_stats={s.name: s.stats for s in all_sites if s.stats},
+        site_profiles=describe(cfg) if cfg.hospitals else [],
         train_latent_bytes=train_bytes,
         resumed={
             "latents": saved_latents is not None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -35,6 +37,7 @@ class LocalAutoencoderTraining:
                 n_test=int(metrics["n_test"]),
                 class_names=[str(c) for c in info["class_names"]],
                 reused=bool(metrics.get("reused", 0)),
+                stats=json.loads(str(info.get("stats_json", "{}"))),
             )
             if metrics.get("reused", 0):
                 log.info("%s: reloaded its saved AEs", info["site"])

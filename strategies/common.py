@@ -22,6 +22,7 @@ class SiteInfo:
     n_test: int
     class_names: list[str]
     reused: bool = False  # reloaded its saved AEs (resume) instead of training new ones
+    stats: dict = field(default_factory=dict)  # the site's aggregate data statistics (non-IID)
 
 
 @dataclass

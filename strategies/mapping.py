@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,8 +19,11 @@ class MappingTraining:
         self.coordinator = coordinator
         self.checkpoint_dir = checkpoint_dir
         self.seconds = prior_seconds  # UMN training time over all sessions of this run
+        self.round_seconds: list[dict] = []  # per round: participation and UMN training time
 
-    def run(self, rounds: int) -> list[float]:
+    def run(self, rounds: int, before_round: Callable[[int], str] | None = None) -> list[float]:
+        """``before_round(r)`` (1-based) runs the round's participation and returns a status
+        line for the progress view (who is in, who dropped)."""
         losses = []
         per_round = self.coordinator.cfg.training.umn_epochs_per_round
         columns = (TextColumn("UMN"), BarColumn(), TextColumn("{task.fields[status]}"))
@@ -28,13 +32,25 @@ class MappingTraining:
                 "umn", total=rounds * per_round, completed=self.coordinator.epoch, status=""
             )
 
+            sites = {"status": ""}  # the current round's participation, if any
+
             def on_epoch(epoch: int, _epochs: int, loss: float) -> None:
-                progress.update(task, completed=epoch, status=f"epoch {epoch} loss {loss:.4f}")
+                text = f"epoch {epoch} loss {loss:.4f} {sites['status']}"
+                progress.update(task, completed=epoch, status=text)
 
             for r in range(self.coordinator.round, rounds):
                 started = time.perf_counter()
+                if before_round is not None:
+                    sites["status"] = f"| round {r + 1}/{rounds}: {before_round(r + 1)}"
+                    progress.update(task, status=sites["status"])
+                contact = time.perf_counter() - started
+                started = time.perf_counter()
                 loss = self.coordinator.train_round(on_epoch=on_epoch)
-                self.seconds += time.perf_counter() - started
+                train_s = time.perf_counter() - started
+                self.seconds += train_s
+                self.round_seconds.append(
+                    {"round": r + 1, "participation": contact, "umn": train_s, "loss": loss}
+                )
                 path = self.coordinator.save_checkpoint(
                     self.checkpoint_dir, {"umn_seconds": self.seconds}
                 )

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fedseg.config import DatasetConfig, FederationConfig, ModelConfig, RunConfig
+from fedseg.config import DatasetConfig, HospitalConfig, RunConfig
 from fedseg.data.dataset import DataError, SiteData
+from fedseg.data.hospitals import build_hospitals
 from fedseg.data.labels import LabelMap, default_class_names, mask_to_2d
 from fedseg.data.nifti import load_nifti
 from fedseg.data.pairs import load_pairs
@@ -42,6 +43,8 @@ class SiteSplit:
     name: str
     train: SiteData
     test: SiteData
+    profile: HospitalConfig | None = None  # its simulated behaviour (speed, dropout), if any
+    index: int = 0  # position in the federation (seeds its per-round dropout draws)
 
 
 def load_dataset(
@@ -59,6 +62,8 @@ def load_dataset(
 def load_federation(cfg: RunConfig) -> list[SiteSplit]:
     """All hospitals of a run, cut by patient so no patient is in two sites or two splits."""
     data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
+    if cfg.hospitals:
+        return _profiled_federation(cfg)
     if data.kind == "synthetic":
         sites = []
         for i in range(fed.num_sites):
@@ -95,14 +100,32 @@ def load_federation(cfg: RunConfig) -> list[SiteSplit]:
     return sites
 
 
+def _profiled_federation(cfg: RunConfig) -> list[SiteSplit]:
+    """Hospitals from ``[[hospitals]]`` profiles over ``[sources]`` and synthetic data."""
+    size = cfg.model.image_size
+
+    def load_source(name: str) -> tuple[SiteData, SiteData | None]:
+        src = cfg.sources[name]
+        pool = load_dataset(src, size, name=name)
+        held_out = load_dataset(src, size, path=src.test_path, name=name) if src.test_path else None
+        if held_out is not None and held_out.class_names != pool.class_names:
+            raise DataError(
+                f"sources.{name}: test classes {held_out.class_names} differ from "
+                f"{pool.class_names}"
+            )
+        return pool, held_out
+
+    return [
+        SiteSplit(h.name, train, test, h.profile, h.index)
+        for h, train, test in build_hospitals(cfg, load_source)
+    ]
+
+
 @lru_cache(maxsize=4)
-def _cached_federation(data_json: str, federation_json: str, size: int) -> list[SiteSplit]:
-    cfg = RunConfig(
-        data=DatasetConfig(**json.loads(data_json)),
-        federation=FederationConfig(**json.loads(federation_json)),
-        model=ModelConfig(image_size=size),
-    )
-    return load_federation(cfg)
+def _cached_federation(run_json: str) -> list[SiteSplit]:
+    from fedseg.config import config_from_dict
+
+    return load_federation(config_from_dict(json.loads(run_json)))
 
 
 def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
@@ -110,11 +133,14 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
 
     The returned arrays are shared between calls: treat them as read-only.
     """
-    sites = _cached_federation(
-        json.dumps(dataclasses.asdict(cfg.data), sort_keys=True),
-        json.dumps(dataclasses.asdict(cfg.federation), sort_keys=True),
-        cfg.model.image_size,
-    )
+    key = {
+        "data": dataclasses.asdict(cfg.data),
+        "federation": dataclasses.asdict(cfg.federation),
+        "model": {"image_size": cfg.model.image_size},
+        "sources": {k: dataclasses.asdict(v) for k, v in cfg.sources.items()},
+        "hospitals": [dataclasses.asdict(h) for h in cfg.hospitals],
+    }
+    sites = _cached_federation(json.dumps(key, sort_keys=True))
     if not 0 <= partition_id < len(sites):
         raise DataError(f"partition_id {partition_id} out of range: {len(sites)} sites")
     return sites[partition_id]
