@@ -97,6 +97,7 @@ class ModelConfig:
     latent_channels: int = 32  # channels of each of the three latent scales
     umn_width: int = 96
     umn_blocks: int = 2  # residual context blocks per scale
+    canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
 from fedseg.models.autoencoder import latent_shapes
+from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import UnifiedMappingNetwork
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
@@ -102,6 +103,8 @@ class Coordinator:
     def train_round(self, on_epoch=None) -> float:
         """One UMN round (its share of the epochs/time budget); returns the last loss."""
         t = self.cfg.training
+        if self.round == 0 and self.optimizer is None and self.cfg.model.canonical_adapters:
+            self._start_in_canonical_bases()
         rounds = max(t.umn_rounds, 1)
         budget = Budget(t.umn_epochs_per_round, t.umn_minutes / rounds if t.umn_minutes else 0.0)
         # One cosine schedule over all rounds: the round's budget is a slice of it.
@@ -119,6 +122,14 @@ class Coordinator:
         )
         self.round += 1
         return loss
+
+    def _start_in_canonical_bases(self) -> None:
+        for site in self.site_latents():
+            self.umn.start_in_canonical_bases(
+                site.site,
+                [canonical_basis(z, whiten=True) for z in site.image],
+                [canonical_basis(z, whiten=False) for z in site.mask],
+            )
 
     def map_query(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keyed image latents in, keyed mask latents out."""

@@ -9,7 +9,9 @@ Each site gets a 1x1 input and output adapter per scale. Sites train their autoe
 independently, so their latent spaces differ; and with ``client`` key custody each site's latents
 are additionally mixed by a keyed orthogonal map the server never learns. A keyed latent transform
 (KLT) is an affine map over channels, so a 1x1 adapter can represent its inverse exactly: the
-shared trunk sees aligned features without anyone handing it a key.
+shared trunk sees aligned features without anyone handing it a key. The adapters start at each
+site's principal axes (``canonical``), which are the same with or without the key, so both
+custodies start from the same point instead of learning each site's basis from noise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedseg.models.autoencoder import Latents
+from fedseg.models.canonical import CanonicalBasis
 
 
 class ResidualBlock(nn.Module):
@@ -77,6 +80,20 @@ class UnifiedMappingNetwork(nn.Module):
         self.context = PyramidPooling(w)
         self.decode = nn.ModuleList(_stack(w, blocks) for _ in range(2))
         self.heads = nn.ModuleList(nn.Conv2d(w, c, 1) for _ in range(3))
+
+    @torch.no_grad()
+    def start_in_canonical_bases(
+        self, site: str, image: list[CanonicalBasis], mask: list[CanonicalBasis]
+    ) -> None:
+        """Set a site's adapters to its latents' principal axes (see ``canonical``)."""
+        index = self.site_index(site)
+        for scale in range(3):
+            for conv, (weight, bias) in (
+                (self.in_adapters[scale][index], image[scale].to_canonical()),
+                (self.out_adapters[scale][index], mask[scale].from_canonical()),
+            ):
+                conv.weight.copy_(weight[:, :, None, None])
+                conv.bias.copy_(bias)
 
     def site_index(self, site: str) -> int:
         if site not in self.sites:
