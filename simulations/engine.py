@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from fedseg.config import RunConfig
@@ -15,13 +16,13 @@ def backend_config(cfg: RunConfig) -> dict:
     cores = os.cpu_count() or 1
     actors = f.actors or max(1, int(cores // max(f.client_cpus, 1e-3)))
     actors = min(actors, f.num_sites)
+    # Ray counts CPUs for scheduling only, and Flower makes int(num_cpus / client num_cpus)
+    # actors: give Ray a whole number of CPUs and each client just under its share of them.
+    num_cpus = max(1, math.ceil(actors * f.client_cpus - 1e-9))
+    per_client = math.floor(1e4 * num_cpus / actors) / 1e4
     return {
-        "client_resources": {"num_cpus": f.client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            # Ray counts these CPUs for scheduling only; actors * client_cpus fits them exactly.
-            "num_cpus": max(1, int(round(actors * f.client_cpus))),
-            "log_to_driver": True,  # stream the clients' logs to this console
-        },
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": num_cpus, "log_to_driver": True},  # stream clients' logs
     }
 
 

@@ -44,6 +44,7 @@ def failing_run(tmp_path_factory) -> RunConfig:
     cfg.training.umn_rounds = 3
     cfg.training.threads = 1
     cfg.federation.round_timeout_s = 8.0
+    cfg.federation.actors, cfg.federation.client_cpus = 2, 1.0  # the staller blocks only one
     cfg.federation.round_items = 4
     cfg.federation.seed, p1, p2 = _seed_with_pattern()
     cfg.hospitals = [
