@@ -150,7 +150,7 @@ class AttackConfig:
 
     victim: int = 0  # index of the victim site; the next site's training images are auxiliary
     inversion_epochs: int = 40  # learned-inversion decoder training on the auxiliary images
-    key_recovery_pairs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8, 16])
+    key_recovery_pairs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8, 12, 16, 32])
     knt_fit_steps: int = 600  # gradient steps of the KNT key-recovery fit per pair count
     reid_epochs: int = 40  # contrastive embedding network training
     bootstrap: int = 1000  # resamples for AUC confidence intervals

@@ -15,6 +15,7 @@ from fedseg.attacks.context import RunContext, RunFolderError
 from fedseg.attacks.report import record
 from fedseg.attacks.scores import auc_with_ci, image_quality
 from fedseg.cli import app
+from fedseg.config import AttackConfig
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.privacy.keys import write_key_file
@@ -26,11 +27,6 @@ def make_run(out: Path, transform: str) -> Path:
     """What `fedseg run` leaves behind, without Flower: keys, site AEs, UMN, metrics.json."""
     cfg = small_config(out, 2, [8, 16, 16, 32, 32], 32, ae_epochs=4, umn_epochs_per_round=2)
     cfg.privacy.transform = transform
-    cfg.attack.inversion_epochs = 2
-    cfg.attack.reid_epochs = 2
-    cfg.attack.knt_fit_steps = 60
-    cfg.attack.key_recovery_pairs = [1, 8]
-    cfg.attack.bootstrap = 200
     cfg.validate()
     sites = load_federation(cfg)
     coordinator = Coordinator(cfg, [s.name for s in sites])
@@ -46,6 +42,11 @@ def make_run(out: Path, transform: str) -> Path:
     coordinator.save_checkpoint(out / "checkpoints")
     (out / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "mean": {"dice": 0.5}}))
     return out
+
+
+FAST = AttackConfig(
+    inversion_epochs=2, reid_epochs=2, knt_fit_steps=60, key_recovery_pairs=[1, 8], bootstrap=200
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_klt_key_recovered_exactly_from_c_plus_1_vectors_knt_not():
 
 
 def test_key_recovery_on_a_run_reports_each_mode(run_dir):
-    ctx = RunContext.load(run_dir)
+    ctx = RunContext.load(run_dir, FAST)
     result, md = key_recovery.run(ctx)
     assert result["pairs"] == [1, 8]
     for mode in ("klt", "knt"):
@@ -117,7 +118,7 @@ def test_key_recovery_on_a_run_reports_each_mode(run_dir):
 
 
 def test_inversion_cross_decoder_membership_write_report(run_dir):
-    ctx = RunContext.load(run_dir)
+    ctx = RunContext.load(run_dir, FAST)
     for name, module in (
         ("cross-decoder", crossdecoder),
         ("inversion", inversion),
@@ -144,7 +145,7 @@ def test_inversion_cross_decoder_membership_write_report(run_dir):
 
 
 def test_reid_refuses_data_without_patients(run_dir):
-    ctx = RunContext.load(run_dir)
+    ctx = RunContext.load(run_dir, FAST)
     with pytest.raises(ValueError, match="volume data set"):
         reid.run(ctx)
 
@@ -184,3 +185,17 @@ def test_scores_bootstrap_and_image_quality():
     x = torch.rand(4, 1, 32, 32)
     assert image_quality(x, x)["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert image_quality(torch.rand(4, 1, 32, 32), x)["ssim"] < 0.2
+
+
+def test_bootstrap_by_patient_is_wider_than_by_record():
+    """Ten copies of each patient's score are not ten independent records."""
+    rng = np.random.default_rng(1)
+    pos, neg = rng.normal(0.5, 1, 12), rng.normal(0, 1, 12)
+    scores = np.repeat(np.concatenate([pos, neg]), 10)
+    labels = np.repeat([1] * 12 + [0] * 12, 10)
+    groups = np.repeat(np.arange(24), 10)
+    by_record = auc_with_ci(scores, labels, n_boot=400)
+    by_patient = auc_with_ci(scores, labels, n_boot=400, groups=groups)
+    assert by_patient["auc"] == by_record["auc"] and by_patient["n_groups"] == 24
+    width = by_patient["ci_high"] - by_patient["ci_low"]
+    assert width > 2 * (by_record["ci_high"] - by_record["ci_low"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedseg.config import RunConfig, config_from_dict
+from fedseg.config import AttackConfig, RunConfig, config_from_dict
 from fedseg.data import SiteSplit, load_federation
 from fedseg.models.autoencoder import Latents
 from fedseg.models.umn import UnifiedMappingNetwork
@@ -47,7 +47,8 @@ def load_run_config(run: Path) -> RunConfig:
         else:
             values = torch.load(path, weights_only=False, map_location="cpu").get("config")
         if values:
-            known = {f for f in RunConfig.__dataclass_fields__}
+            # Attack settings are today's defaults, not whatever the run was made with.
+            known = set(RunConfig.__dataclass_fields__) - {"attack"}
             cfg = config_from_dict({k: v for k, v in values.items() if k in known})
             cfg.out_dir = str(run)
             return cfg
@@ -64,9 +65,11 @@ class RunContext:
     _transforms: dict[tuple[str, str], Keyed] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, run: str | Path) -> RunContext:
+    def load(cls, run: str | Path, attack: AttackConfig | None = None) -> RunContext:
         run = Path(run)
         cfg = load_run_config(run)
+        if attack is not None:
+            cfg.attack = attack
         sites = load_federation(cfg)
         models, secrets = {}, {}
         key_dir = Path(cfg.privacy.key_dir) if cfg.privacy.key_dir else run / "keys"

@@ -8,7 +8,10 @@ library level with the same site and server functions the Flower apps call (trai
 ``fedseg run --transform knt`` do).
 
     python -m fedseg.attacks.lab --config simulations/scenarios/hippocampus-attack.toml \\
-        --out results/attack/hippocampus --modes none klt knt [--from-run DIR]
+        --out results/attack/hippocampus --modes none klt knt [--from-run DIR] [--ae-epochs N ...]
+
+Site AEs already in ``<out>/<name>-autoencoders/sites/`` (or the ``--from-run`` folder) are reused;
+only missing ones are trained.
 """
 
 from __future__ import annotations
@@ -124,6 +127,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for <name>-<mode> runs")
     parser.add_argument("--modes", nargs="+", default=["none", "klt", "knt"])
     parser.add_argument("--custody", default="client", choices=["client", "server"])
+    for name in ("ae_epochs", "umn_rounds", "umn_epochs_per_round", "augment_copies", "threads"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=int, help=f"override training.{name}"
+        )
     args = parser.parse_args()
     if args.from_run:
         cfg = load_run_config(args.from_run)
@@ -134,6 +141,9 @@ def main() -> None:
     else:
         parser.error("give --config or --from-run")
     cfg.privacy.custody = args.custody
+    for name in ("ae_epochs", "umn_rounds", "umn_epochs_per_round", "augment_copies", "threads"):
+        if getattr(args, name) is not None:
+            setattr(cfg.training, name, getattr(args, name))
     torch.set_num_threads(max(1, cfg.training.threads))
     aes = shared_autoencoders(cfg, source)
     for mode in args.modes:

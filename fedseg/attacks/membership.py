@@ -84,17 +84,19 @@ def logistic(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np
 
 def run(ctx: RunContext) -> tuple[dict, str]:
     umn = ctx.umn()
-    feats, labels, site_ids = [], [], []
+    feats, labels, site_ids, patients = [], [], [], []
     for i, split in enumerate(ctx.sites):
         for data, label in ((split.train, 1), (split.test, 0)):
             f = features(ctx, umn, split.name, data.images, data.masks)
             feats.append(f)
             labels.append(np.full(len(f), label))
             site_ids.append(np.full(len(f), i))
+            patients.append(np.array([f"{split.name}/{g}" for g in data.groups]))
     x, y, sid = np.concatenate(feats), np.concatenate(labels), np.concatenate(site_ids)
+    groups = np.concatenate(patients)
     total_loss = np.log(np.exp(x[:, 0::2]).sum(1))
     n_boot = ctx.cfg.attack.bootstrap
-    threshold = auc_with_ci(-total_loss, y, n_boot, ctx.cfg.attack.seed)
+    threshold = auc_with_ci(-total_loss, y, n_boot, ctx.cfg.attack.seed, groups=groups)
     model_scores = np.zeros(len(y))
     for i in range(len(ctx.sites)):
         held = sid == i
@@ -103,7 +105,7 @@ def run(ctx: RunContext) -> tuple[dict, str]:
             model_scores[held] = -total_loss[held]
             continue
         model_scores[held] = logistic(x[others], y[others], x[held])
-    trained = auc_with_ci(model_scores, y, n_boot, ctx.cfg.attack.seed)
+    trained = auc_with_ci(model_scores, y, n_boot, ctx.cfg.attack.seed, groups=groups)
     result = {
         "mode": ctx.mode,
         "custody": ctx.cfg.privacy.custody,
@@ -124,7 +126,8 @@ def run(ctx: RunContext) -> tuple[dict, str]:
         f"Mode {ctx.mode}, {ctx.cfg.privacy.custody} custody. Members: every site's training "
         "images; non-members: every site's test images (never in any training). The trained "
         "attack model is fit on the other sites and scored on the held-out site. AUC 0.5 = "
-        f"chance; 95% bootstrap interval ({n_boot} resamples).\n\n"
+        f"chance; 95% bootstrap interval ({n_boot} resamples of whole patients: "
+        f"{threshold['n_groups']} patients).\n\n"
         + table(["attack", "AUC", "95% CI", "members", "non-members"], rows)
         + f"\n\n![membership ROC]({fig.relative_to(ctx.run)})\n"
     )

@@ -30,26 +30,43 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def auc_with_ci(
-    scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    scores: np.ndarray,
+    labels: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """AUC and a percentile bootstrap interval (resampling positives and negatives separately,
-    so every resample has both)."""
+    """AUC and a percentile bootstrap interval. Positives and negatives are resampled
+    separately (every resample has both); with ``groups`` (patients) whole groups are resampled,
+    since records of one patient are not independent."""
     scores, labels = np.asarray(scores, float), np.asarray(labels, int)
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
+    pos, neg = labels == 1, labels == 0
+    if not pos.any() or not neg.any():
         raise ValueError("AUC needs both positives and negatives")
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        p, n = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
-        boots.append(_auc_fast(p, n))
+    members = {}
+    for side in (pos, neg):
+        ids, inverse = np.unique(groups[side], return_inverse=True)
+        members[side.tobytes()] = (scores[side], inverse, len(ids))
+
+    def resample(side: np.ndarray) -> np.ndarray:
+        values, inverse, n = members[side.tobytes()]
+        if n == len(values):  # one record per group: plain bootstrap
+            return rng.choice(values, len(values))
+        chosen = np.bincount(rng.integers(0, n, n), minlength=n)
+        return np.repeat(values, chosen[inverse])
+
+    boots = [_auc_fast(resample(pos), resample(neg)) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     return {
         "auc": auc(scores, labels),
         "ci_low": float(lo),
         "ci_high": float(hi),
-        "n_pos": len(pos),
-        "n_neg": len(neg),
+        "n_pos": int(pos.sum()),
+        "n_neg": int(neg.sum()),
+        "n_groups": int(len(np.unique(groups))),
     }
 
 

@@ -29,27 +29,34 @@ MEASURES = {
 
 
 def collect(runs: list[Path]) -> tuple[dict, list[list]]:
-    points: dict[str, dict[str, tuple[float, float]]] = {}
-    rows = []
+    """Cross-decoder, inversion and re-identification evaluate every mode on one run's AEs, so
+    their value for a mode may come from any of the runs; membership inference attacks each
+    run's own UMN, so it comes from that run."""
+    loaded = []
     for run in runs:
         path = run / "metrics.json"
         if not path.is_file():
             raise RunFolderError(f"{path} not found")
-        metrics = json.loads(path.read_text())
+        loaded.append(json.loads(path.read_text()))
+    points: dict[str, dict[str, tuple[float, float]]] = {}
+    rows = []
+    for metrics in loaded:
         mode = metrics["config"]["privacy"]["transform"]
-        custody = metrics["config"]["privacy"]["custody"]
-        label = f"{mode} ({custody})"
+        label = f"{mode} ({metrics['config']['privacy']['custody']})"
         dice = metrics["mean"]["dice"]
-        attacks = metrics.get("attacks", {})
         row = [label, dice]
         for name, get in MEASURES.items():
-            try:
-                value = float(get(attacks, mode))
-            except (KeyError, TypeError):
-                row.append("-")
-                continue
-            points.setdefault(name, {})[label] = (value, dice)
-            row.append(value)
+            sources = [metrics] if name.startswith("membership") else [metrics, *loaded]
+            value = None
+            for source in sources:
+                try:
+                    value = float(get(source.get("attacks", {}), mode))
+                    break
+                except (KeyError, TypeError):
+                    continue
+            row.append("-" if value is None else value)
+            if value is not None:
+                points.setdefault(name, {})[label] = (value, dice)
         rows.append(row)
     return points, rows
 
