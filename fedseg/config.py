@@ -153,6 +153,7 @@ class AttackConfig:
     key_recovery_pairs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8, 12, 16, 32])
     knt_fit_steps: int = 600  # gradient steps of the KNT key-recovery fit per pair count
     reid_epochs: int = 40  # contrastive embedding network training
+    reid_repeats: int = 3  # patient splits (and seeds) re-identification is averaged over
     bootstrap: int = 1000  # resamples for AUC confidence intervals
     seed: int = 0
 

@@ -45,7 +45,12 @@ def make_run(out: Path, transform: str) -> Path:
 
 
 FAST = AttackConfig(
-    inversion_epochs=2, reid_epochs=2, knt_fit_steps=60, key_recovery_pairs=[1, 8], bootstrap=200
+    inversion_epochs=2,
+    reid_epochs=2,
+    reid_repeats=1,
+    knt_fit_steps=60,
+    key_recovery_pairs=[1, 8],
+    bootstrap=200,
 )
 
 

@@ -41,6 +41,8 @@ def collect(runs: list[Path]) -> tuple[dict, list[list]]:
     points: dict[str, dict[str, tuple[float, float]]] = {}
     rows = []
     for metrics in loaded:
+        if "mean" not in metrics:  # an attack-only folder (no UMN, no Dice): a source only
+            continue
         mode = metrics["config"]["privacy"]["transform"]
         label = f"{mode} ({metrics['config']['privacy']['custody']})"
         dice = metrics["mean"]["dice"]
