@@ -98,6 +98,9 @@ def _advance(progress: Progress, task):
 
 
 def _summary(metrics: dict) -> None:
+    if len(metrics["sites"]) > 8:  # many hospitals: one row per site instead of a column
+        _long_summary(metrics)
+        return
     table = Table(title="mean foreground Dice / HD95 / ASD per site")
     table.add_column("method")
     sites = list(metrics["sites"])
@@ -109,6 +112,18 @@ def _summary(metrics: dict) -> None:
         cells = [_cell(block["sites"].get(s)) for s in sites]
         mean = block.get("mean") or {}
         table.add_row(name, *cells, f"{_num(mean.get('dice'))}")
+    console.print(table)
+
+
+def _long_summary(metrics: dict) -> None:
+    blocks = [("PPCMI-SF", metrics)] + list(metrics.get("baselines", {}).items())
+    table = Table(title="mean foreground Dice / HD95 / ASD per site")
+    table.add_column("site")
+    for name, _ in blocks:
+        table.add_column(name)
+    for s in metrics["sites"]:
+        table.add_row(s, *[_cell(block["sites"].get(s)) for _, block in blocks])
+    table.add_row("mean", *[_num((block.get("mean") or {}).get("dice")) for _, block in blocks])
     console.print(table)
 
 

@@ -159,5 +159,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if abs(value) < 5e-4:
+            return "0" if value == 0 else f"{value:.1e}" if abs(value) > 1e-6 else "0.000"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)

@@ -9,6 +9,7 @@ the same hospitals.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,7 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
     for h, n_train in zip(synthetic, counts, strict=True):
         n_test = h.profile.test_samples or data.synthetic_test
         style = h.profile.style if h.profile.style >= 0 else h.index
-        site = synthetic_site(style, n_train + n_test, size, data.seed + h.index, h.name)
+        site = synthetic_site(style, n_train + n_test, size, data.seed + _tag(h.name), h.name)
         result[h.index] = (site.subset(range(n_train)), site.subset(range(n_train, len(site))))
 
     for source in dict.fromkeys(h.profile.source for h in hospitals if h not in synthetic):
@@ -109,16 +110,23 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
             if test_parts is not None:
                 train, test = part, test_parts[k].subset(range(len(test_parts[k])), h.name)
             else:
-                train, test = train_test_split(part, fed.test_fraction, fed.seed + h.index)
+                train, test = train_test_split(part, fed.test_fraction, fed.seed + _tag(h.name))
             result[h.index] = (train, test)
 
     out = []
     for h in hospitals:
         train, test = result[h.index]
-        train = apply_profile(train, h.profile, size, cfg.data.seed + h.index, train=True)
-        test = apply_profile(test, h.profile, size, cfg.data.seed + h.index + 7, train=False)
+        seed = cfg.data.seed + _tag(h.name)
+        train = apply_profile(train, h.profile, size, seed, train=True)
+        test = apply_profile(test, h.profile, size, seed + 7, train=False)
         out.append((h, train, test))
     return out
+
+
+def _tag(name: str) -> int:
+    """A seed offset from the hospital's name, so its data does not depend on its position
+    (the same hospital alone or in a federation gets the same split and noise)."""
+    return zlib.crc32(name.encode()) % 100_003
 
 
 def _cut_held_out(held_out: SiteData, k: int, seed: int) -> list[SiteData]:
