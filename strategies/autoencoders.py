@@ -7,7 +7,7 @@ import json
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from strategies.common import Federation, SiteInfo, exchange, log
+from strategies.common import Federation, SiteInfo, exchange, log, site_progress
 
 
 class LocalAutoencoderTraining:
@@ -18,13 +18,15 @@ class LocalAutoencoderTraining:
         self.reuse = reuse  # resuming: sites reload the AEs they saved instead of retraining
 
     def run(self, grid: Grid, node_ids: list[int], federation: Federation) -> None:
-        replies, failed = exchange(
-            grid,
-            node_ids,
-            "train.autoencoders",
-            lambda _: RecordDict({"config": ConfigRecord({"reuse": self.reuse})}),
-            self.timeout_s,
-        )
+        with site_progress("autoencoders") as on_reply:
+            replies, failed = exchange(
+                grid,
+                node_ids,
+                "train.autoencoders",
+                lambda _: RecordDict({"config": ConfigRecord({"reuse": self.reuse})}),
+                self.timeout_s,
+                on_reply,
+            )
         for node_id, reason in failed.items():
             federation.drop(node_id, "autoencoders", reason)
         for node_id, reply in replies.items():

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger("fedseg.server")
+PULL_INTERVAL_S = 0.1
+
+
+@contextmanager
+def site_progress(label: str) -> Iterator[Callable[[int, int, int], None]]:
+    """A progress line of one phase over the sites: how many answered, how many failed."""
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task(label, total=None, status="")
+
+        def on_reply(done: int, failed: int, total: int) -> None:
+            status = f"{done}/{total} sites" + (f", {failed} failed" if failed else "")
+            progress.update(task, total=total, completed=done + failed, status=status)
+
+        yield on_reply
 
 
 @dataclass
@@ -62,16 +79,30 @@ def exchange(
     message_type: str,
     content: Callable[[int], RecordDict],
     timeout: float | None,
+    on_reply: Callable[[int, int, int], None] | None = None,
 ) -> tuple[dict[int, Message], dict[int, str]]:
-    """Send one message per node; return (replies by node, failure reason by node)."""
+    """Send one message per node; return (replies by node, failure reason by node).
+
+    Replies are pulled as they come (as ``Grid.send_and_receive`` does) so that ``on_reply``
+    can show how many sites have answered.
+    """
     messages = [Message(content(n), dst_node_id=n, message_type=message_type) for n in node_ids]
     replies, failed = {}, {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        src = reply.metadata.src_node_id
-        if reply.has_error():
-            failed[src] = f"client error: {short_reason(reply.error.reason)}"
-        else:
-            replies[src] = reply
+    pending = set(grid.push_messages(messages))
+    del messages
+    end = time.time() + (timeout or 0.0)
+    while pending and (timeout is None or time.time() < end):
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                failed[src] = f"client error: {short_reason(reply.error.reason)}"
+            else:
+                replies[src] = reply
+            if on_reply is not None:
+                on_reply(len(replies), len(failed), len(node_ids))
+        if pending:
+            time.sleep(PULL_INTERVAL_S)
     for n in node_ids:
         if n not in replies and n not in failed:
             failed[n] = f"no reply within {timeout}s"

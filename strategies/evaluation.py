@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedseg.coordinator import Coordinator
-from strategies.common import Federation, exchange, to_record
+from strategies.common import Federation, exchange, site_progress, to_record
 from strategies.latents import LatentCollection
 
 
@@ -53,13 +53,15 @@ class SegmentationEvaluation:
             n_items += site.n_test
             mapped[node_id] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-        replies, failed = exchange(
-            grid,
-            list(mapped),
-            "evaluate.segment",
-            lambda n: RecordDict({"mapped": to_record(mapped[n])}),
-            self.timeout_s,
-        )
+        with site_progress("evaluation") as on_reply:
+            replies, failed = exchange(
+                grid,
+                list(mapped),
+                "evaluate.segment",
+                lambda n: RecordDict({"mapped": to_record(mapped[n])}),
+                self.timeout_s,
+                on_reply,
+            )
         for node_id, reason in failed.items():
             federation.drop(node_id, "evaluation", reason)
         metrics = {

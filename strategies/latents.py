@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from strategies.common import Federation, arrays_of, exchange
+from strategies.common import Federation, arrays_of, exchange, site_progress
 
 Sink = Callable[[str, dict[str, np.ndarray]], int]
 
@@ -37,7 +37,11 @@ class LatentCollection:
                     {"request": ConfigRecord({"split": self.split, "start": start, "stop": stop})}
                 )
 
-            replies, failed = exchange(grid, pending, "query.latents", request, self.timeout_s)
+            label = f"latents/{self.split} from {offset}"
+            with site_progress(label) as on_reply:
+                replies, failed = exchange(
+                    grid, pending, "query.latents", request, self.timeout_s, on_reply
+                )
             for node_id, reason in failed.items():
                 federation.drop(node_id, f"latents/{self.split}", reason)
             for node_id, reply in replies.items():
