@@ -137,3 +137,26 @@ def test_site_models_saved_privately_and_reloaded(trained, tmp_path):
     other.model.latent_channels = 8
     with pytest.raises(ValueError, match="do not match the model config"):
         SiteModels.load(other, path)
+
+
+def test_client_custody_trains_like_server_custody(trained):
+    """Key-free canonical bases make the UMN see the same coordinates in either custody."""
+    import torch
+
+    from fedseg.models.autoencoder import latent_shapes
+
+    cfg, site, models = trained
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    chunk = training_chunk(cfg, site.train, models, transform, 0, len(site.train) * 2)
+    query = query_chunk(site.test, models, transform, 0, len(site.test))
+    shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+    mapped = {}
+    for custody in ("server", "client"):
+        run_cfg = small_config(Path(cfg.out_dir), custody=custody)
+        coordinator = Coordinator(run_cfg, [site.name], key_dir=cfg.privacy.key_dir)
+        coordinator.add_chunk(site.name, chunk)
+        coordinator.train_round()
+        keyed = unpack(coordinator.map_query(site.name, query), "mask", shapes)
+        mapped[custody] = torch.cat([z.flatten(1) for z in transform.inverse(keyed, "mask")], 1)
+    difference = (mapped["server"] - mapped["client"]).norm() / mapped["server"].norm()
+    assert difference < 0.05, f"custodies' mapped latents differ by {difference:.1%}"

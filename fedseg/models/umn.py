@@ -9,9 +9,9 @@ Each site gets a 1x1 input and output adapter per scale. Sites train their autoe
 independently, so their latent spaces differ; and with ``client`` key custody each site's latents
 are additionally mixed by a keyed orthogonal map the server never learns. A keyed latent transform
 (KLT) is an affine map over channels, so a 1x1 adapter can represent its inverse exactly: the
-shared trunk sees aligned features without anyone handing it a key. The adapters start at each
-site's principal axes (``canonical``), which are the same with or without the key, so both
-custodies start from the same point instead of learning each site's basis from noise.
+shared trunk sees aligned features without anyone handing it a key. The adapters work on
+each site's principal axes (``canonical``), which are the same with or without the key, so both
+custodies train the same network instead of learning each site's basis from noise.
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ class UnifiedMappingNetwork(nn.Module):
         super().__init__()
         self.sites = list(sites)
         c, w = latent_channels, width
+        # Fixed per-site bases (set from data by the server) around learned identity-start
+        # adapters: the adapters then learn in canonical coordinates, which are the same in
+        # either custody, so both train the same way.
+        eye = torch.eye(c).expand(len(sites), 3, c, c).clone()
+        self.register_buffer("in_basis", eye.clone())
+        self.register_buffer("in_offset", torch.zeros(len(sites), 3, c))
+        self.register_buffer("out_basis", eye)
+        self.register_buffer("out_offset", torch.zeros(len(sites), 3, c))
         self.in_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
         self.out_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
         self.stems = nn.ModuleList(nn.Conv2d(c, w, 1) for _ in range(3))
@@ -85,15 +93,13 @@ class UnifiedMappingNetwork(nn.Module):
     def start_in_canonical_bases(
         self, site: str, image: list[CanonicalBasis], mask: list[CanonicalBasis]
     ) -> None:
-        """Set a site's adapters to its latents' principal axes (see ``canonical``)."""
+        """Fix a site's bases to its latents' principal axes (see ``canonical``)."""
         index = self.site_index(site)
         for scale in range(3):
-            for conv, (weight, bias) in (
-                (self.in_adapters[scale][index], image[scale].to_canonical()),
-                (self.out_adapters[scale][index], mask[scale].from_canonical()),
-            ):
-                conv.weight.copy_(weight[:, :, None, None])
-                conv.bias.copy_(bias)
+            weight, bias = image[scale].to_canonical()
+            self.in_basis[index, scale], self.in_offset[index, scale] = weight, bias
+            weight, bias = mask[scale].from_canonical()
+            self.out_basis[index, scale], self.out_offset[index, scale] = weight, bias
 
     def site_index(self, site: str) -> int:
         if site not in self.sites:
@@ -101,7 +107,10 @@ class UnifiedMappingNetwork(nn.Module):
         return self.sites.index(site)
 
     def forward(self, latents: Latents, site: int) -> Latents:
-        aligned = [adapters[site](z) for adapters, z in zip(self.in_adapters, latents, strict=True)]
+        aligned = [
+            adapters[site](self._in_basis(z, site, scale))
+            for scale, (adapters, z) in enumerate(zip(self.in_adapters, latents, strict=True))
+        ]
         x8, x16, x32 = (stem(z) for stem, z in zip(self.stems, aligned, strict=True))
         f8 = self.encode[0](x8)
         f16 = self.encode[1](x16 + self.down[0](f8))
@@ -111,11 +120,27 @@ class UnifiedMappingNetwork(nn.Module):
         # Residual around the trunk: where image latents already predict the mask (see the
         # AEs' cross-decoding objective), the trunk only has to learn a correction.
         outs = (head(f) + z for head, f, z in zip(self.heads, (g8, g16, f32), aligned, strict=True))
-        return [adapters[site](o) for adapters, o in zip(self.out_adapters, outs, strict=True)]
+        return [
+            self._out_basis(adapters[site](o), site, scale)
+            for scale, (adapters, o) in enumerate(zip(self.out_adapters, outs, strict=True))
+        ]
+
+    def _in_basis(self, z: torch.Tensor, site: int, scale: int) -> torch.Tensor:
+        weight = self.in_basis[site, scale][:, :, None, None]
+        return F.conv2d(z, weight, self.in_offset[site, scale])
+
+    def _out_basis(self, z: torch.Tensor, site: int, scale: int) -> torch.Tensor:
+        weight = self.out_basis[site, scale][:, :, None, None]
+        return F.conv2d(z, weight, self.out_offset[site, scale])
 
 
 def _adapters(n_sites: int, channels: int) -> nn.ModuleList:
-    return nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(n_sites))
+    adapters = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(n_sites))
+    with torch.no_grad():
+        for conv in adapters:
+            conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+            conv.bias.zero_()
+    return adapters
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
