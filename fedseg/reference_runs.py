@@ -24,6 +24,7 @@ Progress = Callable[[int, int, float], None]
 
 def _fit(cfg: RunConfig, train: SiteData, minutes: float, seed: int, on_epoch: Progress | None):
     torch.manual_seed(seed)
+    torch.set_num_threads(cfg.training.threads)  # the same threads the federated run had
     b = cfg.baselines
     net = make_unet(train.num_classes, b.unet_channels)
     epochs = train_segmenter(
