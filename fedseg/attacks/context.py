@@ -27,6 +27,7 @@ from fedseg.site import SiteModels, site_models_path
 from fedseg.training import encode
 
 MODES = ("none", "klt", "knt")
+OPTIONAL_UMN_BUFFERS = ("in_basis", "in_offset", "out_basis", "out_offset")
 
 
 class RunFolderError(ValueError):
@@ -127,7 +128,15 @@ class RunContext:
         net = UnifiedMappingNetwork(
             list(state["sites"]), m.latent_channels, m.umn_width, m.umn_blocks
         )
-        net.load_state_dict(state["umn"])
+        # Checkpoints from before the UMN had fixed per-site bases lack those buffers; their
+        # defaults (identity, zero) are exactly the older network.
+        loaded = net.load_state_dict(state["umn"], strict=False)
+        missing = set(loaded.missing_keys) - set(OPTIONAL_UMN_BUFFERS)
+        if missing or loaded.unexpected_keys:
+            raise RunFolderError(
+                f"{path} does not match this UMN: missing {sorted(missing)}, "
+                f"unexpected {sorted(loaded.unexpected_keys)}"
+            )
         return net.eval()
 
 
