@@ -117,9 +117,9 @@ class UnifiedMappingNetwork(nn.Module):
         f32 = self.context(self.encode[2](x32 + self.down[1](f16)))
         g16 = self.decode[0](f16 + _up(f32, f16))
         g8 = self.decode[1](f8 + _up(g16, f8))
-        # Residual around the trunk: where image latents already predict the mask (see the
-        # AEs' cross-decoding objective), the trunk only has to learn a correction.
-        outs = (head(f) + z for head, f, z in zip(self.heads, (g8, g16, f32), aligned, strict=True))
+        # No residual from input to output: image and mask canonical axes are unrelated, and
+        # on us-nerve dropping it lifted Dice from 0.498 to 0.521 (same AEs and budget).
+        outs = (head(f) for head, f in zip(self.heads, (g8, g16, f32), strict=True))
         return [
             self._out_basis(adapters[site](o), site, scale)
             for scale, (adapters, o) in enumerate(zip(self.out_adapters, outs, strict=True))
