@@ -299,15 +299,20 @@ def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> Ru
     return cfg.validate()
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file's table, or a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Load a scenario TOML file (relative paths in it are relative to the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    values = read_toml(path, "config file")
     values.setdefault("name", path.stem)
     return config_from_dict(values, base_dir=path.parent.resolve())
 

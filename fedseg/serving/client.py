@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import ssl
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 import torch
 
-from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config
+from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config, read_toml
 from fedseg.serving import protocol
 from fedseg.serving.images import read_scan, write_mask
 from fedseg.site import SiteModels, site_transform
@@ -53,12 +52,7 @@ class SiteClientConfig:
 
 def load_site_config(path: str | Path) -> SiteClientConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"site config not found: {path}")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    values = read_toml(path, "site config")
     unknown = sorted(set(values) - set(FIELDS))
     missing = [f for f in FIELDS if f not in values]
     if unknown or missing:
