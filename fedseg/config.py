@@ -17,6 +17,7 @@ from typing import Any, Literal
 DataKind = Literal["synthetic", "pairs", "nifti"]
 Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
+UmnArch = Literal["fast", "reference"]
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,7 @@ class ModelConfig:
     image_size: int = 128
     ae_widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])
     latent_channels: int = 32  # channels of each of the three latent scales
+    umn_arch: UmnArch = "fast"  # "reference": the paper's ~59 M-parameter UMN (width/blocks unused)
     umn_width: int = 96
     umn_blocks: int = 2  # residual context blocks per scale
     canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes

@@ -18,7 +18,7 @@ from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.canonical import canonical_basis
-from fedseg.models.umn import UnifiedMappingNetwork
+from fedseg.models.umn import build_umn
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import keyed_transform
@@ -42,8 +42,7 @@ class Coordinator:
         self.sites = list(sites)
         self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
         torch.manual_seed(cfg.training.seed)
-        m = cfg.model
-        self.umn = UnifiedMappingNetwork(self.sites, m.latent_channels, m.umn_width, m.umn_blocks)
+        self.umn = build_umn(cfg.model, self.sites)
         self.optimizer: torch.optim.Optimizer | None = None
         self.epoch = 0
         self.round = 0

@@ -26,7 +26,8 @@ def pack(latents: Latents, prefix: str) -> dict[str, np.ndarray]:
         arr = z.detach().float().numpy()
         if np.abs(arr).max(initial=0.0) > np.finfo(WIRE_DTYPE).max:
             raise WireError(f"{prefix}{s}: values exceed the fp16 range")
-        out[f"{prefix}{s}"] = arr.astype(WIRE_DTYPE)
+        # C order: latents are often channels-last in memory; the wire is (N, C, h, w).
+        out[f"{prefix}{s}"] = arr.astype(WIRE_DTYPE, order="C")
     return out
 
 
