@@ -19,7 +19,8 @@ from fedseg.privacy.keys import (
     write_key_file,
 )
 from fedseg.privacy.knt import (
-    STRENGTH,
+    GAIN,
+    SLOPE,
     KntKeyRing,
     KntTransform,
     _invert_f,
@@ -55,17 +56,23 @@ def test_round_trip_below_1e4(knt, role, scale):
 
 
 def test_newton_inverse_of_each_nonlinearity_on_a_grid():
-    """Three Newton steps are enough over the whole keyed parameter range, float64."""
-    u = torch.linspace(-80, 80, 100_001, dtype=torch.float64)
+    """The closed-form start and NEWTON_STEPS Newton steps are enough over the whole keyed
+    parameter range (gain, slope, shift, and the shifts the folded biases add), float64."""
+    w = torch.linspace(-60, 60, 40_001, dtype=torch.float64)
     worst = 0.0
     for gain, s, c in itertools.product(
-        [STRENGTH[0], STRENGTH[1]], [0.7, 1.0, 1.6], [-1.0, 0.0, 0.4, 1.0]
+        np.linspace(GAIN[0], GAIN[1], 4),
+        np.linspace(SLOPE[0], SLOPE[1], 4),
+        np.linspace(-12, 12, 9),
     ):
-        g, s_, c_ = (torch.tensor(v, dtype=torch.float64) for v in (gain, s, c))
-        a = g / s_
-        y = u + a * torch.tanh(s_ * u + c_)
-        worst = max(worst, (_invert_f(y, a, s_, c_, g) - u).abs().max().item())
-    assert worst < 1e-8
+        a = 4 * gain / s
+        y = w + a * torch.sigmoid(s * w + c)
+        t = (torch.tensor(v, dtype=torch.float64) for v in (a, s, c, a * s, s / (1 + gain)))
+        amp, slope, shift, gs, start_slope = t
+        start_shift = (shift - slope * amp / 2) / (1 + gain)
+        u = _invert_f(y, amp, slope, shift, gs, start_slope, start_shift)
+        worst = max(worst, ((u - w).abs().max() / amp).item())
+    assert worst < 1e-5
 
 
 def test_knt_is_not_affine(knt):

@@ -4,19 +4,31 @@ Per scale and role, ``LAYERS`` keyed blocks followed by a final keyed mixing::
 
     x <- f_l(M_l x + b_l)   for l = 0 .. LAYERS-1     (M_l orthogonal over channels)
     z' = M_L x + b_L
-    f(u) = u + a * tanh(s * u + c)                     (per channel; a, s > 0, a * s < 1)
+    f(u) = u + a * sigmoid(s * u + c)                  (per channel; a, s > 0)
 
-Each ``f`` is strictly increasing with slope in [1, 1 + a s], so it is invertible, but its
-inverse has no closed form: the client inverts it per element with Newton's method, whose error
-shrinks by at least a factor ``a s`` per step for any start (the slope never varies by more than
-that) and quadratically near the root. Because the slope is >= 1, the inverse is 1-Lipschitz:
-fp16 rounding on the wire is not amplified when the client un-keys.
+Each ``f`` is strictly increasing with slope in [1, 1 + g] (``g = a s / 4``, the keyed gain), so
+it is invertible, but its inverse has no closed form (a transcendental equation per element).
+The client inverts it per element: a closed-form start (the exact inverse of ``f`` with the
+sigmoid's argument linearised at its centre) and ``NEWTON_STEPS`` Newton steps, which reach
+~1e-6 relative to ``a`` over the whole keyed parameter range (tests/test_knt.py checks it on a
+grid, so no data-dependent stopping test is needed). Because every slope is >= 1, the inverse
+is 1-Lipschitz: fp16 rounding on the wire is not amplified when the client un-keys. (The
+logistic sigmoid is ``tanh`` rescaled; it is used because it costs a third of ``tanh`` here.)
+
+Scale: the bends sit where the latents are. The fedseg autoencoders' latents have a per-channel
+spread of 0.3-0.7 (hippocampus and us-nerve alike), so slopes ``s`` of 3-8 put each bend's
+width (about ``4 / s``) and its centre (``-c / s``) inside that spread. (The first KNT's bends
+were about twice as wide, which left it within 6-9% of an affine map on real latents.) Latents
+with a very different spread would see a nearly affine (tiny spread) or nearly translated (huge
+spread) map: the constants are part of the transform's definition.
 
 Every parameter comes from the site's secret through HKDF under ``knt/<role>/scale<s>/layer<l>``,
 independent of the run config, so the leak guard can re-derive and look for all of them.
-The constants below are part of the transform's definition (both sides of a deployment must
-agree on them): latents of the fedseg autoencoders have a per-channel spread of order 1, where
-``tanh`` with these slopes is far from linear.
+
+Cost: the biases are folded into the nonlinearities' shifts once per key (``_Params``), all
+scales are flattened side by side so each elementwise step is one op on all of them, and channel
+mixing is one matmul per scale: a query costs well under a millisecond on one CPU core
+(``benchmarks/knt_overhead.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +43,11 @@ from fedseg.privacy.keys import ROLES, derive_bytes
 
 LAYERS = 2  # nonlinear blocks per scale
 MAX_LAYERS = 8  # the leak guard looks for this many, in case LAYERS is raised
-STRENGTH = (0.6, 0.9)  # range of a * s: how far f bends (< 1 keeps Newton contracting)
-SLOPE = (0.7, 1.6)  # range of s
-SHIFT = 1.0  # c in [-SHIFT, SHIFT]
-BIAS = 0.5  # std of b_l
-NEWTON_STEPS = 3
+GAIN = (0.8, 1.5)  # range of g = a s / 4: slope of f varies between 1 and 1 + g
+SLOPE = (3.0, 8.0)  # range of s: bend width ~ 4/s, against latent spreads of 0.3-0.7
+SHIFT = 3.0  # c in [-SHIFT, SHIFT]: bend centres -c/s within about +-1
+BIAS = 0.3  # std of b_l
+NEWTON_STEPS = 2
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,7 +85,7 @@ def derive_layer(
     mixing = (q * np.sign(np.diag(r))[None, :])[rng.permutation(channels)]
     bias = rng.standard_normal(channels) * BIAS
     slope = rng.uniform(*SLOPE, channels)
-    amp = rng.uniform(*STRENGTH, channels) / slope
+    amp = 4 * rng.uniform(*GAIN, channels) / slope
     shift = rng.uniform(-SHIFT, SHIFT, channels)
     if last:
         amp = np.zeros(channels)
@@ -88,8 +100,9 @@ class KntKeyRing:
 
     @classmethod
     def from_secret(
-        cls, secret: bytes, channels: int, scales: int = 3, layers: int = LAYERS
+        cls, secret: bytes, channels: int, scales: int = 3, layers: int | None = None
     ) -> KntKeyRing:
+        layers = LAYERS if layers is None else layers
         return cls(
             {
                 role: [
@@ -104,90 +117,139 @@ class KntKeyRing:
         )
 
     def vectors(self) -> list[np.ndarray]:
+        """Every key vector, and every vector the fast path derives from them (``folded``)."""
+        derived = [v for scales in self.layers.values() for ls in scales for v in folded(ls)[1]]
         return [
             v for scales in self.layers.values() for ls in scales for x in ls for v in x.vectors()
-        ]
+        ] + derived
 
     def __repr__(self) -> str:
         return "KntKeyRing(<secret>)"
 
 
-class _Params:
-    """All scales' layers as tensors for one dtype and latent layout, built once.
+def folded(layers: list[KntLayer]) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """One scale's layers with the biases folded into the nonlinearities' shifts.
 
-    Channel mixing is done per scale; the elementwise steps run once on all scales flattened
-    and concatenated, with per-channel parameters expanded to that layout (fewer, larger ops:
-    per-op overhead dominates at these sizes)."""
+    With ``y_l = x_l - e_l`` (``e_0 = 0``, ``e_{l+1} = beta_l = M_l e_l + b_l``) a block is
+    ``w = M_l y_l; y_{l+1} = w + a sigmoid(s w + gamma_l)`` with ``gamma_l = s beta_l + c``,
+    and the output is ``M_L y_L + beta_L``: no bias adds between blocks. Returns per block the
+    vectors the forward and inverse use (with the inverse's closed-form start), then every
+    derived vector (for the leak guard: these are key material too).
+    """
+    offset = np.zeros(layers[0].mixing.shape[0])
+    blocks = []
+    for layer in layers[:-1]:
+        beta = layer.mixing @ offset + layer.bias
+        gamma = layer.slope * beta + layer.shift
+        gain = layer.amp * layer.slope / 4  # f's slope is in [1, 1 + gain]
+        blocks.append(
+            {
+                "amp": layer.amp,
+                "slope": layer.slope,
+                "shift": gamma,
+                # Newton's derivative 1 + a s t (1 - t) is computed as 1 + (a s) (t - t^2).
+                "gain": layer.amp * layer.slope,
+                # Closed-form start u0 = y - a sigmoid(k y + m): the sigmoid's argument at the
+                # root, s u + gamma, with u from f's linearisation at its centre (slope 1 + g).
+                "start_slope": layer.slope / (1 + gain),
+                "start_shift": (gamma - layer.slope * layer.amp / 2) / (1 + gain),
+            }
+        )
+        offset = beta
+    bias = layers[-1].mixing @ offset + layers[-1].bias
+    derived = [bias] + [
+        v for block in blocks for k, v in block.items() if k not in ("amp", "slope")
+    ]
+    return [*blocks, {"bias": bias}], derived
+
+
+class _Params:
+    """All scales' layers as tensors for one dtype and latent layout, built once per key.
+
+    Latents are handled as one (B, C, N) tensor, the scales' pixels side by side, so every
+    elementwise step is one op on all scales; per-channel values are expanded to (C, N) here,
+    once. Biases are folded into the shifts (``folded``).
+    """
 
     def __init__(self, scales: list[list[KntLayer]], sizes: list[int], dtype: torch.dtype) -> None:
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=dtype)
-
         def flat(values: list[np.ndarray]) -> torch.Tensor:
-            return t(np.concatenate([np.repeat(v, n) for v, n in zip(values, sizes, strict=True)]))
+            columns = [np.repeat(v[:, None], n, 1) for v, n in zip(values, sizes, strict=True)]
+            return torch.as_tensor(np.concatenate(columns, 1), dtype=dtype).contiguous()
 
         self.sizes = sizes
         self.depth = len(scales[0]) - 1
-        self.mixing = [[t(ls[i].mixing) for ls in scales] for i in range(self.depth + 1)]
-        self.bias = [flat([ls[i].bias for ls in scales]) for i in range(self.depth + 1)]
-        self.amp = [flat([ls[i].amp for ls in scales]) for i in range(self.depth)]
-        self.slope = [flat([ls[i].slope for ls in scales]) for i in range(self.depth)]
-        self.shift = [flat([ls[i].shift for ls in scales]) for i in range(self.depth)]
-        self.gain = [a * s for a, s in zip(self.amp, self.slope, strict=True)]  # a s
+        self.mixing = [
+            [torch.as_tensor(ls[i].mixing, dtype=dtype) for ls in scales]
+            for i in range(self.depth + 1)
+        ]
+        self.mixing_t = [[m.T.contiguous() for m in ms] for ms in self.mixing]
+        per_scale = [folded(ls)[0] for ls in scales]
+        for name in ("amp", "slope", "shift", "gain", "start_slope", "start_shift"):
+            setattr(self, name, [flat([f[i][name] for f in per_scale]) for i in range(self.depth)])
+        self.bias = flat([f[-1]["bias"] for f in per_scale])
 
 
-def _mix(ms: list[torch.Tensor], parts: list[torch.Tensor], transpose: bool) -> torch.Tensor:
-    """Per-scale channel mixing of (B, C, n_s) parts -> (B, sum C n_s)."""
-    out = [
-        torch.matmul(m.T if transpose else m, x).flatten(1) for m, x in zip(ms, parts, strict=True)
-    ]
-    return torch.cat(out, 1)
-
-
-def _split(x: torch.Tensor, channels: int, sizes: list[int]) -> list[torch.Tensor]:
-    return [
-        p.view(x.shape[0], channels, n)
-        for p, n in zip(x.split([channels * n for n in sizes], 1), sizes, strict=True)
-    ]
+def _mix(ms: list[torch.Tensor], x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per-scale channel mixing of (B, C, N) with the scales side by side."""
+    if x.shape[0] == 1:  # a query: 2-D matmuls are a third cheaper than batched ones
+        parts = x[0].split(sizes, 1)
+        return torch.cat([torch.mm(m, p) for m, p in zip(ms, parts, strict=True)], 1)[None]
+    return torch.cat([torch.matmul(m, p) for m, p in zip(ms, x.split(sizes, 2), strict=True)], 2)
 
 
 def _invert_f(
-    y: torch.Tensor, a: torch.Tensor, s: torch.Tensor, c: torch.Tensor, gain: torch.Tensor
+    y: torch.Tensor,
+    amp: torch.Tensor,
+    slope: torch.Tensor,
+    shift: torch.Tensor,
+    gain: torch.Tensor,
+    start_slope: torch.Tensor,
+    start_shift: torch.Tensor,
 ) -> torch.Tensor:
-    """Solve u + a tanh(s u + c) = y per element with a fixed number of Newton steps.
+    """Solve w + a sigmoid(s w + gamma) = y per element: closed-form start, then Newton.
 
-    Newton contracts from any start since 0 < a s < 1; from this start (one fixed-point step)
-    three steps reach ~1e-10 in float64 over the whole parameter range (tests/test_knt.py checks
-    it on a grid), so no data-dependent stopping test is needed."""
-    u = y - a * torch.tanh(torch.addcmul(c, s, y))
+    ``gain`` is ``a s`` (the sigmoid's derivative is ``t (1 - t)``)."""
+    u = torch.addcmul(y, amp, torch.sigmoid(torch.addcmul(start_shift, start_slope, y)), value=-1)
     for _ in range(NEWTON_STEPS):
-        t = torch.tanh(torch.addcmul(c, s, u))
-        u = u - (torch.addcmul(u, a, t) - y) / torch.addcmul(1 + gain, gain, t * t, value=-1)
+        t = torch.sigmoid(torch.addcmul(shift, slope, u))
+        residual = torch.addcmul(u - y, amp, t)
+        slope_f = torch.addcmul(t, t, t, value=-1).mul_(gain).add_(1)
+        u = torch.addcdiv(u, residual, slope_f, value=-1)
     return u
 
 
-def forward_all(latents: Latents, p: _Params) -> Latents:
+def _pack(latents: Latents) -> torch.Tensor:
     b, c = latents[0].shape[:2]
-    parts = [z.reshape(b, c, -1) for z in latents]
+    return torch.cat([z.reshape(b, c, -1) for z in latents], 2)
+
+
+def _unpack(x: torch.Tensor, like: Latents, sizes: list[int]) -> Latents:
+    return [p.view(z.shape) for p, z in zip(x.split(sizes, 2), like, strict=True)]
+
+
+def forward_all(latents: Latents, p: _Params) -> Latents:
+    x = _pack(latents)
     for i in range(p.depth):
-        u = _mix(p.mixing[i], parts, False) + p.bias[i]
-        x = torch.addcmul(u, p.amp[i], torch.tanh(torch.addcmul(p.shift[i], p.slope[i], u)))
-        parts = _split(x, c, p.sizes)
-    out = _mix(p.mixing[p.depth], parts, False) + p.bias[p.depth]
-    return [z.view_as(ref) for z, ref in zip(_split(out, c, p.sizes), latents, strict=True)]
+        w = _mix(p.mixing[i], x, p.sizes)
+        x = torch.addcmul(w, p.amp[i], torch.sigmoid(torch.addcmul(p.shift[i], p.slope[i], w)))
+    out = _mix(p.mixing[p.depth], x, p.sizes) + p.bias
+    return _unpack(out, latents, p.sizes)
 
 
 def inverse_all(latents: Latents, p: _Params) -> Latents:
-    b, c = latents[0].shape[:2]
-    x = torch.cat([z.reshape(b, -1) for z in latents], 1) - p.bias[p.depth]
-    parts = _split(x, c, p.sizes)
-    for i in reversed(range(p.depth + 1)):
-        x = _mix(p.mixing[i], parts, True)
-        if i == 0:
-            break
-        u = _invert_f(x, p.amp[i - 1], p.slope[i - 1], p.shift[i - 1], p.gain[i - 1])
-        parts = _split(u - p.bias[i - 1], c, p.sizes)
-    return [z.view_as(ref) for z, ref in zip(_split(x, c, p.sizes), latents, strict=True)]
+    x = _mix(p.mixing_t[p.depth], _pack(latents) - p.bias, p.sizes)
+    for i in reversed(range(p.depth)):
+        w = _invert_f(
+            x,
+            p.amp[i],
+            p.slope[i],
+            p.shift[i],
+            p.gain[i],
+            p.start_slope[i],
+            p.start_shift[i],
+        )
+        x = _mix(p.mixing_t[i], w, p.sizes)
+    return _unpack(x, latents, p.sizes)
 
 
 class KntTransform:
@@ -200,12 +262,13 @@ class KntTransform:
         self._cache: dict[tuple, _Params] = {}
 
     def _params(self, role: str, latents: Latents) -> _Params:
-        sizes = [z.shape[-2] * z.shape[-1] for z in latents]
-        key = (role, tuple(sizes), latents[0].dtype)
-        if key not in self._cache:
+        key = (role, tuple(z.shape[-2:] for z in latents), latents[0].dtype)
+        params = self._cache.get(key)
+        if params is None:
+            sizes = [z.shape[-2] * z.shape[-1] for z in latents]
             layers = self._ring.layers[role][: len(latents)]
-            self._cache[key] = _Params(layers, sizes, latents[0].dtype)
-        return self._cache[key]
+            params = self._cache[key] = _Params(layers, sizes, latents[0].dtype)
+        return params
 
     def forward(self, latents: Latents, role: str) -> Latents:
         return forward_all(latents, self._params(role, latents))
