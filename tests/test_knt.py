@@ -207,3 +207,31 @@ def test_knt_through_flower_with_server_custody(tmp_path):
             with np.load(path) as npz:
                 arrays = {k: npz[k] for k in npz.files if k != "__texts__"}
             assert find_key_material(arrays, [], secret, ring) == [], path.name
+
+
+def test_site_adapters_start_as_identity_and_load_affine_only_checkpoints():
+    """The nonlinear residual starts at zero; a checkpoint from before it existed (1x1 affine
+    adapters only) loads into the same function."""
+    from fedseg.models.adapters import SiteAdapter
+    from fedseg.models.umn import UnifiedMappingNetwork
+
+    x = torch.randn(2, C, 4, 4)
+    torch.testing.assert_close(SiteAdapter(C)(x), x)
+    net = UnifiedMappingNetwork(["a", "b"], C, 16, 1).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    old = {
+        k: v for k, v in net.state_dict().items() if ".expand." not in k and ".project." not in k
+    }
+    assert len(old) < len(net.state_dict())
+    again = UnifiedMappingNetwork(["a", "b"], C, 16, 1).eval()
+    again.load_state_dict(old)  # strict: no missing keys
+    z = _latents(batch=2)
+    with torch.no_grad():
+        for p in net.modules():
+            if isinstance(p, SiteAdapter):
+                p.project.weight.zero_()
+                p.project.bias.zero_()
+        for a, b in zip(net(z, 1), again(z, 1), strict=True):
+            torch.testing.assert_close(a, b)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from fedseg.attacks.context import RunContext
 from fedseg.attacks.figures import curves
 from fedseg.attacks.report import figure_dir, table
-from fedseg.privacy.knt import LAYERS, _invert_f
+from fedseg.privacy.knt import GAIN, LAYERS
 
 EXACT = 5  # "exact": un-keying error within this factor of the fp16 floor (least squares on
 # fp16-rounded pairs adds noise of the same order as the rounding itself)
@@ -74,15 +74,16 @@ class KntModel(torch.nn.Module):
         self.layers = layers
 
     def params(self, i: int):
+        """Amplitude a, slope s, shift c and gain g = a s / 4 (in (0, GAIN[1]]) of block i."""
         s = F.softplus(self.raw_slope[i]) + 1e-3
-        gain = 0.99 * torch.sigmoid(self.raw_gain[i])
-        return gain / s, s, self.shift[i], gain
+        gain = GAIN[1] * torch.sigmoid(self.raw_gain[i])
+        return 4 * gain / s, s, self.shift[i], gain
 
     def forward(self, x: Vectors) -> Vectors:
         for i in range(self.layers):
             u = x @ self.mixing[i].T + self.bias[i]
             a, s, c, _ = self.params(i)
-            x = u + a * torch.tanh(s * u + c)
+            x = u + a * torch.sigmoid(s * u + c)
         return x @ self.mixing[self.layers].T + self.bias[self.layers]
 
     @torch.no_grad()
@@ -90,10 +91,10 @@ class KntModel(torch.nn.Module):
         x = torch.linalg.solve(self.mixing[self.layers], (y - self.bias[self.layers]).T).T
         for i in reversed(range(self.layers)):
             a, s, c, gain = self.params(i)
-            u = _invert_f(x, a, s, c, gain)
-            for _ in range(20):  # the fixed three steps are tuned for KNT's own range
-                t = torch.tanh(s * u + c)
-                u = u - (u + a * t - x) / (1 + gain * (1 - t * t))
+            u = x - a * torch.sigmoid((s * x + c - s * a / 2) / (1 + gain))
+            for _ in range(20):  # many steps: the fitted parameters may leave KNT's own range
+                t = torch.sigmoid(s * u + c)
+                u = u - (u + a * t - x) / (1 + a * s * t * (1 - t))
             x = torch.linalg.solve(self.mixing[i], (u - self.bias[i]).T).T
         return x
 

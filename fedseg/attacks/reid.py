@@ -9,6 +9,13 @@ the other half's patients, which it never saw. Records, per representation:
   site's key; fp16 as on the wire). All four come from the same run's autoencoders, so only the
   representation differs.
 
+A second attacker standardises each site's records per channel (mean and spread over that
+site's records and pixels; the server knows which site sent what) before training: this
+removes any per-site affine offset and scale, so whatever reduction survives it does not come
+from each site merely sitting somewhere else in latent space. Its representations are named
+``<rep>+std`` (``none+std``, ``klt+std``, ``knt+std``) and their reductions are relative to
+``none+std``.
+
 Scoring (within one site, since different keys would otherwise make "different site" an easy
 tell): verification AUC of the cosine similarity over slice pairs, positives being two slices of
 one patient at least ``GAP`` slices apart (adjacent slices are near-duplicates, not a re-
@@ -30,7 +37,8 @@ from fedseg.attacks.report import figure_dir, table
 from fedseg.attacks.scores import auc
 
 GAP = 3  # slices of one patient closer than this are not scored as a re-identification
-REPRESENTATIONS = ("raw", *MODES)  # "none" = plain latents
+STANDARDISED = "+std"  # suffix: the attacker standardises each site's records per channel
+REPRESENTATIONS = ("raw", *MODES, *(m + STANDARDISED for m in MODES))  # "none" = plain latents
 
 
 def _slice_index(name: str) -> int:
@@ -133,6 +141,8 @@ def score(emb: np.ndarray, patients: np.ndarray, slices: np.ndarray, sites: np.n
 
 
 def _records(ctx: RunContext, rep: str) -> torch.Tensor:
+    if rep.endswith(STANDARDISED):
+        return _standardise_per_site(ctx, _records(ctx, rep.removesuffix(STANDARDISED)))
     parts = []
     for split in ctx.sites:
         for data in (split.train, split.test):
@@ -145,6 +155,19 @@ def _records(ctx: RunContext, rep: str) -> torch.Tensor:
                 latents = ctx.shared(split.name, latents, rep)
             parts.append(_as_grid(latents))
     return torch.cat(parts)
+
+
+def _standardise_per_site(ctx: RunContext, x: torch.Tensor) -> torch.Tensor:
+    """Each site's records (in ``_records`` order) to zero mean, unit spread per channel."""
+    out, start = x.clone(), 0
+    for split in ctx.sites:
+        n = len(split.train) + len(split.test)
+        part = x[start : start + n]
+        mean = part.mean((0, 2, 3), keepdim=True)
+        spread = part.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+        out[start : start + n] = (part - mean) / spread
+        start += n
+    return out
 
 
 def _split(patients: np.ndarray, sites: np.ndarray, seed: int) -> np.ndarray:
@@ -205,15 +228,17 @@ def run(ctx: RunContext, representations: tuple[str, ...] = REPRESENTATIONS) -> 
     for rep in representations:
         r = result[rep]
         row = [_label(rep), f"{r['auc']:.3f} ± {r['auc_std']:.3f}", r["top1"], r["top5"]]
-        for ref in ("raw", "none"):
+        plain = "none" + STANDARDISED if rep.endswith(STANDARDISED) else "none"
+        for ref in ("raw", plain):
             if ref in result and rep != ref and result[ref]["auc"] > 0.5:
                 red = 1 - (r["auc"] - 0.5) / (result[ref]["auc"] - 0.5)
                 per = [
                     1 - (x - 0.5) / (y - 0.5)
                     for x, y in zip(r["auc_per_repeat"], result[ref]["auc_per_repeat"], strict=True)
                 ]
-                r[f"reduction_vs_{ref}"] = red
-                r[f"reduction_vs_{ref}_per_repeat"] = per
+                key = "raw" if ref == "raw" else "none"  # "vs plain" for both attackers
+                r[f"reduction_vs_{key}"] = red
+                r[f"reduction_vs_{key}_per_repeat"] = per
                 row.append(f"{100 * red:.0f}% ({', '.join(f'{100 * p:.0f}' for p in per)})")
             else:
                 row.append("-")
@@ -230,7 +255,8 @@ def run(ctx: RunContext, representations: tuple[str, ...] = REPRESENTATIONS) -> 
         f"unseen patients within each site; positives are slices of one patient at least {GAP} "
         f"apart. Mean ± s.d. over {repeats} repeats (patient split and seed each). Reduction = "
         "share of above-chance AUC removed (of the mean AUCs; per repeat in brackets), relative "
-        "to raw images and to plain latents.\n\n"
+        "to raw images and to plain latents (for the attacker who standardises each site's "
+        "records, relative to plain latents standardised the same way).\n\n"
         + table(
             ["shared", "verification AUC", "top-1", "top-5", "reduction vs raw", "vs plain"], rows
         )
@@ -240,6 +266,8 @@ def run(ctx: RunContext, representations: tuple[str, ...] = REPRESENTATIONS) -> 
 
 
 def _label(rep: str) -> str:
-    return {"raw": "raw images", "none": "plain latents", "klt": "KLT latents"}.get(
-        rep, "KNT latents"
+    base = rep.removesuffix(STANDARDISED)
+    name = {"raw": "raw images", "none": "plain latents", "klt": "KLT latents"}.get(
+        base, "KNT latents"
     )
+    return name + (", standardised per site" if rep != base else "")

@@ -46,8 +46,10 @@ MAX_LAYERS = 8  # the leak guard looks for this many, in case LAYERS is raised
 GAIN = (0.8, 1.5)  # range of g = a s / 4: slope of f varies between 1 and 1 + g
 SLOPE = (3.0, 8.0)  # range of s: bend width ~ 4/s, against latent spreads of 0.3-0.7
 SHIFT = 3.0  # c in [-SHIFT, SHIFT]: bend centres -c/s within about +-1
-BIAS = 0.3  # std of b_l
+BIAS = 0.3  # std of b_l between blocks
+OUT_BIAS = 5.0  # std of the final b_L (the keyed offset of what leaves the site)
 NEWTON_STEPS = 2
+SPATIAL = 0.0  # std of keyed per-position shifts added to c (0: the same bend at every pixel)
 
 
 @dataclass(frozen=True, repr=False)
@@ -61,6 +63,7 @@ class KntLayer:
     amp: np.ndarray
     slope: np.ndarray
     shift: np.ndarray
+    positions: int = 0  # seed of the per-position shifts (SPATIAL > 0)
 
     def vectors(self) -> list[np.ndarray]:
         """Everything secret, as 1-D vectors (rows and columns of the mixing included)."""
@@ -83,13 +86,14 @@ def derive_layer(
     rng = np.random.default_rng(seed)
     q, r = np.linalg.qr(rng.standard_normal((channels, channels)))
     mixing = (q * np.sign(np.diag(r))[None, :])[rng.permutation(channels)]
-    bias = rng.standard_normal(channels) * BIAS
+    bias = rng.standard_normal(channels) * (OUT_BIAS if last else BIAS)
     slope = rng.uniform(*SLOPE, channels)
     amp = 4 * rng.uniform(*GAIN, channels) / slope
     shift = rng.uniform(-SHIFT, SHIFT, channels)
     if last:
         amp = np.zeros(channels)
-    return KntLayer(mixing, bias, amp, slope, shift)
+    positions = int(rng.integers(2**62))
+    return KntLayer(mixing, bias, amp, slope, shift, positions)
 
 
 @dataclass(frozen=True, repr=False)
@@ -187,6 +191,25 @@ class _Params:
         for name in ("amp", "slope", "shift", "gain", "start_slope", "start_shift"):
             setattr(self, name, [flat([f[i][name] for f in per_scale]) for i in range(self.depth)])
         self.bias = flat([f[-1]["bias"] for f in per_scale])
+        if SPATIAL > 0:
+            for i in range(self.depth):
+                delta = torch.as_tensor(
+                    np.concatenate(
+                        [
+                            np.random.default_rng([ls[i].positions, n]).standard_normal(
+                                (len(ls[i].amp), n)
+                            )
+                            for ls, n in zip(scales, sizes, strict=True)
+                        ],
+                        1,
+                    )
+                    * SPATIAL,
+                    dtype=dtype,
+                )
+                self.shift[i] = self.shift[i] + delta
+                self.start_shift[i] = (
+                    self.start_shift[i] + delta * self.start_slope[i] / self.slope[i]
+                )
 
 
 def _mix(ms: list[torch.Tensor], x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
