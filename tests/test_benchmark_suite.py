@@ -134,7 +134,7 @@ def test_suite_quick_json_has_the_expected_figures(tmp_path):
             assert fast[batch][part]["p90_ms"] >= fast[batch][part]["median_ms"]
         assert fast[batch]["images_per_s"] > 0
     assert fast["umn_params"] == sum(
-        p.numel() for p in UnifiedMappingNetwork(["a", "b", "c"], 32, 96, 2).parameters()
+        p.numel() for p in build_umn(RunConfig().model, ["a", "b", "c"]).parameters()
     )
     assert fast["umn_macs_256"] > 3 * fast["umn_macs"] > 0
     assert fast["umn_train_images_per_s"] > 0 and fast["ae_train_images_per_s"] > 0

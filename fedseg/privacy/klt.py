@@ -8,13 +8,14 @@ without losing anything, while the channels it sees are scrambled.
 Speed: a query keys three small latent maps and un-keys three more, so per-call overhead, not
 arithmetic, is the cost. :class:`LatentTransform` converts each key once (the fused matrix
 ``M = P Q``, its inverse ``M^T`` and the inverse's bias ``-M^T b``, per dtype) and applies each
-scale with one ``addmm`` on a (pixels, channels) view: no einsum planning, no temporaries, and
-channels-last latents (what the encoders produce) need no copy at all.
+scale with one ``linear`` (an addmm) on a (pixels, channels) view: no einsum planning, no
+temporaries, and channels-last latents (what the encoders produce) need no copy at all.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from fedseg.models.autoencoder import Latents
 from fedseg.privacy.keys import KeyRing, LatentKey
@@ -47,25 +48,14 @@ class _Affine:
         self._w, self._v = weight, bias  # float64 masters
         self._by_dtype: dict[tuple[torch.dtype, torch.device], tuple] = {}
 
-    def _prepared(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        slot = (like.dtype, like.device)
-        cached = self._by_dtype.get(slot)
-        if cached is None:
-            w = self._w.to(like.device, like.dtype)
-            # W^T for (pixels, C) rows (channels-last), W for (C, pixels) columns (NCHW).
-            cached = (w.T.contiguous(), w.contiguous(), self._v.to(like.device, like.dtype))
-            self._by_dtype[slot] = cached
-        return cached
-
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        w_t, w, v = self._prepared(z)
-        b, c, h, wd = z.shape
-        if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
-            rows = z.permute(0, 2, 3, 1).reshape(b * h * wd, c)  # a view: no copy
-            out = torch.addmm(v, rows, w_t)
-            return out.view(b, h, wd, c).permute(0, 3, 1, 2)  # channels-last result
-        cols = z.reshape(b, c, h * wd)
-        return torch.baddbmm(v[None, :, None], w.expand(b, c, c), cols).view(b, c, h, wd)
+        prepared = self._by_dtype.get((z.dtype, z.device))
+        if prepared is None:
+            prepared = (self._w.to(z.device, z.dtype), self._v.to(z.device, z.dtype))
+            self._by_dtype[(z.dtype, z.device)] = prepared
+        # (B, h, w, C) is a view of a channels-last map, so this is one addmm on its pixels;
+        # the result is channels-last too (an NCHW input costs one internal copy).
+        return F.linear(z.permute(0, 2, 3, 1), *prepared).permute(0, 3, 1, 2)
 
 
 class LatentTransform:
