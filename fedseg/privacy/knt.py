@@ -44,10 +44,14 @@ from fedseg.privacy.keys import ROLES, derive_bytes
 LAYERS = 2  # nonlinear blocks per scale
 MAX_LAYERS = 8  # the leak guard looks for this many, in case LAYERS is raised
 GAIN = (0.8, 1.5)  # range of g = a s / 4: slope of f varies between 1 and 1 + g
+# The mask role (mask latents: the UMN's training targets and its replies) bends less and has no
+# large offset: strong bends there cost the UMN far more Dice than they buy (see the README).
+MASK_GAIN = (0.2, 0.5)
 SLOPE = (3.0, 8.0)  # range of s: bend width ~ 4/s, against latent spreads of 0.3-0.7
 SHIFT = 3.0  # c in [-SHIFT, SHIFT]: bend centres -c/s within about +-1
 BIAS = 0.3  # std of b_l between blocks
-OUT_BIAS = 5.0  # std of the final b_L (the keyed offset of what leaves the site)
+OUT_BIAS = 5.0  # std of the final b_L (the keyed offset of what leaves the site), image role
+MASK_OUT_BIAS = 0.3  # the same for the mask role
 NEWTON_STEPS = 2
 SPATIAL = 0.0  # std of keyed per-position shifts added to c (0: the same bend at every pixel)
 
@@ -86,9 +90,11 @@ def derive_layer(
     rng = np.random.default_rng(seed)
     q, r = np.linalg.qr(rng.standard_normal((channels, channels)))
     mixing = (q * np.sign(np.diag(r))[None, :])[rng.permutation(channels)]
-    bias = rng.standard_normal(channels) * (OUT_BIAS if last else BIAS)
+    mask = role == "mask"
+    out_bias = MASK_OUT_BIAS if mask else OUT_BIAS
+    bias = rng.standard_normal(channels) * (out_bias if last else BIAS)
     slope = rng.uniform(*SLOPE, channels)
-    amp = 4 * rng.uniform(*GAIN, channels) / slope
+    amp = 4 * rng.uniform(*(MASK_GAIN if mask else GAIN), channels) / slope
     shift = rng.uniform(-SHIFT, SHIFT, channels)
     if last:
         amp = np.zeros(channels)
