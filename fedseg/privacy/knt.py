@@ -22,6 +22,12 @@ were about twice as wide, which left it within 6-9% of an affine map on real lat
 with a very different spread would see a nearly affine (tiny spread) or nearly translated (huge
 spread) map: the constants are part of the transform's definition.
 
+Roles differ: the image role bends harder (gain 0.8-1.5) and ends with a large keyed offset
+(std ``OUT_BIAS`` = 5, against a latent spread of ~0.5); the mask role (the UMN's targets and
+replies) bends gently (0.2-0.5) with a small offset, because strong bends there cost the UMN
+far more Dice than they buy. The large offset is what lowers the re-identification attack's
+AUC; an attacker who standardises each site's latents removes that part (README, attack suite).
+
 Every parameter comes from the site's secret through HKDF under ``knt/<role>/scale<s>/layer<l>``,
 independent of the run config, so the leak guard can re-derive and look for all of them.
 
