@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedseg.config import ConfigError, RunConfig
+from fedseg.config import ConfigError, RunConfig, config_from_dict
 
 UMN_NAME = "umn.pt"
 LATENTS_NAME = "latents.pt"
@@ -66,6 +66,10 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
 
 
 def check_config(path: Path, saved: dict[str, Any], cfg: RunConfig) -> None:
+    try:  # a field added since the checkpoint was made counts as its default, not a change
+        saved = config_from_dict(saved).to_dict()
+    except ConfigError:
+        pass  # unreadable as today's config: compare as saved, so the mismatch is reported
     diff = differences(comparable(saved), comparable(cfg.to_dict()))
     if diff:
         raise CheckpointMismatch(

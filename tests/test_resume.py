@@ -160,3 +160,18 @@ def test_killed_run_resumes_to_completion(tmp_path):
     )
     assert refused.returncode == 2
     assert "different config" in refused.stdout and "training.umn_rounds: 3 -> 4" in refused.stdout
+
+
+def test_checkpoint_from_before_a_new_field_counts_it_as_its_default(tmp_path):
+    """A run checkpointed before ``model.umn_arch`` existed resumes; a real change is refused."""
+    cfg = tiny(tmp_path)
+    cfg.privacy.transform = "none"
+    coordinator = Coordinator(cfg, ["a"])
+    path = coordinator.save_checkpoint(checkpoint_dir(cfg))
+    state = torch.load(path, weights_only=False)
+    del state["config"]["model"]["umn_arch"]
+    torch.save(state, path)
+    assert load_checkpoint(cfg, UMN_NAME)["config"]["model"].get("umn_arch") is None
+    cfg.model.umn_arch = "reference"
+    with pytest.raises(CheckpointMismatch, match=r"model\.umn_arch: 'fast' -> 'reference'"):
+        load_checkpoint(cfg, UMN_NAME)

@@ -20,7 +20,7 @@ import torch
 from fedseg.config import AttackConfig, RunConfig, config_from_dict
 from fedseg.data import SiteSplit, load_federation
 from fedseg.models.autoencoder import Latents
-from fedseg.models.umn import UnifiedMappingNetwork
+from fedseg.models.umn import UnifiedMappingNetwork, build_umn
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.site import SiteModels, site_models_path
@@ -125,9 +125,7 @@ class RunContext:
             raise RunFolderError(f"{path} not found: membership inference needs the UMN")
         state = torch.load(path, weights_only=False, map_location="cpu")
         m = self.cfg.model
-        net = UnifiedMappingNetwork(
-            list(state["sites"]), m.latent_channels, m.umn_width, m.umn_blocks
-        )
+        net = build_umn(m, list(state["sites"]))
         # Checkpoints from before the UMN had fixed per-site bases lack those buffers; their
         # defaults (identity, zero) are exactly the older network.
         loaded = net.load_state_dict(state["umn"], strict=False)
