@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedseg.models.autoencoder import Latents
-from fedseg.models.umn import UnifiedMappingNetwork
+from fedseg.models.umn import UnifiedMappingNetwork, _up
 
 STAGES = (128, 256, 512, 1024)
 BINS = (1, 3, 5, 7)
@@ -114,7 +114,3 @@ class ReferenceMappingNetwork(UnifiedMappingNetwork):
 def _pool(x: torch.Tensor) -> torch.Tensor:
     """Halve the resolution (a 1x1 map stays 1x1)."""
     return F.max_pool2d(x, 2, ceil_mode=True)
-
-
-def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
