@@ -1,7 +1,10 @@
 """Flower ClientApp: one hospital. Each handler decodes a message, calls fedseg, encodes a reply.
 
 Message types (the server's strategies send them in this order):
-- ``train.autoencoders``: train the image and mask AEs on local data; reply sizes and losses.
+- ``train`` (opt-in, ``training.ae_federation = "fedavg"``): one round of Flower's FedAvg over
+  the AEs: train ``ae_local_epochs`` from the averaged weights, reply the weights.
+- ``train.autoencoders``: train the image and mask AEs on local data (or adopt the final averaged
+  ones); reply sizes and losses.
 - ``query.latents``: keyed fp16 latents for a chunk of the training stream or the test split.
 - ``query.round``: one UMN round's participation (simulated hospitals): fresh keyed latents of
   the next items of the training stream, or a heartbeat; a profile's dropout fails it here.
@@ -39,6 +42,7 @@ from fedseg.site import (
     site_models_path,
     site_transform,
     train_site,
+    train_site_round,
     training_chunk,
 )
 from simulations.profiles import fails_in_round, simulate_outage, slow_down
@@ -46,6 +50,15 @@ from simulations.profiles import fails_in_round, simulate_outage, slow_down
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 STATE_KEY = "autoencoders"
+
+
+def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:
+    """The site's own config decides whether its AE weights may leave, not the server."""
+    if run_cfg.training.ae_federation != "fedavg":
+        raise PermissionError(
+            f"site {site}: refusing to exchange autoencoder weights: this site's "
+            f"training.ae_federation is {run_cfg.training.ae_federation!r}, not 'fedavg'"
+        )
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
@@ -87,6 +100,29 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         models.load_state(context.state.array_records[STATE_KEY].to_torch_state_dict())
         return models
 
+    @app.train()
+    def fedavg_round(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        site = setup.split
+        check_weights_may_leave(run_cfg, site.name)
+        config = msg.content.config_records["config"]
+        arrays = msg.content.array_records.get("arrays")
+        state = arrays.to_torch_state_dict() if arrays is not None and len(arrays) else None
+        server_round, rounds = int(config["server-round"]), int(config["rounds"])
+        models, stats = train_site_round(
+            run_cfg, site.train, state, server_round, rounds, site.name
+        )
+        log.info("%s: FedAvg round %d/%d of the AEs", site.name, server_round, rounds)
+        metrics = MetricRecord(
+            {
+                "num-examples": len(site.train),
+                "image_loss": stats.image_loss,
+                "mask_loss": stats.mask_loss,
+            }
+        )
+        reply = RecordDict({"arrays": ArrayRecord(models.state()), "metrics": metrics})
+        return Message(reply, reply_to=msg)
+
     @app.train("autoencoders")
     def train_autoencoders(msg: Message, context: Context) -> Message:
         run_cfg, setup = resolve(context)
@@ -94,9 +130,25 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         site_transform(run_cfg, setup.key_file)  # creates the site's key on first use
         saved = site_models_path(setup.out_dir, site.name)
         reuse = bool(msg.content.config_records["config"].get("reuse", False))
+        averaged = msg.content.array_records.get("arrays")
         sizes = {"n_train": len(site.train), "n_test": len(site.test)}
         tag = saved.with_suffix(".config")
-        if reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(run_cfg):
+        if averaged is not None and len(averaged):
+            # The end of the FedAvg phase: every site adopts the averaged AEs as its own.
+            check_weights_may_leave(run_cfg, site.name)
+            models = SiteModels.build(run_cfg, site.train.num_classes)
+            try:
+                models.load_state(averaged.to_torch_state_dict())
+            except RuntimeError as err:
+                raise ValueError(
+                    f"site {site.name}: the averaged autoencoders do not fit this site: {err}"
+                ) from err
+            models.save(saved, site.train.class_names)
+            tag.write_text(fingerprint(run_cfg))
+            metrics = MetricRecord({**sizes, "federated": 1})
+        elif (
+            reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(run_cfg)
+        ):
             # Resuming: the same AEs, so the latents the server kept still match this site.
             models, names = SiteModels.load(run_cfg, saved)
             if names != list(site.train.class_names):

@@ -18,6 +18,7 @@ DataKind = Literal["synthetic", "pairs", "nifti"]
 Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
+AeFederation = Literal["local", "fedavg"]
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,11 @@ class TrainingConfig:
     ae_epochs: int = 30
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
+    # "fedavg" (opt-in): the sites' AEs are federated-averaged, so every site encodes into the
+    # same latent space and the UMN learns from all sites' data at once (us-nerve: README). The
+    # AE weights then leave the sites every round: see the README's privacy section.
+    ae_federation: AeFederation = "local"
+    ae_local_epochs: int = 2  # fedavg: epochs each site trains between two averagings
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 2  # augmented encodings per training image sent for the UMN
@@ -195,6 +201,11 @@ class RunConfig:
             (self.data.kind in ("synthetic", "pairs", "nifti"), "data.kind: synthetic/pairs/nifti"),
             (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
+            (
+                self.training.ae_federation in ("local", "fedavg"),
+                "training.ae_federation: 'local' or 'fedavg'",
+            ),
+            (self.training.ae_local_epochs >= 1, "training.ae_local_epochs must be >= 1"),
             (self.federation.actors >= 0, "federation.actors must be >= 0"),
             (
                 not self.hospitals

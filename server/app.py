@@ -16,9 +16,10 @@ from fedseg.coordinator import Coordinator
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.results import federated_metrics
+from fedseg.site import fedavg_rounds
 from fedseg.wire import payload_bytes
 from simulations.profiles import describe, round_deadline
-from strategies.autoencoders import LocalAutoencoderTraining
+from strategies.autoencoders import FederatedAutoencoders, LocalAutoencoderTraining
 from strategies.common import Federation, log, wait_for_nodes
 from strategies.evaluation import SegmentationEvaluation
 from strategies.latents import LatentCollection
@@ -50,7 +51,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     federation = Federation()
 
     started = time.perf_counter()
-    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
+    averaged = None
+    if cfg.training.ae_federation == "fedavg" and saved_latents is None:
+        log.warning(
+            "training.ae_federation = 'fedavg': the sites' AE weights go to the server each round"
+        )
+        averaged = FederatedAutoencoders(fedavg_rounds(cfg), timeout).run(grid, nodes)
+    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None, averaged=averaged).run(
+        grid, nodes, federation
+    )
     if saved_latents is None:
         timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
