@@ -61,7 +61,10 @@ def with_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
         section, _, key = dotted.partition(".")
         if not sep or not key or section not in tree or not isinstance(tree[section], dict):
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        tree[section][key] = tomllib.loads(f"v = {text}")["v"] if text else ""
+        try:
+            tree[section][key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:  # a bare word: privacy.transform=knt
+            tree[section][key] = text
     return config_from_dict(tree)
 
 
