@@ -349,6 +349,7 @@ def quick(cfg: RunConfig) -> RunConfig:
     cfg.data.synthetic_train = min(cfg.data.synthetic_train, 24)
     cfg.data.synthetic_test = min(cfg.data.synthetic_test, 8)
     cfg.training.ae_epochs = min(cfg.training.ae_epochs, 30)
+    cfg.training.batch_size = max(cfg.training.batch_size, 16)  # fewer, fuller steps: speed
     cfg.training.augment_copies = min(cfg.training.augment_copies, 2)
     cfg.training.umn_rounds = min(cfg.training.umn_rounds, 2)
     cfg.training.umn_epochs_per_round = min(cfg.training.umn_epochs_per_round, 8)
