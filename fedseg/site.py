@@ -111,21 +111,34 @@ def train_site(
     torch.manual_seed(cfg.training.seed)
     models = SiteModels.build(cfg, data.num_classes)
     t = cfg.training
-    stats = train_autoencoders(
+    budget = Budget(t.ae_epochs, t.ae_minutes)
+    return models, _train_local(cfg, data, models, budget, t.ae_lr, t.seed, on_epoch)
+
+
+def _train_local(
+    cfg: RunConfig,
+    data: SiteData,
+    models: SiteModels,
+    budget: Budget,
+    lr: float,
+    seed: int,
+    on_epoch=None,
+) -> AutoencoderStats:
+    t = cfg.training
+    return train_autoencoders(
         data.images,
         data.masks,
         models.image_ae,
         models.mask_ae,
         data.num_classes,
-        Budget(t.ae_epochs, t.ae_minutes),
-        t.ae_lr,
+        budget,
+        lr,
         t.batch_size,
-        t.seed,
+        seed,
         on_epoch,
         latent_noise=t.mask_latent_noise,
         cross_weight=t.cross_decoding_weight,
     )
-    return models, stats
 
 
 def fedavg_rounds(cfg: RunConfig) -> int:
@@ -162,20 +175,8 @@ def train_site_round(
             ) from err
     t = cfg.training
     lr = 0.5 * t.ae_lr * (1 + math.cos(math.pi * (server_round - 1) / rounds))
-    stats = train_autoencoders(
-        data.images,
-        data.masks,
-        models.image_ae,
-        models.mask_ae,
-        data.num_classes,
-        Budget(t.ae_local_epochs, 0.0),
-        lr,
-        t.batch_size,
-        t.seed + 1000 * server_round + zlib.crc32(site.encode()) % 1000,
-        latent_noise=t.mask_latent_noise,
-        cross_weight=t.cross_decoding_weight,
-    )
-    return models, stats
+    seed = t.seed + 1000 * server_round + zlib.crc32(site.encode()) % 1000
+    return models, _train_local(cfg, data, models, Budget(t.ae_local_epochs, 0.0), lr, seed)
 
 
 def stream_length(data: SiteData, augment_copies: int) -> int:
