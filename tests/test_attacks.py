@@ -79,7 +79,9 @@ def test_run_without_saved_autoencoders_is_refused(tmp_path):
 
 def test_klt_key_recovered_exactly_from_c_plus_1_vectors_knt_not():
     """Least squares recovers KLT's mixing from C + 1 generic vectors (not from C); the same
-    estimator leaves KNT far off, and a fit of KNT's own form does better than it."""
+    estimator leaves KNT far off, and so does the suite's fit of KNT's own form: over random
+    keys it lands within 1% of the affine fit (0.99-1.003 of it), better for some keys and
+    worse for others. That is a weak attacker, and the README says so."""
     from fedseg.privacy.keys import KeyRing, generate_secret
     from fedseg.privacy.klt import LatentTransform
     from fedseg.privacy.knt import KntKeyRing, KntTransform
@@ -107,7 +109,8 @@ def test_klt_key_recovered_exactly_from_c_plus_1_vectors_knt_not():
     affine = key_recovery._rel(key_recovery.unkey_affine(w, b, yh), rows(held))
     model = key_recovery.fit_knt(rows(x), y, steps=300, seed=0)
     fitted = key_recovery._rel(model.inverse(yh), rows(held))
-    assert affine > 0.05 and fitted < affine, (affine, fitted)
+    assert affine > 0.05 and fitted > 0.05, (affine, fitted)
+    assert fitted < 1.1 * affine, (affine, fitted)  # the form fit does not diverge here
 
 
 def test_key_recovery_on_a_run_reports_each_mode(run_dir):
