@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite import ae_tag  # noqa: E402
 
-from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config  # noqa: E402
+from fedseg.config import ConfigError, RunConfig, apply_overrides, load_config  # noqa: E402
 from fedseg.coordinator import Coordinator  # noqa: E402
 from fedseg.data import load_federation  # noqa: E402
 from fedseg.site import (  # noqa: E402
@@ -51,21 +51,20 @@ from fedseg.site import (  # noqa: E402
 )
 
 
-def with_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
-    """``section.key=value`` pairs (TOML values) applied through the typed config."""
+def parse_assignments(assignments: list[str]) -> dict:
+    """``section.key=value`` pairs; values are TOML (a bare word is a string)."""
     import tomllib
 
-    tree = cfg.to_dict()
+    out = {}
     for item in assignments:
-        dotted, sep, text = item.partition("=")
-        section, _, key = dotted.partition(".")
-        if not sep or not key or section not in tree or not isinstance(tree[section], dict):
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         try:
-            tree[section][key] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:  # a bare word: privacy.transform=knt
-            tree[section][key] = text
-    return config_from_dict(tree)
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:  # privacy.transform=knt
+            out[key] = text
+    return out
 
 
 def site_aes(cfg: RunConfig, sites, args) -> dict[str, SiteModels]:
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="JSON with every round's scores")
     args = parser.parse_args()
 
-    cfg = with_overrides(load_config(args.config), args.set)
+    cfg = apply_overrides(load_config(args.config), parse_assignments(args.set))
     torch.set_num_threads(max(1, cfg.training.threads))
     sites = load_federation(cfg)
     if args.sites:

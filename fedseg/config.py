@@ -373,9 +373,12 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
         cfg.out_dir = str(run_config["out-dir"])
     if run_config.get("resume"):
         cfg.resume = True
-    for key, value in run_config.items():
-        if "." not in key:
-            continue
+    return apply_overrides(cfg, {k: v for k, v in run_config.items() if "." in k})
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """``{"section.field": value}`` (hyphens or underscores), each checked against its type."""
+    for key, value in overrides.items():
         section, _, name = key.replace("-", "_").partition(".")
         target = getattr(cfg, section, None)
         if not dataclasses.is_dataclass(target) or name not in {
