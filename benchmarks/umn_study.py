@@ -15,6 +15,8 @@ Examples::
     python benchmarks/umn_study.py --ae-cache DIR --set privacy.transform=knt
     # does pooling help? the UMN trained on one site's latents only
     python benchmarks/umn_study.py --ae-cache DIR --sites us-nerve-1
+    # split-learning fine-tuning after the UMN (scored every 5 epochs)
+    python benchmarks/umn_study.py --ae-cache DIR --set training.finetune_epochs=40
     # AEs from elsewhere (e.g. federated-averaged ones): {site} is replaced by the site name
     python benchmarks/umn_study.py --ae-files "results/fedavg/ae_{site}.pt"
 """
@@ -39,6 +41,7 @@ from suite import ae_tag  # noqa: E402
 from fedseg.config import ConfigError, RunConfig, apply_overrides, load_config  # noqa: E402
 from fedseg.coordinator import Coordinator  # noqa: E402
 from fedseg.data import load_federation  # noqa: E402
+from fedseg.finetune import SiteFinetuner, finetune_in_process  # noqa: E402
 from fedseg.site import (  # noqa: E402
     SiteModels,
     evaluate_predictions,
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--sites", default="", help="comma-separated subset (default all)")
     parser.add_argument("--train-dice", action="store_true", help="also score training images")
     parser.add_argument("--work", default="", help="keys folder (default a temporary one)")
+    parser.add_argument("--finetune-score-every", type=int, default=5)
     parser.add_argument("--out", default="", help="JSON with every round's scores")
     args = parser.parse_args()
 
@@ -154,6 +158,26 @@ def main() -> None:
             line += f"; train {train_mean:.3f}"
         print(f"{line} ({record['seconds']:.0f} s)", flush=True)
         rounds.append(record)
+    epochs = cfg.training.finetune_epochs
+    if epochs:  # split-learning fine-tuning, scored every --finetune-score-every epochs
+        started = time.perf_counter()
+        tuners = {
+            s.name: SiteFinetuner(cfg, s.train, models[s.name], transforms[s.name]) for s in sites
+        }
+
+        def on_epoch(epoch: int, total: int, loss: float) -> None:
+            if epoch % args.finetune_score_every and epoch != total:
+                return
+            record = {"finetune_epoch": epoch, "loss": loss}
+            record["seconds"] = time.perf_counter() - started
+            record["test"] = score(cfg, sites, models, transforms, coord, "test")
+            mean = float(np.mean([v["dice_mean"] for v in record["test"].values()]))
+            record["test_dice_mean"] = mean
+            per_site = " / ".join(f"{v['dice_mean']:.3f}" for v in record["test"].values())
+            print(f"fine-tuning epoch {epoch}: loss {loss:.3f}, test Dice {mean:.3f} {per_site}")
+            rounds.append(record)
+
+        finetune_in_process(coord, tuners, epochs, on_epoch)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result = {

@@ -8,6 +8,9 @@ Message types (the server's strategies send them in this order):
 - ``query.latents``: keyed fp16 latents for a chunk of the training stream or the test split.
 - ``query.round``: one UMN round's participation (simulated hospitals): fresh keyed latents of
   the next items of the training stream, or a heartbeat; a profile's dropout fails it here.
+- ``train.finetune_forward`` / ``train.finetune_backward`` (opt-in, ``training.finetune_epochs``):
+  split-learning fine-tuning (fedseg/finetune.py): apply the server's gradient to the encoder
+  and send the next batch's keyed latents; decode mapped latents and send the loss gradient.
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
 The trained AEs stay in ``context.state`` (the node's local state); key material is never put
 in a reply, and a guard mod checks every reply for it before it leaves.
@@ -25,10 +28,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg.checkpoint import fingerprint
+from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
+from fedseg.finetune import SiteFinetuner
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
@@ -50,6 +54,7 @@ from simulations.profiles import fails_in_round, simulate_outage, slow_down
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 STATE_KEY = "autoencoders"
+FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
 
 
 def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:
@@ -147,6 +152,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             tag.write_text(fingerprint(run_cfg))
             metrics = MetricRecord({**sizes, "federated": 1})
         elif (
+            # Fine-tuned AEs (tag + FINETUNED) no longer match the latents the server kept.
             reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(run_cfg)
         ):
             # Resuming: the same AEs, so the latents the server kept still match this site.
@@ -211,6 +217,56 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             content["latents"] = to_record(arrays)
         return Message(content, reply_to=msg)
 
+    def finetuner(run_cfg: RunConfig, setup: SiteSetup, context: Context, start: bool):
+        """The site's fine-tuning state: from its trained AEs at the start, else from its disk
+        (weights and optimizer moments; 0600, never sent)."""
+        models = load_models(run_cfg, setup, context)
+        tuner = SiteFinetuner(
+            run_cfg, setup.split.train, models, site_transform(run_cfg, setup.key_file)
+        )
+        path = finetune_state_path(setup)
+        if not start:
+            if not path.is_file():
+                raise RuntimeError(f"site {setup.split.name}: no fine-tuning in progress ({path})")
+            tuner.load_state(torch.load(path, weights_only=True))
+        return tuner, path
+
+    @app.train("finetune_forward")
+    def finetune_forward(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        request = msg.content.config_records["request"]
+        epoch, epochs, step = (int(request[k]) for k in ("epoch", "epochs", "step"))
+        tuner, path = finetuner(run_cfg, setup, context, start=bool(request["start"]))
+        if "grad" in msg.content.array_records:
+            grad = arrays_of(msg.content.array_records["grad"])
+            tuner.backward_encoder(
+                int(request["grad_epoch"]), int(request["grad_step"]), epochs, grad
+            )
+        content = RecordDict()
+        if step < 0:  # the end: the fine-tuned AEs become the site's AEs
+            saved = site_models_path(setup.out_dir, setup.split.name)
+            tuner.models.save(saved, setup.split.train.class_names)
+            saved.with_suffix(".config").write_text(fingerprint(run_cfg) + FINETUNED)
+            context.state.array_records[STATE_KEY] = ArrayRecord(tuner.models.state())
+            path.unlink(missing_ok=True)
+            content["done"] = ConfigRecord({"site": setup.split.name})
+        else:
+            content["latents"] = to_record(tuner.forward(epoch, step))
+            save_private(tuner.state(), path)
+        return Message(content, reply_to=msg)
+
+    @app.train("finetune_backward")
+    def finetune_backward(msg: Message, context: Context) -> Message:
+        run_cfg, setup = resolve(context)
+        request = msg.content.config_records["request"]
+        epoch, epochs, step = (int(request[k]) for k in ("epoch", "epochs", "step"))
+        tuner, path = finetuner(run_cfg, setup, context, start=False)
+        mapped = arrays_of(msg.content.array_records["mapped"])
+        grad, loss = tuner.decode_and_backward(epoch, step, epochs, mapped)
+        save_private(tuner.state(), path)
+        content = RecordDict({"grad": to_record(grad), "metrics": MetricRecord({"loss": loss})})
+        return Message(content, reply_to=msg)
+
     @app.evaluate("segment")
     def segment(msg: Message, context: Context) -> Message:
         run_cfg, setup = resolve(context)
@@ -237,6 +293,10 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
 
 app = make_client_app()
+
+
+def finetune_state_path(setup: SiteSetup) -> Path:
+    return site_models_path(setup.out_dir, setup.split.name).with_name("finetune-state.pt")
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:

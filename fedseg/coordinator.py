@@ -22,8 +22,8 @@ from fedseg.models.umn import build_umn
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import keyed_transform
-from fedseg.training import Budget, SiteLatents, map_latents, train_umn
-from fedseg.wire import pack, unpack
+from fedseg.training import Budget, SiteLatents, cosine_lr, map_latents, nhwc, train_umn
+from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 CHECKPOINT_NAME = "umn.pt"
 
@@ -48,6 +48,8 @@ class Coordinator:
         self.round = 0
         self._chunks: dict[str, list[tuple[list, list]]] = {s: [] for s in self.sites}
         self._transforms = {s: LatentTransform(None) for s in self.sites}
+        self._finetune_opt: torch.optim.Optimizer | None = None
+        self._finetune_graphs: dict[str, tuple[list, list]] = {}
         if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
@@ -137,6 +139,56 @@ class Coordinator:
         image = t.inverse(unpack(arrays, "image", self.shapes), "image")
         mapped = map_latents(self.umn, site, image)
         return pack(t.forward(mapped, "mask"), "mask")
+
+    def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph."""
+        self._check_site(site)
+        t = self._transforms[site]
+        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes)]
+        self.umn.train()
+        mapped = t.forward(
+            self.umn([nhwc(z) for z in t.inverse(keyed, "image")], self.umn.site_index(site)),
+            "mask",
+        )
+        self._finetune_graphs[site] = (keyed, mapped)
+        return pack(mapped, "mask")
+
+    def finetune_backward(
+        self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+        """Step 4: the sites' loss gradients through the UMN, one optimizer step for all of
+        them. Returns each site's gradient for its keyed image latents, and the sites whose
+        gradient was refused (with why); a refused or missing site does not count this step."""
+        graphs, self._finetune_graphs = self._finetune_graphs, {}
+        accepted, refused = {}, {}
+        for site, arrays in grads.items():
+            if site not in graphs:
+                refused[site] = "sent a gradient but mapped no batch this step"
+                continue
+            try:
+                grad = unpack(arrays, "grad", self.shapes, dtype=GRAD_DTYPE)
+            except ValueError as err:
+                refused[site] = str(err)
+                continue
+            if grad[0].shape[0] != graphs[site][1][0].shape[0]:
+                refused[site] = f"gradient for {grad[0].shape[0]} items, its batch had " + str(
+                    graphs[site][1][0].shape[0]
+                )
+                continue
+            accepted[site] = grad
+        if self._finetune_opt is None:
+            self._finetune_opt = torch.optim.AdamW(
+                self.umn.parameters(), lr=self.cfg.training.finetune_lr, weight_decay=1e-4
+            )
+        cosine_lr(self._finetune_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
+        self._finetune_opt.zero_grad(set_to_none=True)
+        for site, grad in accepted.items():
+            torch.autograd.backward(graphs[site][1], grad)
+        if accepted:
+            self._finetune_opt.step()
+        self.umn.eval()
+        answers = {s: pack([z.grad for z in graphs[s][0]], "grad", GRAD_DTYPE) for s in accepted}
+        return answers, refused
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""

@@ -12,6 +12,7 @@ import torch
 from fedseg.models.autoencoder import Latents
 
 WIRE_DTYPE = np.float16
+GRAD_DTYPE = np.float32  # gradients (fine-tuning) are far below fp16's resolution
 MAX_PAYLOAD_BYTES = 256 * 2**20
 
 
@@ -19,15 +20,15 @@ class WireError(ValueError):
     """A payload does not have the agreed shape, dtype, size or values."""
 
 
-def pack(latents: Latents, prefix: str) -> dict[str, np.ndarray]:
-    """Latents -> {"<prefix>0": fp16 array, ...} (values beyond fp16 range are an error)."""
+def pack(latents: Latents, prefix: str, dtype: type = WIRE_DTYPE) -> dict[str, np.ndarray]:
+    """Latents -> {"<prefix>0": fp16 array, ...} (values beyond the dtype's range are an error)."""
     out = {}
     for s, z in enumerate(latents):
         arr = z.detach().float().numpy()
-        if np.abs(arr).max(initial=0.0) > np.finfo(WIRE_DTYPE).max:
-            raise WireError(f"{prefix}{s}: values exceed the fp16 range")
+        if np.abs(arr).max(initial=0.0) > np.finfo(dtype).max:
+            raise WireError(f"{prefix}{s}: values exceed the {np.dtype(dtype).name} range")
         # C order: latents are often channels-last in memory; the wire is (N, C, h, w).
-        out[f"{prefix}{s}"] = arr.astype(WIRE_DTYPE, order="C")
+        out[f"{prefix}{s}"] = arr.astype(dtype, order="C")
     return out
 
 
@@ -36,6 +37,7 @@ def unpack(
     prefix: str,
     shapes: list[tuple[int, int, int]],
     max_items: int | None = None,
+    dtype: type = WIRE_DTYPE,
 ) -> Latents:
     """Validate and convert; ``shapes`` are the agreed (C, h, w) per scale."""
     latents, count, total = [], None, 0
@@ -44,8 +46,8 @@ def unpack(
         if name not in arrays:
             raise WireError(f"missing field {name!r}")
         arr = arrays[name]
-        if arr.dtype != WIRE_DTYPE:
-            raise WireError(f"field {name!r}: dtype {arr.dtype}, expected float16")
+        if arr.dtype != dtype:
+            raise WireError(f"field {name!r}: dtype {arr.dtype}, expected {np.dtype(dtype).name}")
         if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape):
             raise WireError(
                 f"field {name!r}: shape {arr.shape}, expected (N, {', '.join(map(str, shape))})"

@@ -22,6 +22,7 @@ from simulations.profiles import describe, round_deadline
 from strategies.autoencoders import FederatedAutoencoders, LocalAutoencoderTraining
 from strategies.common import Federation, log, wait_for_nodes
 from strategies.evaluation import SegmentationEvaluation
+from strategies.finetune import SplitFinetuning
 from strategies.latents import LatentCollection
 from strategies.mapping import MappingTraining
 from strategies.rounds import RoundParticipation
@@ -117,9 +118,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     mapping.run(cfg.training.umn_rounds, before_round if participation else None)
     timing["umn_training"] = mapping.seconds
-    timing["training_total"] = sum(
-        timing[k] for k in ("autoencoders", "latent_collection", "umn_training") if k in timing
-    )
+    finetune_losses: list[float] = []
+    if cfg.training.finetune_epochs:
+        finetuning = SplitFinetuning(coordinator, checkpoint_dir(cfg), timeout)
+        finetune_losses = finetuning.run(grid, federation)
+        timing["finetuning"] = finetuning.seconds
+    phases = ("autoencoders", "latent_collection", "umn_training", "finetuning")
+    timing["training_total"] = sum(timing[k] for k in phases if k in timing)
 
     started = time.perf_counter()
     site_metrics, map_s = SegmentationEvaluation(coordinator, CHUNK_SIZE, timeout).run(
@@ -145,6 +150,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         data_stats={s.name: s.stats for s in all_sites if s.stats},
         site_profiles=describe(cfg) if cfg.hospitals else [],
         train_latent_bytes=train_bytes,
+        finetune_losses=finetune_losses,
         resumed={
             "latents": saved_latents is not None,
             "from_round": int(saved_round["round"]) if saved_round else 0,

@@ -1,0 +1,168 @@
+"""Split-learning fine-tuning: a site's encoder and mask decoder and the server's UMN, trained
+together on the segmentation loss.
+
+PPCMI-SF trains the UMN on latent MSE through frozen autoencoders, so nothing in the pipeline is
+ever trained on the task itself. This phase does that, as U-shaped split learning:
+
+1. the site encodes an augmented batch and sends its keyed image latents (as at inference);
+2. the server maps them, keeping the autograd graph, and returns keyed mask latents;
+3. the site un-keys and decodes them, computes Dice + CE against its own masks, steps its
+   decoder and returns the gradient of the loss with respect to the *keyed* mask latents;
+4. the server back-propagates through the UMN, steps it, and returns the gradient with respect
+   to the keyed image latents; the site recomputes the batch's encoder pass (the batch and its
+   augmentation are seeded by epoch and step) and steps its encoder.
+
+Images, masks, weights and keys stay at the site. What the server newly sees are gradients in
+keyed space for latents it already holds (it keeps every site's keyed mask latents for the UMN
+anyway); the site newly sees gradients of the server's network. README: privacy section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from fedseg.config import RunConfig
+from fedseg.data import SiteData
+from fedseg.models.autoencoder import latent_shapes
+from fedseg.privacy.transforms import Keyed
+from fedseg.site import SiteModels
+from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
+from fedseg.wire import GRAD_DTYPE, pack, unpack
+
+
+def finetune_steps(n_train: int, batch_size: int) -> int:
+    """Steps per epoch at a site: full batches only (a batch of 1 would upset batch norm)."""
+    return max(1, n_train // batch_size)
+
+
+class SiteFinetuner:
+    """A site's side of the phase. Between messages it keeps only weights and optimizer state,
+    so a handler can rebuild it from disk for every message."""
+
+    def __init__(
+        self, cfg: RunConfig, data: SiteData, models: SiteModels, transform: Keyed
+    ) -> None:
+        self.cfg, self.data, self.models, self.transform = cfg, data, models, transform
+        self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+        lr = cfg.training.finetune_lr
+        self.encoder_opt = torch.optim.AdamW(
+            models.image_ae.encoder.parameters(), lr=lr, weight_decay=1e-4
+        )
+        self.decoder_opt = torch.optim.AdamW(
+            models.mask_ae.decoder.parameters(), lr=lr, weight_decay=1e-4
+        )
+        self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        to_nhwc(models.image_ae, models.mask_ae)
+
+    @property
+    def steps(self) -> int:
+        return finetune_steps(len(self.data), self.cfg.training.batch_size)
+
+    def _batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same batch, augmented the same way, whenever (epoch, step) is asked for."""
+        if not 0 <= step < self.steps:
+            raise ValueError(f"fine-tuning step {step} is outside 0..{self.steps - 1}")
+        seed = self.cfg.training.seed
+        shuffle = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(self.data), generator=shuffle)
+        bs = self.cfg.training.batch_size
+        idx = order[step * bs : (step + 1) * bs].numpy()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + step)
+        x = torch.from_numpy(self.data.images[idx])
+        y = torch.from_numpy(self.data.masks[idx])
+        return augment(x, y, gen)
+
+    def _keyed_image_latents(self, epoch: int, step: int) -> list[torch.Tensor]:
+        x, _ = self._batch(epoch, step)
+        self.models.image_ae.encoder.train()
+        return self.transform.forward(self.models.image_ae.encoder(nhwc(x)), "image")
+
+    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """Step 1: keyed image latents of this step's batch (fp16 wire arrays)."""
+        with torch.no_grad():
+            return pack(self._keyed_image_latents(epoch, step), "image")
+
+    def backward_encoder(
+        self, epoch: int, step: int, epochs: int, grads: dict[str, np.ndarray]
+    ) -> None:
+        """Step 4: the server's gradient for that step's keyed image latents, into the encoder."""
+        grad = unpack(grads, "grad", self.shapes, dtype=GRAD_DTYPE)
+        keyed = self._keyed_image_latents(epoch, step)
+        if keyed[0].shape[0] != grad[0].shape[0]:
+            raise ValueError(f"gradient for {grad[0].shape[0]} items, batch has {len(keyed[0])}")
+        cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
+        self.encoder_opt.zero_grad(set_to_none=True)
+        torch.autograd.backward(keyed, grad)
+        self.encoder_opt.step()
+        self.models.image_ae.eval()
+
+    def decode_and_backward(
+        self, epoch: int, step: int, epochs: int, mapped: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Step 3: loss on the site's own masks; returns d loss / d keyed mask latents."""
+        _, y = self._batch(epoch, step)
+        keyed = [z.requires_grad_() for z in unpack(mapped, "mask", self.shapes)]
+        if keyed[0].shape[0] != y.shape[0]:
+            raise ValueError(f"mapped latents for {keyed[0].shape[0]} items, batch has {len(y)}")
+        decoder = self.models.mask_ae.decoder
+        decoder.train()
+        logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")])
+        loss = self.loss_fn(logits, y[:, None])
+        cosine_lr(self.decoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
+        self.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.decoder_opt.step()
+        decoder.eval()
+        return pack([z.grad for z in keyed], "grad", GRAD_DTYPE), float(loss.item())
+
+    def state(self) -> dict:
+        return {
+            "models": self.models.state(),
+            "encoder_opt": self.encoder_opt.state_dict(),
+            "decoder_opt": self.decoder_opt.state_dict(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.models.load_state(state["models"])
+        self.encoder_opt.load_state_dict(state["encoder_opt"])
+        self.decoder_opt.load_state_dict(state["decoder_opt"])
+
+
+def finetune_in_process(
+    coordinator,
+    finetuners: dict[str, SiteFinetuner],
+    epochs: int,
+    on_epoch=None,
+) -> list[float]:
+    """The whole phase without Flower (studies, tests): the same calls, in the same order, that
+    the Flower strategy makes over messages. Returns the mean loss of each epoch."""
+    steps = max(f.steps for f in finetuners.values())
+    pending: dict[str, tuple[int, int, dict]] = {}
+    losses = []
+    for epoch in range(epochs):
+        epoch_losses = []
+        for step in range(steps):
+            active = [s for s, f in finetuners.items() if step < f.steps]
+            mapped = {}
+            for s in active:
+                if s in pending:
+                    e, k, g = pending.pop(s)
+                    finetuners[s].backward_encoder(e, k, epochs, g)
+                mapped[s] = coordinator.finetune_forward(s, finetuners[s].forward(epoch, step))
+            grads = {}
+            for s in active:
+                grads[s], loss = finetuners[s].decode_and_backward(epoch, step, epochs, mapped[s])
+                epoch_losses.append(loss)
+            answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
+            if refused:
+                raise ValueError(f"fine-tuning gradients refused: {refused}")
+            for s, g in answers.items():
+                pending[s] = (epoch, step, g)
+        losses.append(float(np.mean(epoch_losses)))
+        if on_epoch:
+            on_epoch(epoch + 1, epochs, losses[-1])
+    for s, (e, k, g) in pending.items():
+        finetuners[s].backward_encoder(e, k, epochs, g)
+    return losses

@@ -1,0 +1,188 @@
+"""Split-learning fine-tuning at library level: the split gradients are the joint ones, the
+loss falls, bad gradients are refused by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from clients.app import FINETUNED
+from fedseg.coordinator import Coordinator
+from fedseg.data import load_federation
+from fedseg.finetune import SiteFinetuner, finetune_in_process, finetune_steps
+from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
+from fedseg.privacy.leakcheck import find_key_material
+from fedseg.site import site_models_path, site_transform, stream_length, train_site, training_chunk
+from fedseg.training import nhwc
+from fedseg.wire import GRAD_DTYPE, unpack
+from simulations.engine import simulate
+from tests.helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune")
+    cfg = small_config(
+        tmp, 2, [8, 16, 16, 32, 32], 32, ae_epochs=4, umn_epochs_per_round=2, batch_size=4
+    )
+    cfg.privacy.key_dir = str(tmp / "keys")
+    cfg.validate()
+    sites = load_federation(cfg)
+    models, transforms = {}, {}
+    for s in sites:
+        write_key_file(tmp / "keys" / f"{s.name}.key")
+        transforms[s.name] = site_transform(cfg, tmp / "keys" / f"{s.name}.key")
+        models[s.name], _ = train_site(cfg, s.train)
+    coord = Coordinator(cfg, [s.name for s in sites], key_dir=cfg.privacy.key_dir)
+    for s in sites:
+        n = stream_length(s.train, cfg.training.augment_copies)
+        coord.add_chunk(
+            s.name, training_chunk(cfg, s.train, models[s.name], transforms[s.name], 0, n)
+        )
+    coord.train_round()
+    return cfg, sites, models, transforms, coord
+
+
+def _fresh(setup):
+    cfg, sites, models, transforms, coord = setup
+    models = copy.deepcopy(models)
+    coord = copy.deepcopy(coord)
+    tuners = {
+        s.name: SiteFinetuner(cfg, s.train, models[s.name], transforms[s.name]) for s in sites
+    }
+    return cfg, sites, tuners, coord
+
+
+def test_split_gradient_equals_the_joint_gradient(setup):
+    """What the server sends back is d loss / d keyed image latents of the unsplit network."""
+    cfg, sites, tuners, coord = _fresh(setup)
+    site = sites[0].name
+    tuner = tuners[site]
+    joint_models = copy.deepcopy(tuner.models)
+    joint_umn = copy.deepcopy(coord.umn)
+
+    mapped = coord.finetune_forward(site, tuner.forward(0, 0))
+    grad_out, loss = tuner.decode_and_backward(0, 0, 1, mapped)
+    answers, refused = coord.finetune_backward({site: grad_out}, 0, 1)
+    assert not refused
+    split_grad = unpack(answers[site], "grad", tuner.shapes, dtype=GRAD_DTYPE)
+
+    x, y = tuner._batch(0, 0)
+    joint_models.image_ae.encoder.train()
+    keyed = [
+        z.detach().requires_grad_()
+        for z in tuner.transform.forward(joint_models.image_ae.encoder(nhwc(x)), "image")
+    ]
+    joint_umn.train()
+    out = tuner.transform.inverse(joint_umn(keyed, joint_umn.site_index(site)), "mask")
+    joint_models.mask_ae.decoder.train()
+    logits = joint_models.mask_ae.decoder(out)
+    joint_loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
+    joint_grad = torch.autograd.grad(joint_loss, keyed)
+
+    # The wire carries latents in fp16, so the split path sees slightly rounded inputs.
+    assert abs(loss - joint_loss.item()) < 1e-2 * max(1.0, joint_loss.item())
+    for s, (a, b) in enumerate(zip(split_grad, joint_grad, strict=True)):
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cos > 0.99, f"scale {s}: cosine {cos:.4f} between split and joint gradients"
+        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=0.05)
+
+
+def test_finetuning_lowers_the_training_loss_and_changes_only_the_trained_parts(setup):
+    cfg, sites, tuners, coord = _fresh(setup)
+    site = sites[0].name
+    before = {k: v.clone() for k, v in tuners[site].models.state().items()}
+    umn_before = copy.deepcopy(coord.umn.state_dict())
+    losses = finetune_in_process(coord, tuners, epochs=8)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < losses[0], losses
+    after = tuners[site].models.state()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("image.encoder.") for k in changed)
+    assert any(k.startswith("mask.decoder.") for k in changed)
+    # The image decoder and mask encoder are not on the path: untouched.
+    assert not any(k.startswith(("image.decoder.", "mask.encoder.")) for k in changed)
+    assert any(not torch.equal(umn_before[k], v) for k, v in coord.umn.state_dict().items())
+
+
+def test_batches_are_reproducible_so_the_encoder_pass_can_be_recomputed(setup):
+    _, _, tuners, _ = _fresh(setup)
+    tuner = next(iter(tuners.values()))
+    (x1, y1), (x2, y2) = tuner._batch(3, 1), tuner._batch(3, 1)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(tuner._batch(4, 1)[0], x1)
+    with pytest.raises(ValueError, match="step 99"):
+        tuner._batch(0, 99)
+
+
+def test_bad_gradients_are_refused_by_name_and_the_others_still_train(setup):
+    cfg, sites, tuners, coord = _fresh(setup)
+    a, b = sites[0].name, sites[1].name
+    grads = {}
+    for s in (a, b):
+        mapped = coord.finetune_forward(s, tuners[s].forward(0, 0))
+        grads[s], _ = tuners[s].decode_and_backward(0, 0, 1, mapped)
+    grads[b] = {**grads[b], "grad0": grads[b]["grad0"].astype(np.float16)}
+    answers, refused = coord.finetune_backward(grads, 0, 1)
+    assert set(answers) == {a}
+    assert "grad0" in refused[b] and "float32" in refused[b]
+
+    mapped = coord.finetune_forward(a, tuners[a].forward(0, 1))
+    grad, _ = tuners[a].decode_and_backward(0, 1, 1, mapped)
+    nan = {**grad, "grad1": np.full_like(grad["grad1"], np.nan)}
+    answers, refused = coord.finetune_backward({a: nan}, 0, 1)
+    assert not answers and "grad1" in refused[a] and "NaN" in refused[a]
+    _, refused = coord.finetune_backward({"nobody": grad}, 0, 1)
+    assert "mapped no batch" in refused["nobody"]
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune-flower")
+    cfg = small_config(
+        tmp / "out", 2, [8, 8, 16, 16, 16], 16, ae_epochs=2, umn_epochs_per_round=1, batch_size=4
+    )
+    cfg.training.finetune_epochs = 2
+    cfg.privacy.audit_dir = str(tmp / "audit")
+    cfg.validate()
+    simulate(cfg)
+    return cfg
+
+
+def test_flower_run_fine_tunes_every_site_and_says_so(flower_run):
+    cfg = flower_run
+    out = Path(cfg.out_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sites"]) == {"hospital-1", "hospital-2"}
+    assert not metrics["dropped"]
+    assert len(metrics["finetune_losses"]) == 2 and all(np.isfinite(metrics["finetune_losses"]))
+    assert metrics["timing_s"]["finetuning"] > 0
+    assert torch.load(out / "checkpoints" / "umn.pt", weights_only=True)["finetuned"] == 2
+    for site in ("hospital-1", "hospital-2"):
+        saved = site_models_path(out, site)
+        assert saved.with_suffix(".config").read_text().endswith(FINETUNED)
+        assert not saved.with_name("finetune-state.pt").exists()  # removed when done
+
+
+def test_fine_tuning_messages_carry_gradients_and_no_key_material(flower_run):
+    cfg = flower_run
+    audit = Path(cfg.privacy.audit_dir)
+    steps = finetune_steps(cfg.data.synthetic_train, cfg.training.batch_size)
+    for site in ("hospital-1", "hospital-2"):
+        secret = read_key_file(Path(cfg.out_dir) / "keys" / f"{site}.key")
+        ring = KeyRing.from_secret(secret, cfg.model.latent_channels)
+        forward = sorted((audit / site).glob("*_train_finetune_forward.npz"))
+        backward = sorted((audit / site).glob("*_train_finetune_backward.npz"))
+        assert len(forward) == 2 * steps + 1 and len(backward) == 2 * steps
+        for dump in forward + backward:
+            with np.load(dump) as payload:
+                arrays = {k: payload[k] for k in payload.files if k != "__texts__"}
+            assert find_key_material(arrays, [], secret, ring) == [], dump.name
+        with np.load(backward[0]) as payload:
+            assert payload["grad.grad0"].dtype == np.float32
