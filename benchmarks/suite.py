@@ -311,7 +311,8 @@ def ae_tag(cfg: RunConfig) -> str:
     training = {
         k: v
         for k, v in cfg.to_dict()["training"].items()
-        if not k.startswith("umn") and k not in ("augment_copies", "adapter_lr_scale", "threads")
+        if not k.startswith(("umn", "finetune"))  # what happens after the AEs are trained
+        and k not in ("augment_copies", "adapter_lr_scale", "threads")
     }
     if training.get("ae_federation", "local") == "local":  # keeps caches made before fedavg
         training.pop("ae_federation", None)

@@ -30,6 +30,9 @@ _IGNORED = {
     ("federation", "node_wait_s"),
     ("federation", "message_timeout_s"),
     ("federation", "client_cpus"),
+    # Fine-tuning runs after every checkpointed phase: a resumed run may add or change it.
+    ("training", "finetune_epochs"),
+    ("training", "finetune_lr"),
 }
 
 
@@ -104,6 +107,16 @@ def load_checkpoint(cfg: RunConfig, name: str) -> dict[str, Any] | None:
     return state
 
 
+def check_not_finetuned(umn: dict[str, Any] | None, cfg: RunConfig) -> None:
+    """A finished fine-tuning changed the sites' AEs: the kept latents no longer match them."""
+    if umn and umn.get("finetuned"):
+        raise CheckpointMismatch(
+            f"{checkpoint_dir(cfg)}: this run's fine-tuning already finished (its sites' "
+            "autoencoders and its UMN checkpoint are the fine-tuned ones); start a fresh run "
+            "in another folder"
+        )
+
+
 def describe_resume(cfg: RunConfig) -> str:
     """Check the run's checkpoints before starting (a mismatch raises) and say what resumes."""
     latents = load_checkpoint(cfg, LATENTS_NAME)
@@ -112,6 +125,7 @@ def describe_resume(cfg: RunConfig) -> str:
         return (
             f"resume: nothing collected yet in {checkpoint_dir(cfg)}; starting from the beginning"
         )
+    check_not_finetuned(umn, cfg)
     done = int(umn["round"]) if umn else 0
     return (
         f"resume: collected latents and UMN round {done} of {cfg.training.umn_rounds} "

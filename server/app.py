@@ -10,7 +10,13 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedseg.checkpoint import LATENTS_NAME, UMN_NAME, checkpoint_dir, load_checkpoint
+from fedseg.checkpoint import (
+    LATENTS_NAME,
+    UMN_NAME,
+    check_not_finetuned,
+    checkpoint_dir,
+    load_checkpoint,
+)
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
 from fedseg.deploy.runtime import resolve_scenario
@@ -43,6 +49,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     timeout = cfg.federation.message_timeout_s or None
     saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
     saved_round = load_checkpoint(cfg, UMN_NAME) if cfg.resume and saved_latents else None
+    check_not_finetuned(saved_round, cfg)
     if cfg.resume and saved_latents is None:
         log.info("nothing collected yet in %s: starting from the beginning", out_dir)
     timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}

@@ -13,6 +13,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from clients.app import FINETUNED
+from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import SiteFinetuner, finetune_in_process, finetune_steps
@@ -186,3 +187,15 @@ def test_fine_tuning_messages_carry_gradients_and_no_key_material(flower_run):
             assert find_key_material(arrays, [], secret, ring) == [], dump.name
         with np.load(backward[0]) as payload:
             assert payload["grad.grad0"].dtype == np.float32
+
+
+def test_a_finished_fine_tuning_is_not_resumed_but_adding_one_is_allowed(flower_run):
+    cfg = copy.deepcopy(flower_run)
+    cfg.resume = True
+    with pytest.raises(CheckpointMismatch, match="fine-tuning already finished"):
+        describe_resume(cfg)
+    # Fine-tuning comes after every checkpointed phase, so its settings are not in the
+    # fingerprint the sites tag their AEs with: a stopped run may add or change it on resume.
+    before = fingerprint(cfg)
+    cfg.training.finetune_epochs, cfg.training.finetune_lr = 7, 1e-3
+    assert fingerprint(cfg) == before
