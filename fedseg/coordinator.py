@@ -156,9 +156,11 @@ class Coordinator:
     def finetune_backward(
         self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Step 4: the sites' loss gradients through the UMN, one optimizer step for all of
-        them. Returns each site's gradient for its keyed image latents, and the sites whose
-        gradient was refused (with why); a refused or missing site does not count this step."""
+        """Step 4: each site's loss gradient through the UMN and one optimizer step per site
+        (as if the sites' batches had come one after another; the gradients are all taken
+        before the first step, so the later sites' are one or two steps stale). Returns each
+        site's gradient for its keyed image latents, and the sites whose gradient was refused
+        (with why); a refused or missing site does not count this step."""
         graphs, self._finetune_graphs = self._finetune_graphs, {}
         accepted, refused = {}, {}
         for site, arrays in grads.items():
@@ -170,24 +172,28 @@ class Coordinator:
             except ValueError as err:
                 refused[site] = str(err)
                 continue
-            if grad[0].shape[0] != graphs[site][1][0].shape[0]:
-                refused[site] = f"gradient for {grad[0].shape[0]} items, its batch had " + str(
-                    graphs[site][1][0].shape[0]
-                )
+            expected = graphs[site][1][0].shape[0]
+            if grad[0].shape[0] != expected:
+                refused[site] = f"gradient for {grad[0].shape[0]} items, its batch had {expected}"
                 continue
             accepted[site] = grad
+        params = list(self.umn.parameters())
         if self._finetune_opt is None:
-            self._finetune_opt = torch.optim.AdamW(
-                self.umn.parameters(), lr=self.cfg.training.finetune_lr, weight_decay=1e-4
-            )
+            lr = self.cfg.training.finetune_lr
+            self._finetune_opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         cosine_lr(self._finetune_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
-        self._finetune_opt.zero_grad(set_to_none=True)
+        answers, steps = {}, []
         for site, grad in accepted.items():
-            torch.autograd.backward(graphs[site][1], grad)
-        if accepted:
+            keyed, mapped = graphs[site]
+            out = torch.autograd.grad(mapped, [*keyed, *params], grad, allow_unused=True)
+            answers[site] = pack(out[: len(keyed)], "grad", GRAD_DTYPE)
+            steps.append(out[len(keyed) :])
+        for step in steps:  # other sites' adapters get None: AdamW leaves them alone
+            for p, g in zip(params, step, strict=True):
+                p.grad = g
             self._finetune_opt.step()
+        self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
-        answers = {s: pack([z.grad for z in graphs[s][0]], "grad", GRAD_DTYPE) for s in accepted}
         return answers, refused
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:

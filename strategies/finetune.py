@@ -53,15 +53,7 @@ class SplitFinetuning:
                 progress.update(task, completed=epoch + 1, status=f"loss {losses[-1]:.4f}")
                 log.info("fine-tuning epoch %d/%d: Dice+CE %.4f", epoch + 1, epochs, losses[-1])
             final = [n for n in pending if n in federation.sites]
-            _, failed = exchange(
-                grid,
-                final,
-                "train.finetune_forward",
-                lambda n: self._forward_request(n, FINAL_STEP, FINAL_STEP, pending),
-                self.timeout_s,
-            )
-            for node_id, reason in failed.items():
-                federation.drop(node_id, "fine-tuning", reason)
+            self._forward(grid, federation, final, FINAL_STEP, FINAL_STEP, pending)
         path = self.coordinator.save_checkpoint(self.checkpoint_dir, {"finetuned": epochs})
         self.seconds = time.perf_counter() - started
         log.info("fine-tuned UMN saved to %s (%.0f s)", path, self.seconds)
@@ -84,17 +76,22 @@ class SplitFinetuning:
         content["request"] = ConfigRecord(request)
         return content
 
-    def _step(self, grid, federation, active, epoch, step, pending) -> list[float]:
-        names = {n: federation.sites[n].name for n in active}
+    def _forward(self, grid, federation, nodes, epoch, step, pending) -> dict:
+        """Apply each site's pending encoder gradient; ask for the step's latents (if any)."""
         replies, failed = exchange(
             grid,
-            active,
+            nodes,
             "train.finetune_forward",
             lambda n: self._forward_request(n, epoch, step, pending),
             self.timeout_s,
         )
         for node_id, reason in failed.items():
             federation.drop(node_id, "fine-tuning", reason)
+        return replies
+
+    def _step(self, grid, federation, active, epoch, step, pending) -> list[float]:
+        names = {n: federation.sites[n].name for n in active}
+        replies = self._forward(grid, federation, active, epoch, step, pending)
         mapped = {}
         for node_id, reply in replies.items():
             try:

@@ -114,7 +114,7 @@ def test_wire_rejects_bad_payloads():
     for message, payload in cases.items():
         with pytest.raises(WireError, match=message):
             unpack(payload, "image", shapes)
-    with pytest.raises(WireError, match="fp16 range"):
+    with pytest.raises(WireError, match="float16 range"):
         pack([torch.full((1, 4, 8, 8), 1e6)], "image")
 
 
