@@ -220,14 +220,16 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def finetuner(run_cfg: RunConfig, setup: SiteSetup, context: Context, start: bool):
         """The site's fine-tuning state: from its trained AEs at the start, else from its disk
         (weights and optimizer moments; 0600, never sent)."""
-        models = load_models(run_cfg, setup, context)
-        tuner = SiteFinetuner(
-            run_cfg, setup.split.train, models, site_transform(run_cfg, setup.key_file)
-        )
         path = finetune_state_path(setup)
+        if start:
+            models = load_models(run_cfg, setup, context)
+        elif path.is_file():  # its weights come from the state file: no need to load them twice
+            models = SiteModels.build(run_cfg, setup.split.train.num_classes)
+        else:
+            raise RuntimeError(f"site {setup.split.name}: no fine-tuning in progress ({path})")
+        transform = site_transform(run_cfg, setup.key_file)
+        tuner = SiteFinetuner(run_cfg, setup.split.train, models, transform)
         if not start:
-            if not path.is_file():
-                raise RuntimeError(f"site {setup.split.name}: no fine-tuning in progress ({path})")
             tuner.load_state(torch.load(path, weights_only=True))
         return tuner, path
 
