@@ -80,7 +80,9 @@ def site_aes(cfg: RunConfig, sites, args) -> dict[str, SiteModels]:
         else:
             path = Path(args.ae_cache) / f"ae_{source}_{tag}.pt"
         m = SiteModels.build(cfg, s.train.num_classes)
-        if path.is_file():
+        if cfg.training.ae_epochs == 0:  # split training from the seeded initialisation
+            m, _ = train_site(cfg, s.train)
+        elif path.is_file():
             m.load_state(torch.load(path, weights_only=True))
         elif args.ae_files:
             raise SystemExit(f"{path}: no such AE file")
@@ -133,7 +135,7 @@ def main() -> None:
     models = site_aes(cfg, sites, args)
     transforms = {s.name: site_transform(cfg, work / "keys" / f"{s.name}.key") for s in sites}
     coord = Coordinator(cfg, [s.name for s in sites], key_dir=work / "keys")
-    for s in sites:
+    for s in sites if cfg.training.umn_rounds else []:  # no latent training: nothing to send
         n = stream_length(s.train, cfg.training.augment_copies)
         for a in range(0, n, 128):
             chunk = training_chunk(
@@ -177,7 +179,7 @@ def main() -> None:
             print(f"fine-tuning epoch {epoch}: loss {loss:.3f}, test Dice {mean:.3f} {per_site}")
             rounds.append(record)
 
-        finetune_in_process(coord, tuners, epochs, on_epoch)
+        finetune_in_process(coord, tuners, epochs, on_epoch, cfg.training.finetune_share)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result = {

@@ -11,6 +11,8 @@ Message types (the server's strategies send them in this order):
 - ``train.finetune_forward`` / ``train.finetune_backward`` (opt-in, ``training.finetune_epochs``):
   split-learning fine-tuning (fedseg/finetune.py): apply the server's gradient to the encoder
   and send the next batch's keyed latents; decode mapped latents and send the loss gradient.
+  With ``training.finetune_share`` (opt-in in the site's own config) a forward request may also
+  carry the shared encoder/decoder weights to adopt, or ask for the site's (``SHARE_STEP``).
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
 The trained AEs stay in ``context.state`` (the node's local state); key material is never put
 in a reply, and a guard mod checks every reply for it before it leaves.
@@ -32,7 +34,7 @@ from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
-from fedseg.finetune import SiteFinetuner
+from fedseg.finetune import FINAL_STEP, SHARE_STEP, SiteFinetuner
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
@@ -63,6 +65,15 @@ def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:
         raise PermissionError(
             f"site {site}: refusing to exchange autoencoder weights: this site's "
             f"training.ae_federation is {run_cfg.training.ae_federation!r}, not 'fedavg'"
+        )
+
+
+def check_finetune_share(run_cfg: RunConfig, site: str) -> None:
+    """Fine-tuning weights are shared only if the site's own config says so."""
+    if run_cfg.training.finetune_share == "none":
+        raise PermissionError(
+            f"site {site}: refusing to exchange encoder/decoder weights: this site's "
+            "training.finetune_share is 'none'"
         )
 
 
@@ -244,8 +255,16 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             tuner.backward_encoder(
                 int(request["grad_epoch"]), int(request["grad_step"]), epochs, grad
             )
+        if "weights" in msg.content.array_records:  # the shared model (average or last site's)
+            check_finetune_share(run_cfg, setup.split.name)
+            tuner.adopt(msg.content.array_records["weights"].to_torch_state_dict())
         content = RecordDict()
-        if step < 0:  # the end: the fine-tuned AEs become the site's AEs
+        if step == SHARE_STEP:
+            check_finetune_share(run_cfg, setup.split.name)
+            content["weights"] = ArrayRecord(tuner.shared_state())
+            content["metrics"] = MetricRecord({"num-examples": len(setup.split.train)})
+            save_private(tuner.state(), path)
+        elif step == FINAL_STEP:  # the end: the fine-tuned AEs become the site's AEs
             saved = site_models_path(setup.out_dir, setup.split.name)
             tuner.models.save(saved, setup.split.train.class_names)
             saved.with_suffix(".config").write_text(fingerprint(run_cfg) + FINETUNED)

@@ -19,6 +19,7 @@ Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
 AeFederation = Literal["local", "fedavg"]
+FinetuneShare = Literal["none", "average", "cyclic"]
 
 
 class ConfigError(ValueError):
@@ -108,7 +109,7 @@ class TrainingConfig:
     """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
 
     batch_size: int = 16
-    ae_epochs: int = 30
+    ae_epochs: int = 30  # 0: no reconstruction pre-training (split training from the seeded init)
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
     # "fedavg" (opt-in): the sites' AEs are federated-averaged, so every site encodes into the
@@ -119,7 +120,7 @@ class TrainingConfig:
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 2  # augmented encodings per training image sent for the UMN
-    umn_rounds: int = 3  # server rounds (a checkpoint after each)
+    umn_rounds: int = 3  # server rounds (a checkpoint after each); 0: no training latents sent
     umn_epochs_per_round: int = 8
     umn_lr: float = 1e-3
     adapter_lr_scale: float = 1.0  # learning-rate factor for the per-site adapters
@@ -130,6 +131,12 @@ class TrainingConfig:
     # (README); gradients of keyed latents then cross the wire both ways (privacy section).
     finetune_epochs: int = 0
     finetune_lr: float = 3e-4
+    # Whether the sites' encoders and mask decoders are one model during fine-tuning: "none"
+    # (each site keeps its own; no weights leave a site), "average" (the server averages them
+    # after every epoch: SplitFed) or "cyclic" (they pass from site to site through the server,
+    # each site training its batches in turn: cyclic weight transfer). Shared weights go to the
+    # server, like ae_federation = "fedavg"; a site's own config must say so (README, privacy).
+    finetune_share: FinetuneShare = "none"
     threads: int = 2
     seed: int = 0
 
@@ -213,6 +220,28 @@ class RunConfig:
             ),
             (self.training.ae_local_epochs >= 1, "training.ae_local_epochs must be >= 1"),
             (self.training.finetune_epochs >= 0, "training.finetune_epochs must be >= 0"),
+            (
+                self.training.finetune_share in ("none", "average", "cyclic"),
+                "training.finetune_share: 'none', 'average' or 'cyclic'",
+            ),
+            (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
+            (self.training.umn_rounds >= 0, "training.umn_rounds must be >= 0"),
+            (
+                self.training.ae_epochs > 0
+                or self.training.ae_minutes > 0
+                or self.training.finetune_epochs > 0,
+                "training.ae_epochs = 0 (no pre-training) needs training.finetune_epochs > 0",
+            ),
+            (
+                self.training.umn_rounds > 0 or self.training.finetune_epochs > 0,
+                "training.umn_rounds = 0 (no latent training) needs training.finetune_epochs > 0",
+            ),
+            (
+                self.training.ae_federation == "local"
+                or self.training.ae_epochs > 0
+                or self.training.ae_minutes > 0,
+                "training.ae_federation = 'fedavg' needs training.ae_epochs > 0",
+            ),
             (self.training.finetune_lr > 0, "training.finetune_lr must be > 0"),
             (self.federation.actors >= 0, "federation.actors must be >= 0"),
             (

@@ -31,6 +31,26 @@ from fedseg.site import SiteModels
 from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
+SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
+# Protocol steps beyond a batch index: the site applies the gradient it is owed, then
+FINAL_STEP = -1  # saves its fine-tuned models (the end of the phase)
+SHARE_STEP = -2  # sends its shared weights (training.finetune_share)
+
+
+def average_states(
+    states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of the sites' shared weights (the in-process twin of the Flower
+    strategy's ``aggregate_arrayrecords``; integer counters come back as integers)."""
+    total = float(sum(weights))
+    out = {}
+    for name, first in states[0].items():
+        mean = sum(st[name].double() * (w / total) for st, w in zip(states, weights, strict=True))
+        out[name] = (
+            mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
+        )
+    return out
+
 
 def finetune_steps(n_train: int, batch_size: int) -> int:
     """Steps per epoch at a site: full batches only (a batch of 1 would upset batch norm)."""
@@ -117,6 +137,31 @@ class SiteFinetuner:
         decoder.eval()
         return pack([z.grad for z in keyed], "grad", GRAD_DTYPE), float(loss.item())
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The weights that ``training.finetune_share`` makes one model across sites: the
+        image encoder and the mask decoder (batch-norm statistics included)."""
+        return {k: v for k, v in self.models.state().items() if k.startswith(SHARED_PREFIXES)}
+
+    def adopt(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the shared weights (another site's, or the average); optimizer moments stay."""
+        expected = set(self.shared_state())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(
+                f"shared weights do not fit this site's models: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}"
+            )
+        own = self.models.state()
+        for name, value in state.items():
+            if value.shape != own[name].shape:
+                raise ValueError(
+                    f"shared weight {name}: shape {tuple(value.shape)}, "
+                    f"this site's model has {tuple(own[name].shape)}"
+                )
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"shared weight {name} is not finite")
+        self.models.load_state({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
+
     def state(self) -> dict:
         return {
             "models": self.models.state(),
@@ -130,39 +175,73 @@ class SiteFinetuner:
         self.decoder_opt.load_state_dict(state["decoder_opt"])
 
 
+def share_groups(sites: list[str], share: str, epoch: int) -> list[list[str]]:
+    """Who trains together in an epoch: every site at once, or (``cyclic``) one site after
+    another, the order rotating each epoch so no site always has the last word."""
+    if share != "cyclic":
+        return [list(sites)]
+    k = epoch % len(sites)
+    return [[s] for s in sites[k:] + sites[:k]]
+
+
 def finetune_in_process(
     coordinator,
     finetuners: dict[str, SiteFinetuner],
     epochs: int,
     on_epoch=None,
+    share: str = "none",
 ) -> list[float]:
     """The whole phase without Flower (studies, tests): the same calls, in the same order, that
     the Flower strategy makes over messages. Returns the mean loss of each epoch."""
-    steps = max(f.steps for f in finetuners.values())
     pending: dict[str, tuple[int, int, dict]] = {}
+    weights = {s: float(len(f.data)) for s, f in finetuners.items()}
+
+    def flush(sites: list[str]) -> None:  # the encoder gradients still owed to these sites
+        for s in sites:
+            if s in pending:
+                e, k, g = pending.pop(s)
+                finetuners[s].backward_encoder(e, k, epochs, g)
+
+    carried = None  # cyclic: the shared weights on their way to the next site
     losses = []
     for epoch in range(epochs):
         epoch_losses = []
-        for step in range(steps):
-            active = [s for s, f in finetuners.items() if step < f.steps]
-            mapped = {}
-            for s in active:
-                if s in pending:
-                    e, k, g = pending.pop(s)
-                    finetuners[s].backward_encoder(e, k, epochs, g)
-                mapped[s] = coordinator.finetune_forward(s, finetuners[s].forward(epoch, step))
-            grads = {}
-            for s in active:
-                grads[s], loss = finetuners[s].decode_and_backward(epoch, step, epochs, mapped[s])
-                epoch_losses.append(loss)
-            answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
-            if refused:
-                raise ValueError(f"fine-tuning gradients refused: {refused}")
-            for s, g in answers.items():
-                pending[s] = (epoch, step, g)
+        for group in share_groups(list(finetuners), share, epoch):
+            if carried is not None:
+                finetuners[group[0]].adopt(carried)
+            for step in range(max(finetuners[s].steps for s in group)):
+                active = [s for s in group if step < finetuners[s].steps]
+                mapped = {}
+                for s in active:
+                    flush([s])
+                    mapped[s] = coordinator.finetune_forward(s, finetuners[s].forward(epoch, step))
+                grads = {}
+                for s in active:
+                    grads[s], loss = finetuners[s].decode_and_backward(
+                        epoch, step, epochs, mapped[s]
+                    )
+                    epoch_losses.append(loss)
+                answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
+                if refused:
+                    raise ValueError(f"fine-tuning gradients refused: {refused}")
+                for s, g in answers.items():
+                    pending[s] = (epoch, step, g)
+            if share == "cyclic":
+                flush(group)
+                carried = finetuners[group[0]].shared_state()
+        if share == "average":
+            flush(list(finetuners))
+            names = list(finetuners)
+            mean = average_states(
+                [finetuners[s].shared_state() for s in names], [weights[s] for s in names]
+            )
+            for s in names:
+                finetuners[s].adopt(mean)
         losses.append(float(np.mean(epoch_losses)))
         if on_epoch:
             on_epoch(epoch + 1, epochs, losses[-1])
-    for s, (e, k, g) in pending.items():
-        finetuners[s].backward_encoder(e, k, epochs, g)
+    flush(list(finetuners))
+    if carried is not None:  # every site ends with the one model
+        for f in finetuners.values():
+            f.adopt(carried)
     return losses

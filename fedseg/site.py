@@ -111,6 +111,10 @@ def train_site(
     torch.manual_seed(cfg.training.seed)
     models = SiteModels.build(cfg, data.num_classes)
     t = cfg.training
+    if t.ae_epochs == 0 and t.ae_minutes <= 0:  # split training starts from the seeded init
+        models.image_ae.eval()
+        models.mask_ae.eval()
+        return models, AutoencoderStats(float("nan"), float("nan"), 0, 0.0)
     budget = Budget(t.ae_epochs, t.ae_minutes)
     return models, _train_local(cfg, data, models, budget, t.ae_lr, t.seed, on_epoch)
 

@@ -48,7 +48,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     timeout = cfg.federation.message_timeout_s or None
     saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
-    saved_round = load_checkpoint(cfg, UMN_NAME) if cfg.resume and saved_latents else None
+    latent_training = cfg.training.umn_rounds > 0
+    # Without latent training the only UMN checkpoint is the one split training ends with.
+    saved_round = (
+        load_checkpoint(cfg, UMN_NAME)
+        if cfg.resume and (saved_latents or not latent_training)
+        else None
+    )
     check_not_finetuned(saved_round, cfg)
     if cfg.resume and saved_latents is None:
         log.info("nothing collected yet in %s: starting from the beginning", out_dir)
@@ -83,10 +89,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             elif not site.reused:  # its kept latents came from AEs it no longer has
                 federation.drop(node_id, "resume", "its saved autoencoders were missing")
     coordinator = Coordinator(cfg, names, key_dir=cfg.privacy.key_dir or out_dir / "keys")
+    train_bytes = 0
     if saved_latents:
         coordinator.restore_latents(saved_latents)
         train_bytes = int(saved_latents["train_bytes"])
         log.info("resumed: collected latents %s from the checkpoint", coordinator.collected())
+    elif not latent_training:
+        log.info("training.umn_rounds = 0: no training latents are collected or kept")
     else:
         started = time.perf_counter()
         copies = 1 + cfg.training.augment_copies

@@ -4,7 +4,10 @@ Each step is two exchanges with every site that has a batch left in the epoch:
 ``train.finetune_forward`` (the site applies the previous step's encoder gradient, if any, and
 sends keyed image latents) and ``train.finetune_backward`` (the site decodes the mapped latents
 and sends the loss gradient). fedseg/finetune.py has the why and the maths; this is plumbing.
-A site that fails or sends a bad payload drops out; the others go on.
+With ``training.finetune_share`` the sites' encoders and decoders are one model: ``average``
+collects them after every epoch (a forward request at ``SHARE_STEP``) and sends Flower's
+weighted average with each site's next request; ``cyclic`` trains one site at a time and hands
+its weights to the next. A site that fails or sends a bad payload drops out; the others go on.
 """
 
 from __future__ import annotations
@@ -13,15 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedseg.coordinator import Coordinator
-from fedseg.finetune import finetune_steps
+from fedseg.finetune import FINAL_STEP, SHARE_STEP, finetune_steps, share_groups
 from strategies.common import Federation, arrays_of, exchange, log, to_record
-
-FINAL_STEP = -1  # a forward request with this step only applies the last gradient and saves
 
 
 class SplitFinetuning:
@@ -32,6 +34,10 @@ class SplitFinetuning:
         self.checkpoint_dir = checkpoint_dir
         self.timeout_s = timeout_s
         self.seconds = 0.0
+        self.share = coordinator.cfg.training.finetune_share
+        self._adopt: dict[
+            int, ArrayRecord
+        ] = {}  # shared weights a site takes with its next message
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
@@ -41,23 +47,49 @@ class SplitFinetuning:
         steps = {n: finetune_steps(s.n_train, batch) for n, s in federation.sites.items()}
         pending: dict[int, tuple[int, int, dict[str, np.ndarray]]] = {}
         losses: list[float] = []
+        carried: ArrayRecord | None = None  # cyclic: the weights on their way to the next site
         columns = (TextColumn("fine-tuning"), BarColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, TimeElapsedColumn(), transient=True) as progress:
             task = progress.add_task("finetune", total=epochs, status="")
             for epoch in range(epochs):
                 epoch_losses: list[float] = []
-                for step in range(max(steps.values(), default=0)):
-                    active = [n for n in federation.sites if step < steps[n]]
-                    epoch_losses += self._step(grid, federation, active, epoch, step, pending)
+                for group in share_groups(sorted(federation.sites), self.share, epoch):
+                    group = [n for n in group if n in federation.sites]
+                    if not group:
+                        continue
+                    if carried is not None:
+                        self._adopt[group[0]] = carried
+                    for step in range(max(steps[n] for n in group)):
+                        active = [n for n in group if n in federation.sites and step < steps[n]]
+                        epoch_losses += self._step(grid, federation, active, epoch, step, pending)
+                    if self.share == "cyclic":
+                        carried = self._collect(grid, federation, group, pending) or carried
+                if self.share == "average":
+                    mean = self._collect(grid, federation, list(federation.sites), pending)
+                    self._adopt = dict.fromkeys(federation.sites, mean) if mean else {}
                 losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
                 progress.update(task, completed=epoch + 1, status=f"loss {losses[-1]:.4f}")
                 log.info("fine-tuning epoch %d/%d: Dice+CE %.4f", epoch + 1, epochs, losses[-1])
-            final = [n for n in pending if n in federation.sites]
+            if carried is not None:  # every site ends with the one model
+                self._adopt = dict.fromkeys(federation.sites, carried)
+            final = [n for n in federation.sites if n in pending or n in self._adopt]
             self._forward(grid, federation, final, FINAL_STEP, FINAL_STEP, pending)
         path = self.coordinator.save_checkpoint(self.checkpoint_dir, {"finetuned": epochs})
         self.seconds = time.perf_counter() - started
         log.info("fine-tuned UMN saved to %s (%.0f s)", path, self.seconds)
         return losses
+
+    def _collect(self, grid, federation, nodes, pending) -> ArrayRecord | None:
+        """The sites' shared weights (after the gradient each is owed), averaged by Flower's
+        ``aggregate_arrayrecords`` weighted by training images; None if no site answered."""
+        replies = self._forward(grid, federation, nodes, SHARE_STEP, SHARE_STEP, pending)
+        records = []
+        for node_id, reply in replies.items():
+            if "weights" in reply.content.array_records and reply.content.metric_records:
+                records.append(reply.content)
+            else:
+                federation.drop(node_id, "fine-tuning", "share reply without weights")
+        return aggregate_arrayrecords(records, "num-examples") if records else None
 
     def _forward_request(
         self,
@@ -69,6 +101,8 @@ class SplitFinetuning:
         epochs = self.coordinator.cfg.training.finetune_epochs
         request = {"epoch": epoch, "epochs": epochs, "step": step, "start": epoch == 0 == step}
         content = RecordDict()
+        if node_id in self._adopt:
+            content["weights"] = self._adopt.pop(node_id)
         if node_id in pending:
             prev_epoch, prev_step, grad = pending.pop(node_id)
             request.update({"grad_epoch": prev_epoch, "grad_step": prev_step})

@@ -1,0 +1,167 @@
+"""Split training with shared encoders/decoders (``training.finetune_share``) and without
+pre-training (``ae_epochs = 0``, ``umn_rounds = 0``): the sites end with one model, weights are
+averaged correctly, bad weights are refused by name, and a site that did not opt in refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clients.app import check_finetune_share
+from fedseg.checkpoint import LATENTS_NAME, checkpoint_dir
+from fedseg.config import ConfigError
+from fedseg.coordinator import Coordinator
+from fedseg.data import load_federation
+from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process, share_groups
+from fedseg.privacy.keys import KeyRing, read_key_file
+from fedseg.privacy.leakcheck import find_key_material
+from fedseg.site import SiteModels, site_models_path, site_transform, train_site
+from simulations.engine import simulate
+from tests.helpers import small_config
+
+
+def _split_config(out: Path, share: str, sites: int = 3):
+    cfg = small_config(out, sites, [8, 16, 16, 32, 32], 32, ae_epochs=0, batch_size=4)
+    cfg.training.umn_rounds = 0
+    cfg.training.finetune_epochs = 6
+    cfg.training.finetune_lr = 2e-3
+    cfg.training.finetune_share = share
+    return cfg.validate()
+
+
+def _tuners(cfg, keys: Path):
+    tuners = {}
+    for s in load_federation(cfg):
+        models, stats = train_site(cfg, s.train)
+        assert stats.epochs == 0  # no pre-training: the seeded initialisation
+        transform = site_transform(cfg, keys / f"{s.name}.key")
+        tuners[s.name] = SiteFinetuner(cfg, s.train, models, transform)
+    return tuners
+
+
+@pytest.mark.parametrize("share", ["average", "cyclic"])
+def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_path, share):
+    cfg = _split_config(tmp_path, share)
+    tuners = _tuners(cfg, tmp_path / "keys")
+    first = {k: v.clone() for k, v in next(iter(tuners.values())).shared_state().items()}
+    coord = Coordinator(cfg, list(tuners))
+    losses = finetune_in_process(coord, tuners, cfg.training.finetune_epochs, share=share)
+    assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
+    states = [t.shared_state() for t in tuners.values()]
+    for name, value in states[0].items():
+        assert all(torch.equal(value, other[name]) for other in states[1:]), name
+        if value.is_floating_point() and value.numel() > 1 and "running" not in name:
+            assert not torch.equal(value, first[name]), f"{name} never trained"
+
+
+def test_without_sharing_each_site_keeps_its_own_model(tmp_path):
+    cfg = _split_config(tmp_path, "none", sites=2)
+    tuners = _tuners(cfg, tmp_path / "keys")
+    finetune_in_process(Coordinator(cfg, list(tuners)), tuners, 2)
+    a, b = (t.shared_state() for t in tuners.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_average_is_weighted_and_keeps_integer_counters():
+    states = [
+        {"w": torch.tensor([0.0, 3.0]), "n": torch.tensor(10)},
+        {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(20)},
+    ]
+    mean = average_states(states, [2.0, 1.0])
+    assert torch.allclose(mean["w"], torch.tensor([1.0, 4.0]))
+    assert mean["n"].dtype == torch.int64 and int(mean["n"]) == 13
+
+
+def test_cyclic_order_rotates_so_no_site_always_trains_last():
+    sites = ["a", "b", "c"]
+    assert share_groups(sites, "average", 5) == [sites]
+    lasts = {share_groups(sites, "cyclic", e)[-1][0] for e in range(3)}
+    assert lasts == set(sites)
+
+
+def test_bad_shared_weights_are_refused_by_name(tmp_path):
+    cfg = _split_config(tmp_path, "average", sites=1)
+    tuner = next(iter(_tuners(cfg, tmp_path / "keys").values()))
+    good = tuner.shared_state()
+    name = next(k for k, v in good.items() if v.is_floating_point() and v.numel() > 1)
+    with pytest.raises(ValueError, match="missing"):
+        tuner.adopt({k: v for k, v in good.items() if k != name})
+    with pytest.raises(ValueError, match=f"{name}: shape"):
+        tuner.adopt({**good, name: torch.zeros(3)})
+    nan = good[name].clone()
+    nan.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} is not finite"):
+        tuner.adopt({**good, name: nan})
+    assert torch.equal(tuner.shared_state()[name], good[name])  # nothing half-adopted
+
+
+def test_a_site_that_did_not_opt_in_refuses_to_share(tmp_path):
+    cfg = _split_config(tmp_path, "none", sites=1)
+    with pytest.raises(PermissionError, match="finetune_share is 'none'"):
+        check_finetune_share(cfg, "hospital-1")
+    check_finetune_share(_split_config(tmp_path, "cyclic", sites=1), "hospital-1")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("finetune_share", "ring", "finetune_share"),
+        ("finetune_epochs", 0, "ae_epochs = 0"),
+        ("ae_federation", "fedavg", "needs training.ae_epochs > 0"),
+    ],
+)
+def test_split_settings_are_checked(tmp_path, field, value, message):
+    cfg = _split_config(tmp_path, "average", sites=1)
+    setattr(cfg.training, field, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory):
+    """Through Flower and Ray: no pre-training, no training latents, SplitFed averaging."""
+    tmp = tmp_path_factory.mktemp("split-average")
+    cfg = small_config(tmp / "out", 2, [8, 8, 16, 16, 16], 16, ae_epochs=0, batch_size=4)
+    cfg.training.umn_rounds = 0
+    cfg.training.finetune_epochs = 2
+    cfg.training.finetune_share = "average"
+    cfg.privacy.audit_dir = str(tmp / "audit")
+    cfg.validate()
+    simulate(cfg)
+    return cfg
+
+
+def test_flower_split_training_shares_one_model_and_keeps_no_latents(averaged_run):
+    cfg = averaged_run
+    out = Path(cfg.out_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sites"]) == {"hospital-1", "hospital-2"} and not metrics["dropped"]
+    assert len(metrics["finetune_losses"]) == 2
+    assert metrics["train_latent_bytes"] == 0
+    assert not (checkpoint_dir(cfg) / LATENTS_NAME).exists()
+    saved = [SiteModels.load(cfg, site_models_path(out, s))[0] for s in metrics["sites"]]
+    shared = [
+        {k: v for k, v in m.state().items() if k.startswith(("image.encoder.", "mask.decoder."))}
+        for m in saved
+    ]
+    assert all(torch.equal(v, shared[1][k]) for k, v in shared[0].items())
+
+
+def test_flower_weight_exchanges_carry_no_key_material(averaged_run):
+    cfg = averaged_run
+    audit = Path(cfg.privacy.audit_dir)
+    for site in ("hospital-1", "hospital-2"):
+        secret = read_key_file(Path(cfg.out_dir) / "keys" / f"{site}.key")
+        ring = KeyRing.from_secret(secret, cfg.model.latent_channels)
+        shares = []
+        for dump in sorted((audit / site).glob("*_train_finetune_forward.npz")):
+            with np.load(dump) as payload:
+                arrays = {k: payload[k] for k in payload.files if k != "__texts__"}
+            if any(k.startswith("weights.") for k in arrays):
+                shares.append(dump)
+            assert find_key_material(arrays, [], secret, ring) == [], dump.name
+        assert len(shares) == cfg.training.finetune_epochs  # one share per epoch
