@@ -20,6 +20,8 @@ Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
 AeFederation = Literal["local", "fedavg"]
 FinetuneShare = Literal["none", "average", "cyclic"]
+AdapterScope = Literal["site", "shared"]
+KeyScope = Literal["site", "federation"]
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,11 @@ class ModelConfig:
     umn_width: int = 64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (README)
     umn_blocks: int = 2  # residual context blocks per scale
     canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes
+    # "site": one UMN adapter per site (each site's own AEs and key: different latent spaces).
+    # "shared": one adapter set for every site, for sites that encode into one space (a shared
+    # encoder, finetune_share or ae_federation, and one key: privacy.key_scope = "federation",
+    # server custody, or no transform). us-nerve split training: README.
+    umn_adapters: AdapterScope = "site"
 
 
 @dataclass
@@ -148,6 +155,10 @@ class PrivacyConfig:
     transform: Transform = "klt"
     custody: Custody = "client"
     key_dir: str = ""  # where simulated clients keep their key files; "" = <out>/keys
+    # "site": every hospital its own secret. "federation": the hospitals share one secret (agreed
+    # out of band, never sent to the server; simulation: <key_dir>/federation.key), so their
+    # keyed latents are in one space and the UMN needs no per-site adapters (README, privacy).
+    key_scope: KeyScope = "site"
     bias_scale: float = 1.0
     audit_dir: str = ""  # keep a copy of every payload each site sends (for audits and tests)
 
@@ -225,6 +236,19 @@ class RunConfig:
                 "training.finetune_share: 'none', 'average' or 'cyclic'",
             ),
             (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
+            (self.model.umn_adapters in ("site", "shared"), "model.umn_adapters: site/shared"),
+            (
+                self.privacy.key_scope in ("site", "federation"),
+                "privacy.key_scope: site/federation",
+            ),
+            (
+                self.model.umn_adapters == "site"
+                or self.privacy.transform == "none"
+                or self.privacy.custody == "server"
+                or self.privacy.key_scope == "federation",
+                "model.umn_adapters = 'shared' needs the sites' latents in one space: "
+                "privacy.key_scope = 'federation', privacy.custody = 'server' or no transform",
+            ),
             (self.training.umn_rounds >= 0, "training.umn_rounds must be >= 0"),
             (
                 self.training.ae_epochs > 0

@@ -32,8 +32,8 @@ class UnknownSiteError(ValueError):
     """A query names a site this server was not trained for."""
 
 
-def key_path(key_dir: str | Path, site: str) -> Path:
-    return Path(key_dir) / f"{site}.key"
+def key_path(key_dir: str | Path, site: str, scope: str = "site") -> Path:
+    return Path(key_dir) / f"{'federation' if scope == 'federation' else site}.key"
 
 
 class Coordinator:
@@ -54,7 +54,9 @@ class Coordinator:
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
             for s in self.sites:
-                self._transforms[s] = keyed_transform(cfg, read_key_file(key_path(key_dir, s)))
+                self._transforms[s] = keyed_transform(
+                    cfg, read_key_file(key_path(key_dir, s, cfg.privacy.key_scope))
+                )
 
     def _check_site(self, site: str) -> None:
         if site not in self._transforms:

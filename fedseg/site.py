@@ -269,5 +269,6 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key_file = node_config.get("key-file")
     if key_file is None and cfg.privacy.transform != "none":
-        key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{split.name}.key"
+        owner = "federation" if cfg.privacy.key_scope == "federation" else split.name
+        key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
     return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)

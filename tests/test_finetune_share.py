@@ -165,3 +165,50 @@ def test_flower_weight_exchanges_carry_no_key_material(averaged_run):
                 shares.append(dump)
             assert find_key_material(arrays, [], secret, ring) == [], dump.name
         assert len(shares) == cfg.training.finetune_epochs  # one share per epoch
+
+
+def test_shared_adapters_serve_every_site_with_one_set(tmp_path):
+    from fedseg.models.umn import build_umn
+
+    cfg = _split_config(tmp_path, "average", sites=3)
+    cfg.privacy.key_scope = "federation"
+    cfg.model.umn_adapters = "shared"
+    cfg.validate()
+    sites = ["a", "b", "c"]
+    shared = build_umn(cfg.model, sites)
+    cfg.model.umn_adapters = "site"
+    per_site = build_umn(cfg.model, sites)
+    assert len(shared.in_adapters[0]) == 1 and len(per_site.in_adapters[0]) == 3
+    z = [torch.randn(2, c, h, w) for c, h, w in [(16, 8, 8), (16, 4, 4), (16, 2, 2)]]
+    shared.eval()
+    with torch.no_grad():
+        shared.in_adapters[0][0].bias.add_(0.5)  # a trained adapter, not the identity
+        out_a, out_c = shared(z, 0), shared(z, 2)
+    assert all(torch.equal(x, y) for x, y in zip(out_a, out_c, strict=True))
+
+
+def test_shared_adapters_need_one_latent_space(tmp_path):
+    cfg = _split_config(tmp_path, "average", sites=1)
+    cfg.model.umn_adapters = "shared"
+    with pytest.raises(ConfigError, match="key_scope = 'federation'"):
+        cfg.validate()
+    cfg.privacy.custody = "server"
+    cfg.validate()
+
+
+def test_federation_key_is_one_file_made_once_even_by_sites_starting_together(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedseg.privacy.keys import load_or_create_key
+    from fedseg.site import resolve_site
+
+    cfg = _split_config(tmp_path, "average", sites=2)
+    cfg.privacy.key_scope = "federation"
+    paths = {resolve_site(cfg, {"partition-id": i}).key_file for i in range(2)}
+    assert paths == {tmp_path / "keys" / "federation.key"}
+    target = tmp_path / "race" / "federation.key"
+    with ThreadPoolExecutor(8) as pool:
+        secrets = set(pool.map(lambda _: load_or_create_key(target), range(16)))
+    assert len(secrets) == 1
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)
+    assert [p.name for p in target.parent.iterdir()] == ["federation.key"]  # no leftovers

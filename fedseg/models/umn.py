@@ -70,9 +70,17 @@ def _stack(width: int, blocks: int) -> nn.Sequential:
 class UnifiedMappingNetwork(nn.Module):
     """Image latents -> mask latents at three scales, with per-site adapters."""
 
-    def __init__(self, sites: list[str], latent_channels: int, width: int, blocks: int) -> None:
+    def __init__(
+        self,
+        sites: list[str],
+        latent_channels: int,
+        width: int,
+        blocks: int,
+        shared_adapters: bool = False,
+    ) -> None:
         super().__init__()
         self.sites = list(sites)
+        self.shared_adapters = shared_adapters  # one adapter set for all (``umn_adapters``)
         c, w = latent_channels, width
         # Fixed per-site bases (set from data by the server) around learned identity-start
         # adapters: the adapters then learn in canonical coordinates, which are the same in
@@ -82,8 +90,9 @@ class UnifiedMappingNetwork(nn.Module):
         self.register_buffer("in_offset", torch.zeros(len(sites), 3, c))
         self.register_buffer("out_basis", eye)
         self.register_buffer("out_offset", torch.zeros(len(sites), 3, c))
-        self.in_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
-        self.out_adapters = nn.ModuleList(_adapters(len(sites), c) for _ in range(3))
+        n_adapters = 1 if shared_adapters else len(sites)
+        self.in_adapters = nn.ModuleList(_adapters(n_adapters, c) for _ in range(3))
+        self.out_adapters = nn.ModuleList(_adapters(n_adapters, c) for _ in range(3))
         self._build_trunk(c, w, blocks)
 
     def _build_trunk(self, c: int, w: int, blocks: int) -> None:
@@ -125,13 +134,14 @@ class UnifiedMappingNetwork(nn.Module):
         return self.sites.index(site)
 
     def forward(self, latents: Latents, site: int) -> Latents:
+        a = 0 if self.shared_adapters else site  # the adapter set; the bases stay per site
         aligned = [
-            adapters[site](self._in_basis(z, site, scale))
+            adapters[a](self._in_basis(z, site, scale))
             for scale, (adapters, z) in enumerate(zip(self.in_adapters, latents, strict=True))
         ]
         outs = self.trunk(aligned)
         return [
-            self._out_basis(adapters[site](o), site, scale)
+            self._out_basis(adapters[a](o), site, scale)
             for scale, (adapters, o) in enumerate(zip(self.out_adapters, outs, strict=True))
         ]
 
@@ -159,9 +169,17 @@ def build_umn(model: ModelConfig, sites: list[str]) -> UnifiedMappingNetwork:
     if model.umn_arch == "reference":
         from fedseg.models.umn_reference import ReferenceMappingNetwork
 
-        net: UnifiedMappingNetwork = ReferenceMappingNetwork(sites, model.latent_channels)
+        net: UnifiedMappingNetwork = ReferenceMappingNetwork(
+            sites, model.latent_channels, shared_adapters=model.umn_adapters == "shared"
+        )
     elif model.umn_arch == "fast":
-        net = UnifiedMappingNetwork(sites, model.latent_channels, model.umn_width, model.umn_blocks)
+        net = UnifiedMappingNetwork(
+            sites,
+            model.latent_channels,
+            model.umn_width,
+            model.umn_blocks,
+            shared_adapters=model.umn_adapters == "shared",
+        )
     else:
         raise ValueError(f"model.umn_arch must be 'fast' or 'reference', got {model.umn_arch!r}")
     # NHWC weights from the start (training and loaded checkpoints alike): the latents arrive

@@ -77,9 +77,14 @@ class ReferenceMappingNetwork(UnifiedMappingNetwork):
     (the reference size is fixed)."""
 
     def __init__(
-        self, sites: list[str], latent_channels: int, width: int = 0, blocks: int = 0
+        self,
+        sites: list[str],
+        latent_channels: int,
+        width: int = 0,
+        blocks: int = 0,
+        shared_adapters: bool = False,
     ) -> None:
-        super().__init__(sites, latent_channels, width, blocks)
+        super().__init__(sites, latent_channels, width, blocks, shared_adapters)
 
     def _build_trunk(self, c: int, w: int, blocks: int) -> None:
         s1, s2, s3, s4 = STAGES

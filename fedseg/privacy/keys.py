@@ -73,7 +73,15 @@ def load_or_create_key(path: str | Path) -> bytes:
     """What a simulated hospital does on first start: make its own secret, then reuse it."""
     path = Path(path)
     if not path.exists():
-        write_key_file(path)
+        # Written aside, then linked into place: with a federation key several simulated sites
+        # start at once, and none may read a half-written secret or replace another's.
+        tmp = write_key_file(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another site made it first: use theirs
+        finally:
+            tmp.unlink()
     return read_key_file(path)
 
 
