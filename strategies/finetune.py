@@ -35,9 +35,8 @@ class SplitFinetuning:
         self.timeout_s = timeout_s
         self.seconds = 0.0
         self.share = coordinator.cfg.training.finetune_share
-        self._adopt: dict[
-            int, ArrayRecord
-        ] = {}  # shared weights a site takes with its next message
+        # Shared weights each site takes with its next message (finetune_share).
+        self._adopt: dict[int, ArrayRecord] = {}
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
