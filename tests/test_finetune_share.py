@@ -212,3 +212,21 @@ def test_federation_key_is_one_file_made_once_even_by_sites_starting_together(tm
     assert len(secrets) == 1
     assert oct(target.stat().st_mode & 0o777) == oct(0o600)
     assert [p.name for p in target.parent.iterdir()] == ["federation.key"]  # no leftovers
+
+
+def test_flower_cyclic_sharing_after_pre_training_ends_with_one_model(tmp_path):
+    """The other combination: pre-trained AEs and a latent-MSE round, then cyclic sharing."""
+    cfg = small_config(tmp_path / "out", 2, [8, 8, 16, 16, 16], 16, ae_epochs=1, batch_size=4)
+    cfg.training.umn_epochs_per_round = 1
+    cfg.training.finetune_epochs = 2
+    cfg.training.finetune_share = "cyclic"
+    cfg.validate()
+    simulate(cfg)
+    out = Path(cfg.out_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not metrics["dropped"] and metrics["train_latent_bytes"] > 0
+    saved = [SiteModels.load(cfg, site_models_path(out, s))[0].state() for s in metrics["sites"]]
+    shared = [k for k in saved[0] if k.startswith(("image.encoder.", "mask.decoder."))]
+    assert shared and all(torch.equal(saved[0][k], saved[1][k]) for k in shared)
+    # The parts split training does not touch stay each site's own pre-trained ones.
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0] if k not in shared)
