@@ -88,10 +88,11 @@ def test_leak_check_finds_each_key_component(dtype):
     latents = np.random.default_rng(0).standard_normal((64, 32, 8, 8)).astype(dtype)
     assert find_key_material({"latents": latents}, [], secret, ring) == []
     for leaked in (key.mixing[3], key.mixing[:, 5], key.rotation[0], key.bias):
-        payload = latents.copy().ravel()
-        payload[100 : 100 + 32] = leaked.astype(dtype)
-        found = find_key_material({"x": payload}, [], secret, ring)
-        assert found, f"missed a leaked key vector in {np.dtype(dtype)}"
+        for at in (0, 100, latents.size - 32):  # the first and last places a vector fits too
+            payload = latents.copy().ravel()
+            payload[at : at + 32] = leaked.astype(dtype)
+            found = find_key_material({"x": payload}, [], secret, ring)
+            assert found, f"missed a leaked key vector at {at} in {np.dtype(dtype)}"
 
 
 def test_leak_check_finds_secret_bytes_hex_and_permutation():

@@ -4,9 +4,9 @@ Two checks, both cheap enough to run on every reply:
 - byte patterns: the raw secret and each HKDF output, as bytes or hex, in any array or text;
   each permutation as int32/int64 bytes;
 - key vectors: every row and column of P Q and of Q, and the bias, cast to the dtype of each
-  float array, looked for as a contiguous run of values. Candidate windows start where a value
-  equals the first entry of some key vector, and identical windows (flat image regions give
-  many) are compared once.
+  float array, looked for as a contiguous run of values. Candidate windows are those whose first
+  three values match the first three of some key vector bit for bit; identical windows (flat
+  regions give many) are compared once.
 KNT parameters are covered too: its HKDF outputs (for up to ``knt.MAX_LAYERS`` layers) and every
 row and column of its mixings, its biases, amplitudes, slopes and shifts. They depend only on
 the secret and the channel count, so the guard derives them itself whichever transform is on.
@@ -59,16 +59,37 @@ def _key_vectors(secret: bytes, ring: KeyRing) -> list[np.ndarray]:
     return vectors + [v for v in knt.vectors() if np.any(v)]
 
 
+# Leading entries of a window matched against the key vectors' entries there before the exact
+# comparison: each check keeps a superset of the true matches; on latents three leave a few dozen.
+FILTER_POSITIONS = 3
+
+
+def _matches_any(bits: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin`` on raw bit patterns: a lookup table for 16-bit values, else a binary search
+    in the small sorted ``table`` (float comparisons would be slow for float16 in numpy)."""
+    if bits.dtype == np.uint16:
+        lookup = np.zeros(1 << 16, dtype=bool)
+        lookup[table] = True
+        return lookup[bits]
+    at = np.minimum(np.searchsorted(table, bits), table.size - 1)
+    return table[at] == bits
+
+
 def _contains_vector(flat: np.ndarray, vectors: list[np.ndarray]) -> bool:
     length = len(vectors[0])
     if flat.size < length:
         return False
     cast = np.stack(vectors).astype(flat.dtype)
     wanted = {row.tobytes() for row in cast}
-    starts = np.flatnonzero(np.isin(flat[: flat.size - length + 1], cast[:, 0]))
-    if starts.size == 0:
-        return False
-    windows = np.unique(sliding_window_view(flat, length)[starts], axis=0)
+    unsigned = np.dtype(f"u{flat.dtype.itemsize}")
+    bits, cast_bits = np.ascontiguousarray(flat).view(unsigned), cast.view(unsigned)
+    count = flat.size - length + 1
+    candidate = np.ones(count, dtype=bool)
+    for pos in range(min(FILTER_POSITIONS, length)):
+        candidate &= _matches_any(bits[pos : pos + count], np.unique(cast_bits[:, pos]))
+        if not candidate.any():
+            return False
+    windows = np.unique(sliding_window_view(flat, length)[np.flatnonzero(candidate)], axis=0)
     return any(w.tobytes() in wanted for w in windows)
 
 
