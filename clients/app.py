@@ -34,7 +34,7 @@ from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
-from fedseg.finetune import FINAL_STEP, SHARE_STEP, SiteFinetuner
+from fedseg.finetune import FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
@@ -228,10 +228,17 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             content["latents"] = to_record(arrays)
         return Message(content, reply_to=msg)
 
+    def save_finetuner(tuner: SiteFinetuner, path: Path, run_cfg: RunConfig, setup: SiteSetup):
+        save_private(tuner.state(), path)
+        kept_finetuners().keep(path, tuner, (fingerprint(run_cfg), setup.key_file))
+
     def finetuner(run_cfg: RunConfig, setup: SiteSetup, context: Context, start: bool):
         """The site's fine-tuning state: from its trained AEs at the start, else from its disk
-        (weights and optimizer moments; 0600, never sent)."""
+        (weights and optimizer moments; 0600, never sent) or this process's copy of it."""
         path = finetune_state_path(setup)
+        tuner = kept_finetuners().take(path, (fingerprint(run_cfg), setup.key_file))
+        if tuner is not None and not start:
+            return tuner, path
         if start:
             models = load_models(run_cfg, setup, context)
         elif path.is_file():  # its weights come from the state file: no need to load them twice
@@ -263,7 +270,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             check_finetune_share(run_cfg, setup.split.name)
             content["weights"] = ArrayRecord(tuner.shared_state())
             content["metrics"] = MetricRecord({"num-examples": len(setup.split.train)})
-            save_private(tuner.state(), path)
+            save_finetuner(tuner, path, run_cfg, setup)
         elif step == FINAL_STEP:  # the end: the fine-tuned AEs become the site's AEs
             saved = site_models_path(setup.out_dir, setup.split.name)
             tuner.models.save(saved, setup.split.train.class_names)
@@ -273,7 +280,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             content["done"] = ConfigRecord({"site": setup.split.name})
         else:
             content["latents"] = to_record(tuner.forward(epoch, step))
-            save_private(tuner.state(), path)
+            save_finetuner(tuner, path, run_cfg, setup)
         return Message(content, reply_to=msg)
 
     @app.train("finetune_backward")
@@ -284,7 +291,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         tuner, path = finetuner(run_cfg, setup, context, start=False)
         mapped = arrays_of(msg.content.array_records["mapped"])
         grad, loss = tuner.decode_and_backward(epoch, step, epochs, mapped)
-        save_private(tuner.state(), path)
+        save_finetuner(tuner, path, run_cfg, setup)
         content = RecordDict({"grad": to_record(grad), "metrics": MetricRecord({"loss": loss})})
         return Message(content, reply_to=msg)
 

@@ -19,6 +19,9 @@ anyway); the site newly sees gradients of the server's network. README: privacy 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from pathlib import Path
+
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
@@ -173,6 +176,45 @@ class SiteFinetuner:
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])
+
+
+class KeptFinetuners:
+    """The fine-tuners a process saved last, by state file.
+
+    A process serves a site's messages one after another (a simulation's Ray actor serves
+    several sites), and rebuilding and reloading the fine-tuner for each was a sixth of a step.
+    One is handed back only while its file is still the one it saved (another process may have
+    served the site since) and ``context`` (config, key file) is the same; it is taken out while
+    a handler uses it, so a handler that fails leaves the file on disk, not a half-stepped copy.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[Path, tuple[tuple, SiteFinetuner]] = {}
+
+    @staticmethod
+    def _stamp(path: Path, context: Hashable) -> tuple:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size, context
+
+    def keep(self, path: Path, tuner: SiteFinetuner, context: Hashable) -> None:
+        """Call right after saving ``tuner`` to ``path``."""
+        self._kept[path] = (self._stamp(path, context), tuner)
+
+    def take(self, path: Path, context: Hashable) -> SiteFinetuner | None:
+        kept = self._kept.pop(path, None)
+        if kept is None or not path.is_file() or kept[0] != self._stamp(path, context):
+            return None
+        return kept[1]
+
+
+_KEPT = KeptFinetuners()
+
+
+def kept_finetuners() -> KeptFinetuners:
+    """This process's one instance. Reached through a function because simulation unpickles
+    the ClientApp for every message, and a module object captured by its handlers would be
+    unpickled as a fresh, empty copy each time."""
+    return _KEPT
 
 
 def share_groups(sites: list[str], share: str, epoch: int) -> list[list[str]]:

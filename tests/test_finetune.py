@@ -13,10 +13,10 @@ import torch
 from monai.losses import DiceCELoss
 
 from clients.app import FINETUNED
-from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint
+from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, save_private
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner, finetune_in_process, finetune_steps
+from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
 from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import site_models_path, site_transform, stream_length, train_site, training_chunk
@@ -120,6 +120,29 @@ def test_batches_are_reproducible_so_the_encoder_pass_can_be_recomputed(setup):
     assert not torch.equal(tuner._batch(4, 1)[0], x1)
     with pytest.raises(ValueError, match="step 99"):
         tuner._batch(0, 99)
+
+
+def test_a_kept_finetuner_is_handed_back_only_while_its_file_is_the_one_it_saved(setup, tmp_path):
+    _, sites, tuners, _ = _fresh(setup)
+    mine, other = (tuners[s.name] for s in sites)
+    path, kept = tmp_path / "finetune-state.pt", KeptFinetuners()
+
+    def save_and_keep(context="run-a"):
+        save_private(mine.state(), path)
+        kept.keep(path, mine, context)
+
+    save_and_keep()
+    assert kept.take(path, "run-a") is mine
+    assert kept.take(path, "run-a") is None, "handed out twice: a failed handler would leak"
+    save_and_keep()
+    assert kept.take(path, "run-b") is None, "another config or key file"
+    save_and_keep()
+    save_private(other.state(), path)  # another process served the site since
+    assert kept.take(path, "run-a") is None
+    save_and_keep()
+    path.unlink()
+    assert kept.take(path, "run-a") is None
+    assert kept.take(tmp_path / "elsewhere.pt", "run-a") is None
 
 
 def test_bad_gradients_are_refused_by_name_and_the_others_still_train(setup):
