@@ -228,15 +228,18 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             content["latents"] = to_record(arrays)
         return Message(content, reply_to=msg)
 
+    def tuner_context(run_cfg: RunConfig, setup: SiteSetup) -> tuple:
+        return fingerprint(run_cfg), setup.key_file  # what a kept fine-tuner was built from
+
     def save_finetuner(tuner: SiteFinetuner, path: Path, run_cfg: RunConfig, setup: SiteSetup):
         save_private(tuner.state(), path)
-        kept_finetuners().keep(path, tuner, (fingerprint(run_cfg), setup.key_file))
+        kept_finetuners().keep(path, tuner, tuner_context(run_cfg, setup))
 
     def finetuner(run_cfg: RunConfig, setup: SiteSetup, context: Context, start: bool):
         """The site's fine-tuning state: from its trained AEs at the start, else from its disk
         (weights and optimizer moments; 0600, never sent) or this process's copy of it."""
         path = finetune_state_path(setup)
-        tuner = kept_finetuners().take(path, (fingerprint(run_cfg), setup.key_file))
+        tuner = kept_finetuners().take(path, tuner_context(run_cfg, setup))
         if tuner is not None and not start:
             return tuner, path
         if start:

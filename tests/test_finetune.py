@@ -133,7 +133,9 @@ def test_a_kept_finetuner_is_handed_back_only_while_its_file_is_the_one_it_saved
 
     save_and_keep()
     assert kept.take(path, "run-a") is mine
-    assert kept.take(path, "run-a") is None, "handed out twice: a failed handler would leak"
+    assert kept.take(path, "run-a") is None, (
+        "handed out twice: a failed handler's half-stepped copy could be reused"
+    )
     save_and_keep()
     assert kept.take(path, "run-b") is None, "another config or key file"
     save_and_keep()

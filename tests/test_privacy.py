@@ -80,7 +80,7 @@ def test_klt_preserves_distances():
     assert torch.allclose(invert_klt(apply_klt(a, key), key), a, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.longdouble])
 def test_leak_check_finds_each_key_component(dtype):
     secret = generate_secret()
     ring = KeyRing.from_secret(secret, 32)

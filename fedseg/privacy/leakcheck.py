@@ -79,6 +79,10 @@ def _contains_vector(flat: np.ndarray, vectors: list[np.ndarray]) -> bool:
     length = len(vectors[0])
     if flat.size < length:
         return False
+    if flat.dtype.itemsize not in (2, 4, 8):
+        # long double: padding bytes make its bytes unreliable; the key vectors are float64
+        # values, so they survive the conversion exactly (a near value may match: the safe side)
+        return _contains_vector(flat.astype(np.float64), vectors)
     cast = np.stack(vectors).astype(flat.dtype)
     wanted = {row.tobytes() for row in cast}
     unsigned = np.dtype(f"u{flat.dtype.itemsize}")
