@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import ae_tag  # noqa: E402
 
 from fedseg.config import ConfigError, RunConfig, apply_overrides, load_config  # noqa: E402
-from fedseg.coordinator import Coordinator  # noqa: E402
+from fedseg.coordinator import Coordinator, key_path  # noqa: E402
 from fedseg.data import load_federation  # noqa: E402
 from fedseg.finetune import SiteFinetuner, finetune_in_process  # noqa: E402
 from fedseg.site import (  # noqa: E402
@@ -133,7 +133,10 @@ def main() -> None:
         sites = [s for s in sites if s.name in wanted]
     work = Path(args.work or tempfile.mkdtemp(prefix="fedseg-study-"))
     models = site_aes(cfg, sites, args)
-    transforms = {s.name: site_transform(cfg, work / "keys" / f"{s.name}.key") for s in sites}
+    transforms = {
+        s.name: site_transform(cfg, key_path(work / "keys", s.name, cfg.privacy.key_scope))
+        for s in sites
+    }
     coord = Coordinator(cfg, [s.name for s in sites], key_dir=work / "keys")
     for s in sites if cfg.training.umn_rounds else []:  # no latent training: nothing to send
         n = stream_length(s.train, cfg.training.augment_copies)

@@ -134,6 +134,19 @@ class Coordinator:
                 [canonical_basis(z, whiten=False) for z in site.mask],
             )
 
+    def _start_input_bases(self, site: str, image: list[torch.Tensor]) -> None:
+        """Split training from scratch collects no training latents, so the UMN's input bases
+        come from the first batch a site maps (latents the server receives anyway). Without
+        them client custody fed the trunk the key's bias (std 1, against about 0.35 for a
+        fresh us-nerve encoder's channels) and server custody did not; with them the trunk
+        sees the same centred coordinates in either custody, whatever the key (``canonical``).
+        Shared adapters mean one latent space, so the first batch's bases serve every site
+        (other batches could order or sign near-equal axes differently)."""
+        bases = [canonical_basis(z, whiten=False) for z in image]
+        for s in self.sites if self.umn.shared_adapters else [site]:
+            if not self.umn.has_input_basis(s):
+                self.umn.start_in_canonical_input(s, bases)
+
     def map_query(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keyed image latents in, keyed mask latents out."""
         self._check_site(site)
@@ -147,11 +160,11 @@ class Coordinator:
         self._check_site(site)
         t = self._transforms[site]
         keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes)]
+        image = t.inverse(keyed, "image")
+        if self.cfg.model.canonical_adapters and not self.umn.has_input_basis(site):
+            self._start_input_bases(site, image)
         self.umn.train()
-        mapped = t.forward(
-            self.umn([nhwc(z) for z in t.inverse(keyed, "image")], self.umn.site_index(site)),
-            "mask",
-        )
+        mapped = t.forward(self.umn([nhwc(z) for z in image], self.umn.site_index(site)), "mask")
         self._finetune_graphs[site] = (keyed, mapped)
         return pack(mapped, "mask")
 
@@ -165,7 +178,7 @@ class Coordinator:
         (with why); a refused or missing site does not count this step."""
         graphs, self._finetune_graphs = self._finetune_graphs, {}
         accepted, refused = {}, {}
-        for site, arrays in grads.items():
+        for site, arrays in sorted(grads.items()):  # a fixed order, whatever replied first
             if site not in graphs:
                 refused[site] = "sent a gradient but mapped no batch this step"
                 continue

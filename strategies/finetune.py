@@ -126,7 +126,9 @@ class SplitFinetuning:
         names = {n: federation.sites[n].name for n in active}
         replies = self._forward(grid, federation, active, epoch, step, pending)
         mapped = {}
-        for node_id, reply in replies.items():
+        # Sites in name order, not reply order: the server's first batch fixes the UMN's input
+        # bases, and the order of its updates should not depend on who answered first.
+        for node_id, reply in sorted(replies.items(), key=lambda item: names[item[0]]):
             try:
                 latents = arrays_of(reply.content.array_records["latents"])
                 mapped[node_id] = self.coordinator.finetune_forward(names[node_id], latents)

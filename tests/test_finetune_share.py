@@ -230,3 +230,42 @@ def test_flower_cyclic_sharing_after_pre_training_ends_with_one_model(tmp_path):
     assert shared and all(torch.equal(saved[0][k], saved[1][k]) for k in shared)
     # The parts split training does not touch stay each site's own pre-trained ones.
     assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0] if k not in shared)
+
+
+def test_with_one_key_the_umn_maps_alike_in_either_custody(tmp_path):
+    """Split training from scratch: the server takes the UMN's input bases from the first batch
+    it maps, so the trunk sees the same centred coordinates whether it holds the key (server
+    custody, un-keyed latents) or not (client custody, the key's bias still on): the mapped
+    latents agree up to the fp16 wire. Without those bases they differ by the key's bias."""
+    from fedseg.coordinator import key_path
+    from fedseg.wire import unpack
+
+    cfg = _split_config(tmp_path, "average", sites=2)
+    cfg.privacy.key_scope = "federation"
+    cfg.model.umn_adapters = "shared"
+    keys = tmp_path / "keys"
+    cfg.privacy.key_dir = str(keys)
+    site = load_federation(cfg.validate())[0]
+    models, _ = train_site(cfg, site.train)
+    transform = site_transform(cfg, key_path(keys, site.name, "federation"))
+    tuner = SiteFinetuner(cfg, site.train, models, transform)
+    sent = tuner.forward(0, 0)
+    shapes = tuner.shapes
+
+    def first_map(custody: str, canonical: bool = True) -> list[torch.Tensor]:
+        cfg.privacy.custody = custody
+        cfg.model.canonical_adapters = canonical
+        coord = Coordinator(cfg, [s.name for s in load_federation(cfg)], key_dir=keys)
+        with torch.no_grad():
+            mapped = unpack(coord.finetune_forward(site.name, sent), "mask", shapes)
+        assert coord.umn.has_input_basis(site.name) == canonical
+        # What the server produced before keying (client custody: it never keys)
+        return transform.inverse(mapped, "mask") if custody == "server" else mapped
+
+    server, client = first_map("server"), first_map("client")
+    for s, c in zip(server, client, strict=True):
+        scale = float(s.abs().max())
+        assert float((s - c).abs().max()) < 0.02 * scale
+    server, client = first_map("server", canonical=False), first_map("client", canonical=False)
+    gaps = [float((s - c).abs().max() / s.abs().max()) for s, c in zip(server, client, strict=True)]
+    assert max(gaps) > 0.1, gaps

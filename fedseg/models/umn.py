@@ -128,6 +128,21 @@ class UnifiedMappingNetwork(nn.Module):
             weight, bias = mask[scale].from_canonical()
             self.out_basis[index, scale], self.out_offset[index, scale] = weight, bias
 
+    def has_input_basis(self, site: str) -> bool:
+        """Whether a site's input basis was ever set (a new UMN starts at the identity)."""
+        index = self.site_index(site)
+        eye = torch.eye(self.in_basis.shape[-1], dtype=self.in_basis.dtype)
+        fresh = bool((self.in_basis[index] == eye).all()) and not bool(self.in_offset[index].any())
+        return not fresh
+
+    @torch.no_grad()
+    def start_in_canonical_input(self, site: str, image: list[CanonicalBasis]) -> None:
+        """Fix only a site's input bases (split training from scratch has no mask latents)."""
+        index = self.site_index(site)
+        for scale in range(3):
+            weight, bias = image[scale].to_canonical()
+            self.in_basis[index, scale], self.in_offset[index, scale] = weight, bias
+
     def site_index(self, site: str) -> int:
         if site not in self.sites:
             raise KeyError(f"unknown site {site!r}; this UMN serves {self.sites}")
