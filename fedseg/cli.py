@@ -35,10 +35,7 @@ def _logging(verbose: bool) -> None:
 
 def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) -> dict:
     """Federated run, then baselines; returns the final metrics dict."""
-    from fedseg.data import load_federation
-    from fedseg.reference_runs import centralized_unet, local_unets
     from fedseg.report import load_metrics
-    from fedseg.results import add_baselines
     from simulations.engine import simulate
 
     out = Path(cfg.out_dir)
@@ -52,32 +49,49 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
     wall = time.perf_counter() - started
     b = cfg.baselines
     if with_baselines and (b.centralized_unet or b.local_unet):
-        sites = load_federation(cfg)
-        budget = metrics["timing_s"]["training_total"] / 60 if b.match_wall_clock else b.minutes
-        baselines, timing = {}, {"federated_wall": wall}
-        with _progress() as progress:
-            if b.centralized_unet:
-                task = progress.add_task("centralized UNet", total=None, loss="-")
-                started = time.perf_counter()
-                baselines["centralized_unet"], _ = centralized_unet(
-                    cfg, sites, budget, _advance(progress, task)
-                )
-                timing["centralized_unet"] = time.perf_counter() - started
-            if b.local_unet:
-                task = progress.add_task("local UNets", total=None, loss="-")
-                started = time.perf_counter()
-                baselines["local_unet"], _ = local_unets(
-                    cfg, sites, budget / len(sites), _advance(progress, task)
-                )
-                timing["local_unet"] = time.perf_counter() - started
-        from fedseg.evaluation import mean_over_sites
-
-        for block in baselines.values():
-            block["mean"] = mean_over_sites(block["sites"])
-        metrics = add_baselines(out, baselines, timing)
+        minutes = _baseline_minutes(cfg, metrics)
+        metrics = _train_baselines(cfg, minutes, {"federated_wall": wall})
     _summary(metrics)
     console.print(f"report: {(out / 'report.md').resolve()}")
     return metrics
+
+
+def _baseline_minutes(cfg: RunConfig, metrics: dict) -> float:
+    """The federated run's training time (``match_wall_clock``), else ``baselines.minutes``."""
+    if cfg.baselines.match_wall_clock:
+        return metrics["timing_s"]["training_total"] / 60
+    return cfg.baselines.minutes
+
+
+def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -> dict:
+    """Train the baselines ``cfg.baselines`` enables and add them to the run's results folder.
+    The centralized UNet gets ``minutes``; each local UNet that divided by the site count."""
+    from fedseg.data import load_federation
+    from fedseg.evaluation import mean_over_sites
+    from fedseg.reference_runs import centralized_unet, local_unets
+    from fedseg.results import add_baselines
+
+    b = cfg.baselines
+    sites = load_federation(cfg)
+    baselines, timing = {}, dict(timing)
+    with _progress() as progress:
+        if b.centralized_unet:
+            task = progress.add_task("centralized UNet", total=None, loss="-")
+            started = time.perf_counter()
+            baselines["centralized_unet"], _ = centralized_unet(
+                cfg, sites, minutes, _advance(progress, task)
+            )
+            timing["centralized_unet"] = time.perf_counter() - started
+        if b.local_unet:
+            task = progress.add_task("local UNets", total=None, loss="-")
+            started = time.perf_counter()
+            baselines["local_unet"], _ = local_unets(
+                cfg, sites, minutes / len(sites), _advance(progress, task)
+            )
+            timing["local_unet"] = time.perf_counter() - started
+    for block in baselines.values():
+        block["mean"] = mean_over_sites(block["sites"])
+    return add_baselines(Path(cfg.out_dir), baselines, timing)
 
 
 def _progress() -> Progress:
@@ -184,6 +198,42 @@ def run(
     except ConfigError as err:
         raise typer.Exit(code=_fail(str(err))) from err
     execute(cfg, with_baselines=baselines, verbose=False)
+
+
+@app.command()
+def baselines(
+    run_dir: Path = typer.Option(..., "--run", help="results folder of a finished `fedseg run`"),
+    minutes: float = typer.Option(
+        0.0, help="training minutes (0: the run's own training time, or baselines.minutes)"
+    ),
+    centralized: bool = typer.Option(True, help="the centralized UNet, if the scenario has it"),
+    local: bool = typer.Option(True, help="the local UNets, if the scenario has them"),
+) -> None:
+    """Train the baselines of a finished run and add them to its results folder: for a run made
+    with --no-baselines (two custodies side by side, then one reference), or to re-train them."""
+    from fedseg.config import config_from_dict
+    from fedseg.report import load_metrics
+
+    _logging(False)
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise typer.Exit(code=_fail(f"{metrics_file}: no such file (not a fedseg results folder)"))
+    try:
+        metrics = load_metrics(run_dir)
+        cfg = config_from_dict(metrics["config"])
+    except (ConfigError, KeyError, ValueError) as err:
+        raise typer.Exit(
+            code=_fail(f"{metrics_file}: cannot rebuild the run's config: {err}")
+        ) from err
+    cfg.out_dir = str(run_dir)
+    cfg.baselines.centralized_unet &= centralized
+    cfg.baselines.local_unet &= local
+    if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet):
+        raise typer.Exit(code=_fail("no baseline left to train (see --centralized / --local)"))
+    budget = minutes if minutes > 0 else _baseline_minutes(cfg, metrics)
+    console.print(f"baselines for {run_dir}: {budget:.1f} min of training")
+    _summary(_train_baselines(cfg, budget, {}))
+    console.print(f"report: {(run_dir / 'report.md').resolve()}")
 
 
 @app.command()

@@ -92,3 +92,35 @@ def test_checkpoint_holds_no_key_material(client_custody_run):
     for site in ("hospital-1", "hospital-2"):
         secret, ring = _ring(cfg, site)
         assert find_key_material(arrays, [json.dumps(state["config"])], secret, ring) == []
+
+
+def test_baselines_added_to_a_finished_run_later(client_custody_run, tmp_path):
+    """`fedseg baselines --run DIR` trains the reference on the run's own config and adds it to
+    the results folder; the federated figures stay as they were."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fedseg.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(client_custody_run.out_dir, run)
+    before = json.loads((run / "metrics.json").read_text())
+    result = CliRunner().invoke(app, ["baselines", "--run", str(run), "--minutes", "0.02"])
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["sites"] == before["sites"] and after["mean"] == before["mean"]
+    for name in ("centralized_unet", "local_unet"):
+        block = after["baselines"][name]
+        assert set(block["sites"]) == set(before["sites"]), name
+        assert all(0.0 <= s["dice_mean"] <= 1.0 for s in block["sites"].values())
+    assert "centralized_unet" in after["timing_s"]
+    assert "centralized_unet" in (run / "report.md").read_text()
+
+    missing = CliRunner().invoke(app, ["baselines", "--run", str(tmp_path / "nothing")])
+    said = missing.output.replace("\n", "")  # rich wraps long lines
+    assert missing.exit_code == 2 and "nothing/metrics.json: no such file" in said
+    none_left = CliRunner().invoke(
+        app, ["baselines", "--run", str(run), "--no-centralized", "--no-local"]
+    )
+    assert none_left.exit_code == 2 and "no baseline left" in none_left.output.replace("\n", "")
