@@ -36,6 +36,9 @@ def key_path(key_dir: str | Path, site: str, scope: str = "site") -> Path:
     return Path(key_dir) / f"{'federation' if scope == 'federation' else site}.key"
 
 
+FLAT_LATENTS = 1e-4  # latent spread below which a batch cannot give the UMN its input bases
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, sites: list[str], key_dir: str | Path | None = None):
         self.cfg = cfg
@@ -143,6 +146,8 @@ class Coordinator:
         Shared adapters mean one latent space, so the first batch's bases serve every site
         (other batches could order or sign near-equal axes differently)."""
         bases = [canonical_basis(z, whiten=False) for z in image]
+        if any(float(b.scale.min()) < FLAT_LATENTS for b in bases):
+            return  # a flat batch (blank images) has no axes: wait for the next one
         for s in self.sites if self.umn.shared_adapters else [site]:
             if not self.umn.has_input_basis(s):
                 self.umn.start_in_canonical_input(s, bases)

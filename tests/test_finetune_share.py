@@ -269,3 +269,20 @@ def test_with_one_key_the_umn_maps_alike_in_either_custody(tmp_path):
     server, client = first_map("server", canonical=False), first_map("client", canonical=False)
     gaps = [float((s - c).abs().max() / s.abs().max()) for s, c in zip(server, client, strict=True)]
     assert max(gaps) > 0.1, gaps
+
+
+def test_a_flat_first_batch_leaves_the_input_bases_for_the_next_one(tmp_path):
+    """Blank images give constant latents: no axes to take, and a basis scaled by their zero
+    spread would blow the trunk's input up. The server waits for a batch with some spread."""
+    from fedseg.wire import pack
+
+    cfg = _split_config(tmp_path, "average", sites=1)
+    coord = Coordinator(cfg, ["a"])
+    shapes = coord.shapes
+    flat = [torch.full((2, *shape), 0.3) for shape in shapes]
+    coord.finetune_forward("a", pack(flat, "image"))
+    assert not coord.umn.has_input_basis("a")
+    varied = [torch.randn(2, *shape) for shape in shapes]
+    mapped = coord.finetune_forward("a", pack(varied, "image"))
+    assert coord.umn.has_input_basis("a")
+    assert all(np.isfinite(v).all() for v in mapped.values())
