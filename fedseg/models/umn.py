@@ -121,10 +121,9 @@ class UnifiedMappingNetwork(nn.Module):
         self, site: str, image: list[CanonicalBasis], mask: list[CanonicalBasis]
     ) -> None:
         """Fix a site's bases to its latents' principal axes (see ``canonical``)."""
+        self.start_in_canonical_input(site, image)
         index = self.site_index(site)
         for scale in range(3):
-            weight, bias = image[scale].to_canonical()
-            self.in_basis[index, scale], self.in_offset[index, scale] = weight, bias
             weight, bias = mask[scale].from_canonical()
             self.out_basis[index, scale], self.out_offset[index, scale] = weight, bias
 
