@@ -136,11 +136,14 @@ class UnifiedMappingNetwork(nn.Module):
 
     @torch.no_grad()
     def start_in_canonical_input(self, site: str, image: list[CanonicalBasis]) -> None:
-        """Fix only a site's input bases (split training from scratch has no mask latents)."""
+        """Fix only a site's input bases (split training from scratch has no mask latents).
+        New tensors, not writes in place: in split training another site's batch of this step
+        may still hold the old ones in its autograd graph."""
         index = self.site_index(site)
+        basis, offset = self.in_basis.clone(), self.in_offset.clone()
         for scale in range(3):
-            weight, bias = image[scale].to_canonical()
-            self.in_basis[index, scale], self.in_offset[index, scale] = weight, bias
+            basis[index, scale], offset[index, scale] = image[scale].to_canonical()
+        self.in_basis, self.in_offset = basis, offset
 
     def site_index(self, site: str) -> int:
         if site not in self.sites:
