@@ -143,13 +143,15 @@ def fp16_dice(run_dir: Path) -> None:
             cfg, Path(cfg.privacy.key_dir or run_dir / "keys") / f"{name}.key"
         )
         wire = coordinator.map_query(name, query_chunk(test, models, transform, 0, len(test)))
-        pred16 = segment_mapped(cfg, models, transform, wire)
+        pred16 = segment_mapped(cfg, models, transform, wire, test.images)
         with torch.no_grad():
             keyed = transform.forward(
                 encode(models.image_ae, torch.from_numpy(test.images)), "image"
             )
             mapped = map_latents(coordinator.umn, name, keyed)
-            pred32 = decode_masks(models.mask_ae, transform.inverse(mapped, "mask"))
+            pred32 = decode_masks(
+                models.mask_ae, transform.inverse(mapped, "mask"), models.image_ae, test.images
+            )
         spacing = test.spacing if test.spacing_known else None
         d16 = segmentation_metrics(pred16, test.masks, test.class_names, spacing)["dice_mean"]
         d32 = segmentation_metrics(pred32, test.masks, test.class_names, spacing)["dice_mean"]

@@ -196,7 +196,11 @@ def arch_worker(job: dict) -> dict:
             ),
             "server_map": timed(lambda q=query: coord.map_query(site, q), n_rep, warmup),
             "client_inverse_decode": timed(
-                lambda a=answer: segment_mapped(cfg, models, transform, a), n_rep, warmup
+                lambda a=answer, x=data.images[:batch]: segment_mapped(
+                    cfg, models, transform, a, x
+                ),
+                n_rep,
+                warmup,
             ),
         }
         with torch.no_grad():
@@ -401,7 +405,7 @@ def dice_worker(job: dict) -> dict:
         models.load_state(torch.load(job["aes"][s.name], weights_only=True))
         transform = site_transform(cfg, Path(job["key_dir"]) / f"{s.name}.key")
         query = query_chunk(s.test, models, transform, 0, len(s.test))
-        pred = segment_mapped(cfg, models, transform, coord.map_query(s.name, query))
+        pred = segment_mapped(cfg, models, transform, coord.map_query(s.name, query), s.test.images)
         m = evaluate_predictions(s.test, pred)
         per_site[s.name] = {
             "dice_mean": m["dice_mean"],

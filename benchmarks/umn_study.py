@@ -102,7 +102,7 @@ def score(cfg: RunConfig, sites, models, transforms, coord: Coordinator, split: 
         query = query_chunk(data, models[s.name], transforms[s.name], 0, len(data))
         mapped = coord.map_query(s.name, query)
         metrics = evaluate_predictions(
-            data, segment_mapped(cfg, models[s.name], transforms[s.name], mapped)
+            data, segment_mapped(cfg, models[s.name], transforms[s.name], mapped, data.images)
         )
         out[s.name] = {k: metrics[k] for k in ("dice_mean", "hd95_mean", "asd_mean", "dice")}
     return out

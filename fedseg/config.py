@@ -109,6 +109,10 @@ class ModelConfig:
     # encoder, finetune_share or ae_federation, and one key: privacy.key_scope = "federation",
     # server custody, or no transform). us-nerve split training: README.
     umn_adapters: AdapterScope = "site"
+    # The mask decoder also takes the site's own image encoder's 1/2 and 1/4 scale features
+    # (fedseg/models/autoencoder.py). They never leave the site; only split training
+    # (training.finetune_epochs > 0) teaches the decoder to use them. us-nerve: README.
+    local_skips: bool = False
 
 
 @dataclass
@@ -267,6 +271,11 @@ class RunConfig:
                 "training.ae_federation = 'fedavg' needs training.ae_epochs > 0",
             ),
             (self.training.finetune_lr > 0, "training.finetune_lr must be > 0"),
+            (
+                not self.model.local_skips or self.training.finetune_epochs > 0,
+                "model.local_skips needs training.finetune_epochs > 0 (only split training "
+                "teaches the mask decoder to use the site's image features)",
+            ),
             (self.federation.actors >= 0, "federation.actors must be >= 0"),
             (
                 not self.hospitals

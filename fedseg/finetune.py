@@ -77,6 +77,9 @@ class SiteFinetuner:
             models.mask_ae.decoder.parameters(), lr=lr, weight_decay=1e-4
         )
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at
+        # step 3; that gradient waits here for step 4, where the encoder takes one step on both.
+        self.local_grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
         to_nhwc(models.image_ae, models.mask_ae)
 
     @property
@@ -118,6 +121,12 @@ class SiteFinetuner:
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.encoder_opt.zero_grad(set_to_none=True)
         torch.autograd.backward(keyed, grad)
+        if self.local_grads is not None and self.local_grads[:2] == (epoch, step):
+            for name, param in self.models.image_ae.encoder.named_parameters():
+                extra = self.local_grads[2].get(name)
+                if extra is not None:
+                    param.grad = extra if param.grad is None else param.grad + extra
+        self.local_grads = None
         self.encoder_opt.step()
         self.models.image_ae.eval()
 
@@ -125,19 +134,30 @@ class SiteFinetuner:
         self, epoch: int, step: int, epochs: int, mapped: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], float]:
         """Step 3: loss on the site's own masks; returns d loss / d keyed mask latents."""
-        _, y = self._batch(epoch, step)
+        x, y = self._batch(epoch, step)
         keyed = [z.requires_grad_() for z in unpack(mapped, "mask", self.shapes)]
         if keyed[0].shape[0] != y.shape[0]:
             raise ValueError(f"mapped latents for {keyed[0].shape[0]} items, batch has {len(y)}")
         decoder = self.models.mask_ae.decoder
         decoder.train()
-        logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")])
+        local = None
+        encoder = self.models.image_ae.encoder
+        if decoder.local_skips:
+            encoder.train()
+            encoder.zero_grad(set_to_none=True)
+            local = encoder.local_features(nhwc(x))
+        logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")], local)
         loss = self.loss_fn(logits, y[:, None])
         cosine_lr(self.decoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.decoder_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.decoder_opt.step()
         decoder.eval()
+        if local is not None:
+            grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+            self.local_grads = (epoch, step, grads)
+            encoder.zero_grad(set_to_none=True)
+            encoder.eval()
         return pack([z.grad for z in keyed], "grad", GRAD_DTYPE), float(loss.item())
 
     def shared_state(self) -> dict[str, torch.Tensor]:
@@ -170,12 +190,14 @@ class SiteFinetuner:
             "models": self.models.state(),
             "encoder_opt": self.encoder_opt.state_dict(),
             "decoder_opt": self.decoder_opt.state_dict(),
+            "local_grads": self.local_grads,
         }
 
     def load_state(self, state: dict) -> None:
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])
+        self.local_grads = state.get("local_grads")
 
 
 class KeptFinetuners:

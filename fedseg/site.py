@@ -46,7 +46,9 @@ class SiteModels:
         m = cfg.model
         return cls(
             SkipAutoencoder(1, 1, m.ae_widths, m.latent_channels),
-            SkipAutoencoder(num_classes, num_classes, m.ae_widths, m.latent_channels),
+            SkipAutoencoder(
+                num_classes, num_classes, m.ae_widths, m.latent_channels, m.local_skips
+            ),
         )
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -222,12 +224,17 @@ def query_chunk(
 
 
 def segment_mapped(
-    cfg: RunConfig, models: SiteModels, transform: LatentTransform, arrays: dict[str, np.ndarray]
+    cfg: RunConfig,
+    models: SiteModels,
+    transform: LatentTransform,
+    arrays: dict[str, np.ndarray],
+    images: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Un-key the server's mapped mask latents and decode them into class maps."""
+    """Un-key the server's mapped mask latents and decode them into class maps. ``images``:
+    the queried images, which a decoder with ``model.local_skips`` also reads (locally)."""
     shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
     mapped = unpack(arrays, "mask", shapes)
-    return decode_masks(models.mask_ae, transform.inverse(mapped, "mask"))
+    return decode_masks(models.mask_ae, transform.inverse(mapped, "mask"), models.image_ae, images)
 
 
 def evaluate_predictions(data: SiteData, pred: np.ndarray) -> dict:

@@ -186,13 +186,34 @@ def encode(ae: SkipAutoencoder, x: torch.Tensor, batch_size: int = 64) -> Latent
 
 
 @torch.no_grad()
-def decode_masks(mask_ae: SkipAutoencoder, latents: Latents, batch_size: int = 64) -> np.ndarray:
+def decode_masks(
+    mask_ae: SkipAutoencoder,
+    latents: Latents,
+    image_ae: SkipAutoencoder | None = None,
+    images: np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Class maps from (un-keyed) mask latents. A decoder with local skips also needs the
+    images and the site's image autoencoder, whose fine features it reads."""
     mask_ae.eval()
     n = latents[0].shape[0]
-    preds = [
-        mask_ae.decoder([nhwc(z[i : i + batch_size]) for z in latents]).argmax(1)
-        for i in range(0, n, batch_size)
-    ]
+    if mask_ae.decoder.local_skips:
+        if images is None or image_ae is None:
+            raise ValueError(
+                "this mask decoder has local skips (model.local_skips): it needs the queried "
+                "images and the site's image autoencoder"
+            )
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images for {n} mapped latents")
+        images = torch.as_tensor(images)
+        image_ae.eval()
+    preds = []
+    for i in range(0, n, batch_size):
+        local = None
+        if mask_ae.decoder.local_skips:
+            local = image_ae.encoder.local_features(nhwc(images[i : i + batch_size]))
+        z = [nhwc(z[i : i + batch_size]) for z in latents]
+        preds.append(mask_ae.decoder(z, local).argmax(1))
     return torch.cat(preds).numpy().astype(np.int64)
 
 

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger("fedseg.server")
-PULL_INTERVAL_S = 0.1
+# Replies are polled quickly at first, then less often: a fine-tuning step is a few round trips
+# of tens of milliseconds each, a UMN round or an AE epoch minutes.
+PULL_INTERVAL_S = (0.005, 0.1)  # first and longest wait between two pulls
 
 
 @contextmanager
@@ -91,6 +93,7 @@ def exchange(
     pending = set(grid.push_messages(messages))
     del messages
     end = time.time() + (timeout or 0.0)
+    wait = PULL_INTERVAL_S[0]
     while pending and (timeout is None or time.time() < end):
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
@@ -102,7 +105,8 @@ def exchange(
             if on_reply is not None:
                 on_reply(len(replies), len(failed), len(node_ids))
         if pending:
-            time.sleep(PULL_INTERVAL_S)
+            time.sleep(wait)
+            wait = min(2 * wait, PULL_INTERVAL_S[1])
     for n in node_ids:
         if n not in replies and n not in failed:
             failed[n] = f"no reply within {timeout}s"

@@ -14,12 +14,22 @@ from monai.losses import DiceCELoss
 
 from clients.app import FINETUNED
 from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, save_private
+from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
 from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
 from fedseg.privacy.leakcheck import find_key_material
-from fedseg.site import site_models_path, site_transform, stream_length, train_site, training_chunk
+from fedseg.site import (
+    SiteModels,
+    query_chunk,
+    segment_mapped,
+    site_models_path,
+    site_transform,
+    stream_length,
+    train_site,
+    training_chunk,
+)
 from fedseg.training import nhwc
 from fedseg.wire import GRAD_DTYPE, unpack
 from simulations.engine import simulate
@@ -93,6 +103,88 @@ def test_split_gradient_equals_the_joint_gradient(setup):
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         assert cos > 0.99, f"scale {s}: cosine {cos:.4f} between split and joint gradients"
         assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=0.05)
+
+
+def _local_skip_tuner(setup):
+    cfg, sites, _, coord = _fresh(setup)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.local_skips = True
+    site = sites[0]
+    torch.manual_seed(0)
+    models = SiteModels.build(cfg, site.train.num_classes)
+    transform = site_transform(cfg, Path(cfg.privacy.key_dir) / f"{site.name}.key")
+    return cfg, site, SiteFinetuner(cfg, site.train, models, transform), coord
+
+
+def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup):
+    """model.local_skips: the decoder's loss reaches the encoder's first stages at the site
+    (step 3) as well as through the server (step 4); the one encoder step takes their sum,
+    which is the gradient of the unsplit network."""
+    cfg, site, tuner, coord = _local_skip_tuner(setup)
+    encoder = tuner.models.image_ae.encoder
+    joint = copy.deepcopy(tuner.models)
+    joint_umn = copy.deepcopy(coord.umn)
+
+    stepped = {}
+    real_step = tuner.encoder_opt.step
+
+    def record_then_step(*args, **kwargs):
+        stepped.update({n: p.grad.clone() for n, p in encoder.named_parameters()})
+        return real_step(*args, **kwargs)
+
+    tuner.encoder_opt.step = record_then_step
+    mapped = coord.finetune_forward(site.name, tuner.forward(0, 0))
+    grad_out, _ = tuner.decode_and_backward(0, 0, 1, mapped)
+    assert tuner.local_grads is not None and tuner.local_grads[:2] == (0, 0)
+    # The stash survives a save and reload between the two messages (a Flower handler).
+    tuner.load_state(copy.deepcopy(tuner.state()))
+    answers, refused = coord.finetune_backward({site.name: grad_out}, 0, 1)
+    assert not refused
+    tuner.backward_encoder(0, 0, 1, answers[site.name])
+    assert tuner.local_grads is None
+
+    x, y = tuner._batch(0, 0)
+    joint.image_ae.encoder.train()
+    joint.mask_ae.decoder.train()
+    joint_umn.train()
+    keyed = tuner.transform.forward(joint.image_ae.encoder(nhwc(x)), "image")
+    out = tuner.transform.inverse(joint_umn(keyed, joint_umn.site_index(site.name)), "mask")
+    local = joint.image_ae.encoder.local_features(nhwc(x))
+    logits = joint.mask_ae.decoder(out, local)
+    loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
+    names = [n for n, _ in joint.image_ae.encoder.named_parameters()]
+    grads = torch.autograd.grad(loss, list(joint.image_ae.encoder.parameters()))
+    for stage in ("stages.0.", "stages.4."):  # a local-skip stage and a server-only one
+        a = torch.cat([stepped[n].flatten() for n in names if n.startswith(stage)])
+        b = torch.cat(
+            [g.flatten() for n, g in zip(names, grads, strict=True) if n.startswith(stage)]
+        )
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
+        assert cos > 0.99, f"{stage}: cosine {cos:.4f} between split and joint gradients"
+        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=0.05)
+
+
+def test_a_local_skip_decoder_needs_the_images_it_segments(setup):
+    cfg, site, tuner, coord = _local_skip_tuner(setup)
+    query = query_chunk(site.test, tuner.models, tuner.transform, 0, 3)
+    mapped = coord.map_query(site.name, query)
+    with pytest.raises(ValueError, match="local skips"):
+        segment_mapped(cfg, tuner.models, tuner.transform, mapped)
+    with pytest.raises(ValueError, match="2 images for 3"):
+        segment_mapped(cfg, tuner.models, tuner.transform, mapped, site.test.images[:2])
+    pred = segment_mapped(cfg, tuner.models, tuner.transform, mapped, site.test.images[:3])
+    assert pred.shape == site.test.masks[:3].shape
+    # The images matter: other images give another segmentation of the same latents.
+    other = segment_mapped(cfg, tuner.models, tuner.transform, mapped, -site.test.images[:3])
+    assert not np.array_equal(pred, other)
+
+
+def test_local_skips_need_split_training(tmp_path):
+    cfg = small_config(tmp_path, 2, [8, 16, 16, 32, 32], 32)
+    cfg.model.local_skips = True
+    cfg.training.finetune_epochs = 0
+    with pytest.raises(ConfigError, match="model.local_skips needs training.finetune_epochs"):
+        cfg.validate()
 
 
 def test_finetuning_lowers_the_training_loss_and_changes_only_the_trained_parts(setup):

@@ -101,7 +101,7 @@ def build_run(cfg: RunConfig, mode: str, aes: dict[str, Path], run: Path, log=pr
         t0 = time.perf_counter()
         query = query_chunk(split.test, models[split.name], transform, 0, len(split.test))
         mapped = coordinator.map_query(split.name, query)
-        pred = segment_mapped(cfg, models[split.name], transform, mapped)
+        pred = segment_mapped(cfg, models[split.name], transform, mapped, split.test.images)
         per_image.append((time.perf_counter() - t0) / max(len(split.test), 1))
         results[split.name] = evaluate_predictions(split.test, pred)
     metrics = {

@@ -4,6 +4,10 @@ The encoder has five stride-2 stages; the outputs of stages 3, 4 and 5 (1/8, 1/1
 the input) are projected to ``latent_channels`` each. The decoder starts from the coarsest
 latent and takes the two finer latents as skips, so everything the decoder needs is in the
 latents: nothing else has to cross the wire at inference.
+
+With ``local_skips`` the mask decoder also takes the site's own image encoder's 1/4 and 1/2
+scale features (U-shaped split learning: the site holds both ends of the network). They never
+leave the site; they give the decoder the fine detail that 1/8-scale latents lose (boundaries).
 """
 
 from __future__ import annotations
@@ -41,27 +45,58 @@ class Encoder(nn.Module):
             feats.append(x)
         return [head(f) for head, f in zip(self.heads, feats[2:], strict=True)]
 
+    def local_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The 1/2 and 1/4 scale features: the mask decoder's site-local skips."""
+        feats = []
+        for stage in self.stages[:2]:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
 
 class Decoder(nn.Module):
-    def __init__(self, out_channels: int, widths: list[int], latent_channels: int) -> None:
+    def __init__(
+        self, out_channels: int, widths: list[int], latent_channels: int, local_skips: bool = False
+    ) -> None:
         super().__init__()
         w1, w2, w3, w4, w5 = widths
         c = latent_channels
+        self.local_skips = local_skips
+        self.local_widths = (w1, w2) if local_skips else (0, 0)
         self.coarse = conv_block(c, w5)
         self.up16 = conv_block(w5 + c, w4)
         self.up8 = conv_block(w4 + c, w3)
-        self.up4 = conv_block(w3, w2)
-        self.up2 = conv_block(w2, w1)
+        self.up4 = conv_block(w3 + self.local_widths[1], w2)
+        self.up2 = conv_block(w2 + self.local_widths[0], w1)
         # Full resolution gets one conv: a block there would cost more than the rest together.
         self.out = nn.Conv2d(w1, out_channels, 3, padding=1)
 
-    def forward(self, latents: Latents) -> torch.Tensor:
+    def forward(self, latents: Latents, local: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``local``: the image encoder's :meth:`Encoder.local_features` of the same images,
+        for a decoder built with ``local_skips`` (zeros when absent: the mask autoencoder's
+        reconstruction pre-training has no image)."""
+        if local is not None and not self.local_skips:
+            raise ValueError("this decoder was built without local skips")
         z8, z16, z32 = latents
         x = self.coarse(z32)
         x = self.up16(torch.cat([_up(x), z16], 1))
         x = self.up8(torch.cat([_up(x), z8], 1))
-        for block in (self.up4, self.up2):
-            x = block(_up(x))
+        f2, f4 = local if local is not None else (None, None)
+        for block, skip, width in (
+            (self.up4, f4, self.local_widths[1]),
+            (self.up2, f2, self.local_widths[0]),
+        ):
+            x = _up(x)
+            if width:
+                if skip is None:
+                    skip = x.new_zeros(x.shape[0], width, *x.shape[2:])
+                elif tuple(skip.shape) != (x.shape[0], width, *x.shape[2:]):
+                    raise ValueError(
+                        f"local skip of shape {tuple(skip.shape)}, "
+                        f"the decoder expects {(x.shape[0], width, *x.shape[2:])}"
+                    )
+                x = torch.cat([x, skip], 1)
+            x = block(x)
         return self.out(_up(x))
 
 
@@ -73,11 +108,16 @@ class SkipAutoencoder(nn.Module):
     """Image AE (1 channel in/out) or mask AE (one-hot classes in, class logits out)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, widths: list[int], latent_channels: int
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: list[int],
+        latent_channels: int,
+        local_skips: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(in_channels, widths, latent_channels)
-        self.decoder = Decoder(out_channels, widths, latent_channels)
+        self.decoder = Decoder(out_channels, widths, latent_channels, local_skips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

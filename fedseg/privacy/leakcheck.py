@@ -64,54 +64,88 @@ def _key_vectors(secret: bytes, ring: KeyRing) -> list[np.ndarray]:
 FILTER_POSITIONS = 3
 
 
-def _matches_any(bits: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """``np.isin`` on raw bit patterns: a lookup table for 16-bit values, else a binary search
-    in the small sorted ``table`` (float comparisons would be slow for float16 in numpy)."""
-    if bits.dtype == np.uint16:
-        lookup = np.zeros(1 << 16, dtype=bool)
-        lookup[table] = True
-        return lookup[bits]
-    at = np.minimum(np.searchsorted(table, bits), table.size - 1)
-    return table[at] == bits
+class _VectorTable:
+    """The key vectors cast to one float dtype, with the filters for their leading entries:
+    bit patterns (float comparisons would be slow for float16 in numpy) in a lookup table for
+    16-bit values, else in a small sorted array."""
 
+    def __init__(self, vectors: list[np.ndarray], dtype: np.dtype) -> None:
+        cast = np.stack(vectors).astype(dtype)
+        self.length = cast.shape[1]
+        self.wanted = {row.tobytes() for row in cast}
+        self.unsigned = np.dtype(f"u{dtype.itemsize}")
+        cast_bits = cast.view(self.unsigned)
+        self.filters = []
+        for pos in range(min(FILTER_POSITIONS, self.length)):
+            values = np.unique(cast_bits[:, pos])
+            if dtype.itemsize == 2:
+                lookup = np.zeros(1 << 16, dtype=bool)
+                lookup[values] = True
+                self.filters.append(lookup)
+            else:
+                self.filters.append(values)
 
-def _contains_vector(flat: np.ndarray, vectors: list[np.ndarray]) -> bool:
-    length = len(vectors[0])
-    if flat.size < length:
-        return False
-    if flat.dtype.itemsize not in (2, 4, 8):
-        # long double: padding bytes make its bytes unreliable; the key vectors are float64
-        # values, so they survive the conversion exactly (a near value may match: the safe side)
-        return _contains_vector(flat.astype(np.float64), vectors)
-    cast = np.stack(vectors).astype(flat.dtype)
-    wanted = {row.tobytes() for row in cast}
-    unsigned = np.dtype(f"u{flat.dtype.itemsize}")
-    bits, cast_bits = np.ascontiguousarray(flat).view(unsigned), cast.view(unsigned)
-    count = flat.size - length + 1
-    candidate = np.ones(count, dtype=bool)
-    for pos in range(min(FILTER_POSITIONS, length)):
-        candidate &= _matches_any(bits[pos : pos + count], np.unique(cast_bits[:, pos]))
-        if not candidate.any():
+    @staticmethod
+    def _matches(bits: np.ndarray, table: np.ndarray) -> np.ndarray:
+        if table.dtype == bool:
+            return table[bits]
+        at = np.minimum(np.searchsorted(table, bits), table.size - 1)
+        return table[at] == bits
+
+    def found_in(self, flat: np.ndarray) -> bool:
+        if flat.size < self.length:
             return False
-    windows = np.unique(sliding_window_view(flat, length)[np.flatnonzero(candidate)], axis=0)
-    return any(w.tobytes() in wanted for w in windows)
+        bits = np.ascontiguousarray(flat).view(self.unsigned)
+        count = flat.size - self.length + 1
+        candidate = np.ones(count, dtype=bool)
+        for pos, table in enumerate(self.filters):
+            candidate &= self._matches(bits[pos : pos + count], table)
+            if not candidate.any():
+                return False
+        windows = sliding_window_view(flat, self.length)[np.flatnonzero(candidate)]
+        return any(w.tobytes() in self.wanted for w in np.unique(windows, axis=0))
+
+
+class KeyMaterial:
+    """Everything the guard looks for, derived once: a site checks every reply it sends, and
+    deriving the patterns and tables again each time was most of the check's cost."""
+
+    def __init__(self, secret: bytes, ring: KeyRing | None) -> None:
+        self.patterns = _byte_patterns(secret, ring)
+        self.vectors = _key_vectors(secret, ring) if ring is not None else []
+        self._tables: dict[np.dtype, _VectorTable] = {}
+
+    def __repr__(self) -> str:
+        return "KeyMaterial(<secret>)"
+
+    def _contains_vector(self, flat: np.ndarray) -> bool:
+        if flat.dtype.itemsize not in (2, 4, 8):
+            # long double: padding bytes make its bytes unreliable; the key vectors are float64
+            # values, so they survive the conversion exactly (a near value may match: safe side)
+            flat = flat.astype(np.float64)
+        if flat.dtype not in self._tables:
+            self._tables[flat.dtype] = _VectorTable(self.vectors, flat.dtype)
+        return self._tables[flat.dtype].found_in(flat)
+
+    def find(self, arrays: dict[str, np.ndarray], strings: Iterable[str]) -> list[str]:
+        """Descriptions of key material found in the payload (empty list: clean)."""
+        blobs = {name: np.ascontiguousarray(a).tobytes() for name, a in arrays.items()}
+        blobs.update({f"text[{i}]": s.encode() for i, s in enumerate(strings)})
+        findings = [
+            f"{what} in {name}"
+            for what, pattern in self.patterns
+            for name, blob in blobs.items()
+            if pattern in blob
+        ]
+        if self.vectors:
+            for name, arr in arrays.items():
+                if np.issubdtype(arr.dtype, np.floating) and self._contains_vector(arr.ravel()):
+                    findings.append(f"a key row, column or parameter vector in {name}")
+        return findings
 
 
 def find_key_material(
     arrays: dict[str, np.ndarray], strings: Iterable[str], secret: bytes, ring: KeyRing | None
 ) -> list[str]:
     """Descriptions of key material found in the payload (empty list: clean)."""
-    blobs = {name: np.ascontiguousarray(a).tobytes() for name, a in arrays.items()}
-    blobs.update({f"text[{i}]": s.encode() for i, s in enumerate(strings)})
-    findings = [
-        f"{what} in {name}"
-        for what, pattern in _byte_patterns(secret, ring)
-        for name, blob in blobs.items()
-        if pattern in blob
-    ]
-    if ring is not None:
-        vectors = _key_vectors(secret, ring)
-        for name, arr in arrays.items():
-            if np.issubdtype(arr.dtype, np.floating) and _contains_vector(arr.ravel(), vectors):
-                findings.append(f"a key row, column or parameter vector in {name}")
-    return findings
+    return KeyMaterial(secret, ring).find(arrays, strings)

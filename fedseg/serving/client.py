@@ -170,7 +170,12 @@ class SegmentationClient:
         answered = time.perf_counter()
         arrays = protocol.from_body(response.content, items, "mask", self.shapes)
         mapped = unpack(arrays, "mask", self.shapes)
-        pred = decode_masks(self.models.mask_ae, self.transform.inverse(mapped, "mask"))
+        pred = decode_masks(
+            self.models.mask_ae,
+            self.transform.inverse(mapped, "mask"),
+            self.models.image_ae,
+            images,
+        )
         done = time.perf_counter()
         server_map = float(response.headers.get("x-fedseg-map-ms", 0)) / 1000
         t.encode += encoded - started
