@@ -113,6 +113,10 @@ class ModelConfig:
     # (fedseg/models/autoencoder.py). They never leave the site; only split training
     # (training.finetune_epochs > 0) teaches the decoder to use them. us-nerve: README.
     local_skips: bool = False
+    # The mask decoder standardises each latent channel first (batch norm without affine). In
+    # client custody its input is the server's output un-keyed, R^T (out - b): the key's bias
+    # b reaches the decoder as an offset that only the key holder could have removed.
+    decoder_input_norm: bool = False
 
 
 @dataclass

@@ -47,7 +47,12 @@ class SiteModels:
         return cls(
             SkipAutoencoder(1, 1, m.ae_widths, m.latent_channels),
             SkipAutoencoder(
-                num_classes, num_classes, m.ae_widths, m.latent_channels, m.local_skips
+                num_classes,
+                num_classes,
+                m.ae_widths,
+                m.latent_channels,
+                m.local_skips,
+                m.decoder_input_norm,
             ),
         )
 

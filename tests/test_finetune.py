@@ -18,6 +18,7 @@ from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
+from fedseg.models.autoencoder import SkipAutoencoder
 from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import (
@@ -177,6 +178,24 @@ def test_a_local_skip_decoder_needs_the_images_it_segments(setup):
     # The images matter: other images give another segmentation of the same latents.
     other = segment_mapped(cfg, tuner.models, tuner.transform, mapped, -site.test.images[:3])
     assert not np.array_equal(pred, other)
+
+
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_decoder_input_norm_removes_the_offset_a_key_bias_leaves(input_norm):
+    """Client custody un-keys the server's output as R^T (out - b): an offset per channel that
+    the server cannot learn away without b. With input_norm the decoder does not see it."""
+    torch.manual_seed(0)
+    decoder = SkipAutoencoder(3, 3, [8, 16, 16, 32, 32], 8, True, input_norm).decoder.train()
+    latents = [torch.randn(4, 8, s, s) for s in (8, 4, 2)]
+    offset = [torch.randn(1, 8, 1, 1) for _ in latents]
+    with torch.no_grad():
+        plain = decoder(latents)
+        shifted = decoder([z + o for z, o in zip(latents, offset, strict=True)])
+    gap = float((plain - shifted).abs().max())
+    if input_norm:
+        assert gap < 1e-4
+    else:  # zero padding at the borders of 2x2 to 8x8 maps turns an offset into a pattern
+        assert gap > 1e-2
 
 
 def test_local_skips_need_split_training(tmp_path):

@@ -56,12 +56,25 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(
-        self, out_channels: int, widths: list[int], latent_channels: int, local_skips: bool = False
+        self,
+        out_channels: int,
+        widths: list[int],
+        latent_channels: int,
+        local_skips: bool = False,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         w1, w2, w3, w4, w5 = widths
         c = latent_channels
         self.local_skips = local_skips
+        # Latents standardised per channel on the way in: in client custody the decoder gets
+        # the server's output un-keyed, offset by the key's bias, which no layer of the
+        # server can learn away without the key (see ModelConfig.decoder_input_norm).
+        self.input_norm = (
+            nn.ModuleList(nn.BatchNorm2d(c, affine=False) for _ in LATENT_STRIDES)
+            if input_norm
+            else None
+        )
         self.local_widths = (w1, w2) if local_skips else (0, 0)
         self.coarse = conv_block(c, w5)
         self.up16 = conv_block(w5 + c, w4)
@@ -77,6 +90,8 @@ class Decoder(nn.Module):
         reconstruction pre-training has no image)."""
         if local is not None and not self.local_skips:
             raise ValueError("this decoder was built without local skips")
+        if self.input_norm is not None:
+            latents = [norm(z) for norm, z in zip(self.input_norm, latents, strict=True)]
         z8, z16, z32 = latents
         x = self.coarse(z32)
         x = self.up16(torch.cat([_up(x), z16], 1))
@@ -114,10 +129,11 @@ class SkipAutoencoder(nn.Module):
         widths: list[int],
         latent_channels: int,
         local_skips: bool = False,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(in_channels, widths, latent_channels)
-        self.decoder = Decoder(out_channels, widths, latent_channels, local_skips)
+        self.decoder = Decoder(out_channels, widths, latent_channels, local_skips, input_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
