@@ -66,7 +66,6 @@ class Decoder(nn.Module):
         super().__init__()
         w1, w2, w3, w4, w5 = widths
         c = latent_channels
-        self.local_skips = local_skips
         # Latents standardised per channel on the way in: in client custody the decoder gets
         # the server's output un-keyed, offset by the key's bias, which no layer of the
         # server can learn away without the key (see ModelConfig.decoder_input_norm).
@@ -83,6 +82,10 @@ class Decoder(nn.Module):
         self.up2 = conv_block(w2 + self.local_widths[0], w1)
         # Full resolution gets one conv: a block there would cost more than the rest together.
         self.out = nn.Conv2d(w1, out_channels, 3, padding=1)
+
+    @property
+    def local_skips(self) -> bool:
+        return self.local_widths != (0, 0)
 
     def forward(self, latents: Latents, local: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``local``: the image encoder's :meth:`Encoder.local_features` of the same images,
