@@ -249,6 +249,43 @@ def keygen(
     console.print(f"wrote {path} (mode 600)")
 
 
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="results folders of finished runs"),
+    by: str = typer.Option("privacy.custody", help="config key to group the runs by"),
+    out: Path | None = typer.Option(None, help="also write the comparison as markdown here"),
+) -> None:
+    """Runs side by side, grouped by one config value (e.g. custody), with the spread over their
+    repeats (training seeds) and per-seed paired differences."""
+    from fedseg.compare import compare_runs
+
+    try:
+        comparison = compare_runs(runs, by)
+    except (FileNotFoundError, ValueError) as err:
+        raise typer.Exit(code=_fail(str(err))) from err
+    table = Table(title=f"runs grouped by {by}")
+    for column in (by, "runs", "seeds", "mean Dice (sd)", "Dice per run", "HD95", "ASD"):
+        table.add_column(column)
+    for g in comparison.groups:
+        table.add_row(
+            g.value,
+            str(len(g.runs)),
+            ", ".join(map(str, g.seeds)),
+            f"{_num(g.mean('dice'))} ({_num(g.sd('dice'))})",
+            " / ".join(_num(d) for d in g.dice),
+            f"{_num(g.mean('hd95'), 1)} {g.units}",
+            f"{_num(g.mean('asd'), 1)} {g.units}",
+        )
+    console.print(table)
+    console.print("also differing: " + (", ".join(comparison.varies) or "nothing"))
+    for line in comparison.to_markdown().splitlines():
+        if line.startswith("- ") and " pp" in line:
+            console.print(line)
+    if out:
+        out.write_text(comparison.to_markdown())
+        console.print(f"wrote {out}")
+
+
 def _register_attack() -> None:
     from fedseg.attacks.cli import attack
 
