@@ -278,10 +278,10 @@ def compare(
         )
     console.print(table)
     console.print("also differing: " + (", ".join(comparison.varies) or "nothing"))
-    for line in comparison.to_markdown().splitlines():
-        if line.startswith("- ") and " pp" in line:
-            console.print(line)
+    for line in comparison.differences():
+        console.print(line)
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(comparison.to_markdown())
         console.print(f"wrote {out}")
 

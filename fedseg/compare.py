@@ -78,6 +78,21 @@ class Comparison:
             return diff, None
         return diff, math.sqrt(sa**2 / len(a.dice) + sb**2 / len(b.dice))
 
+    def differences(self) -> list[str]:
+        """One line per pair of groups: the difference of means, its error, the paired seeds."""
+        lines = []
+        for i, a in enumerate(self.groups):
+            for b in self.groups[i + 1 :]:
+                diff, se = self.difference(a, b)
+                text = f"- {a.value} - {b.value}: mean Dice {100 * diff:+.1f} pp"
+                if se is not None:
+                    text += f" (standard error {100 * se:.1f} pp)"
+                pairs = self.paired(a, b)
+                if pairs:
+                    text += "; by seed " + ", ".join(f"{s}: {100 * d:+.1f}" for s, d in pairs)
+                lines.append(text)
+        return lines
+
     def to_markdown(self) -> str:
         units = {g.units for g in self.groups}
         unit = units.pop() if len(units) == 1 else "mm or px"
@@ -98,16 +113,7 @@ class Comparison:
                 f"| {' / '.join(_fmt(d) for d in g.dice)} "
                 f"| {_fmt(g.mean('hd95'), 1)} | {_fmt(g.mean('asd'), 1)} |"
             )
-        for i, a in enumerate(self.groups):
-            for b in self.groups[i + 1 :]:
-                diff, se = self.difference(a, b)
-                text = f"- {a.value} - {b.value}: mean Dice {100 * diff:+.1f} pp"
-                if se is not None:
-                    text += f" (standard error {100 * se:.1f} pp)"
-                pairs = self.paired(a, b)
-                if pairs:
-                    text += "; by seed " + ", ".join(f"{s}: {100 * d:+.1f}" for s, d in pairs)
-                lines.append(text)
+        lines += ["", *self.differences()]
         lines += ["", "Runs:", ""]
         lines += [f"- {g.value}: {run}" for g in self.groups for run in g.runs]
         return "\n".join(lines) + "\n"
