@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedseg.report import load_metrics
+from fedseg.report import _fmt, load_metrics
 
 # Runs that differ here were scored on different test images; their means do not compare.
 SAME_TEST_SET = (
@@ -117,10 +117,6 @@ class Comparison:
         lines += ["", "Runs:", ""]
         lines += [f"- {g.value}: {run}" for g in self.groups for run in g.runs]
         return "\n".join(lines) + "\n"
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

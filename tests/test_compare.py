@@ -98,7 +98,7 @@ def test_cli_prints_the_groups_and_writes_markdown(tmp_path):
     result = CliRunner().invoke(app, ["compare", *map(str, runs), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "client - server: mean Dice +2.0 pp" in result.output
-    assert "| server | 1 | 0 | 0.700 (-) | 0.700 |" in out.read_text()
+    assert "| server | 1 | 0 | 0.700 (–) | 0.700 |" in out.read_text()
     result = CliRunner().invoke(app, ["compare", str(runs[0]), str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "no metrics.json in" in result.output
