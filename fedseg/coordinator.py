@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
+from fedseg.finetune import in_average_window
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import build_umn
@@ -53,6 +55,7 @@ class Coordinator:
         self._transforms = {s: LatentTransform(None) for s in self.sites}
         self._finetune_opt: torch.optim.Optimizer | None = None
         self._finetune_graphs: dict[str, tuple[list, list]] = {}
+        self._finetune_average: AveragedModel | None = None
         if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
@@ -215,6 +218,21 @@ class Coordinator:
         self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
         return answers, refused
+
+    def average_finetuned(self, epoch: int, epochs: int) -> None:
+        """Call at the end of each split-training epoch: from the first of the last
+        ``training.finetune_average_epochs`` on, the UMN's weights join their running mean."""
+        if not in_average_window(self.cfg, epoch, epochs):
+            return
+        if self._finetune_average is None:
+            self._finetune_average = AveragedModel(self.umn)  # buffers (bases) follow the UMN
+        self._finetune_average.update_parameters(self.umn)
+
+    def take_finetuned_average(self) -> None:
+        """The end of split training: the UMN becomes the mean of its averaged epochs."""
+        if self._finetune_average is not None:
+            self.umn.load_state_dict(self._finetune_average.module.state_dict())
+            self._finetune_average = None
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""

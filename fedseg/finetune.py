@@ -55,6 +55,13 @@ def average_states(
     return out
 
 
+def in_average_window(cfg: RunConfig, epoch: int, epochs: int) -> bool:
+    """Whether split-training epoch ``epoch`` (0-based) of ``epochs`` is one of the last
+    ``training.finetune_average_epochs``, whose weights are averaged."""
+    n = cfg.training.finetune_average_epochs
+    return n > 0 and epoch >= epochs - n
+
+
 def finetune_steps(n_train: int, batch_size: int) -> int:
     """Steps per epoch at a site: full batches only (a batch of 1 would upset batch norm)."""
     return max(1, n_train // batch_size)
@@ -267,6 +274,7 @@ def finetune_in_process(
                 finetuners[s].backward_encoder(e, k, epochs, g)
 
     carried = None  # cyclic: the shared weights on their way to the next site
+    average, averaged = None, 0  # training.finetune_average_epochs: the shared weights' mean
     losses = []
     for epoch in range(epochs):
         epoch_losses = []
@@ -301,11 +309,20 @@ def finetune_in_process(
             )
             for s in names:
                 finetuners[s].adopt(mean)
+        if share != "none" and in_average_window(coordinator.cfg, epoch, epochs):
+            latest = carried if share == "cyclic" else mean
+            average = (
+                latest if average is None else average_states([average, latest], [averaged, 1])
+            )
+            averaged += 1
+        coordinator.average_finetuned(epoch, epochs)
         losses.append(float(np.mean(epoch_losses)))
         if on_epoch:
             on_epoch(epoch + 1, epochs, losses[-1])
     flush(list(finetuners))
-    if carried is not None:  # every site ends with the one model
+    final = average if average is not None else carried
+    if final is not None:  # every site ends with the one model
         for f in finetuners.values():
-            f.adopt(carried)
+            f.adopt(final)
+    coordinator.take_finetuned_average()
     return losses

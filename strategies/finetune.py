@@ -16,13 +16,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedseg.coordinator import Coordinator
-from fedseg.finetune import FINAL_STEP, SHARE_STEP, finetune_steps, share_groups
+from fedseg.finetune import (
+    FINAL_STEP,
+    SHARE_STEP,
+    finetune_steps,
+    in_average_window,
+    share_groups,
+)
 from strategies.common import Federation, arrays_of, exchange, log, to_record
 
 
@@ -37,6 +43,10 @@ class SplitFinetuning:
         self.share = coordinator.cfg.training.finetune_share
         # Shared weights each site takes with its next message (finetune_share).
         self._adopt: dict[int, ArrayRecord] = {}
+        # training.finetune_average_epochs: the running mean of the shared weights, and of how
+        # many epochs' weights.
+        self._average: ArrayRecord | None = None
+        self._averaged = 0
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
@@ -66,17 +76,37 @@ class SplitFinetuning:
                 if self.share == "average":
                     mean = self._collect(grid, federation, list(federation.sites), pending)
                     self._adopt = dict.fromkeys(federation.sites, mean) if mean else {}
+                if in_average_window(self.coordinator.cfg, epoch, epochs):
+                    self._add_to_average(mean if self.share == "average" else carried)
+                self.coordinator.average_finetuned(epoch, epochs)
                 losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
                 progress.update(task, completed=epoch + 1, status=f"loss {losses[-1]:.4f}")
                 log.info("fine-tuning epoch %d/%d: Dice+CE %.4f", epoch + 1, epochs, losses[-1])
-            if carried is not None:  # every site ends with the one model
-                self._adopt = dict.fromkeys(federation.sites, carried)
+            ending = self._average if self._average is not None else carried
+            if ending is not None:  # every site ends with the one model
+                self._adopt = dict.fromkeys(federation.sites, ending)
+            self.coordinator.take_finetuned_average()
             final = [n for n in federation.sites if n in pending or n in self._adopt]
             self._forward(grid, federation, final, FINAL_STEP, FINAL_STEP, pending)
         path = self.coordinator.save_checkpoint(self.checkpoint_dir, {"finetuned": epochs})
         self.seconds = time.perf_counter() - started
         log.info("fine-tuned UMN saved to %s (%.0f s)", path, self.seconds)
         return losses
+
+    def _add_to_average(self, latest: ArrayRecord | None) -> None:
+        """One more epoch's shared weights into their running mean (Flower's weighted
+        aggregation, the mean so far weighted by the epochs it holds)."""
+        if latest is None:  # no site answered this epoch: nothing to add
+            return
+        if self._average is not None:
+            latest = aggregate_arrayrecords(
+                [
+                    RecordDict({"w": self._average, "m": MetricRecord({"n": self._averaged})}),
+                    RecordDict({"w": latest, "m": MetricRecord({"n": 1})}),
+                ],
+                "n",
+            )
+        self._average, self._averaged = latest, self._averaged + 1
 
     def _collect(self, grid, federation, nodes, pending) -> ArrayRecord | None:
         """The sites' shared weights (after the gradient each is owed), averaged by Flower's

@@ -58,6 +58,47 @@ def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_p
             assert not torch.equal(value, first[name]), f"{name} never trained"
 
 
+def test_weight_averaging_ends_with_the_mean_of_the_last_epochs(tmp_path):
+    """training.finetune_average_epochs: the sites end with the mean of the last epochs' shared
+    weights, and the UMN with the mean of its own weights at those epochs' ends."""
+    cfg = _split_config(tmp_path, "average", sites=2)
+    cfg.training.finetune_average_epochs = 3
+    tuners = _tuners(cfg.validate(), tmp_path / "keys")
+    coord = Coordinator(cfg, list(tuners))
+    site_snaps, umn_snaps = [], []
+
+    def snapshot(epoch: int, epochs: int, loss: float) -> None:
+        site_snaps.append({k: v.clone() for k, v in tuners["hospital-1"].shared_state().items()})
+        umn_snaps.append({k: v.clone() for k, v in coord.umn.named_parameters()})
+
+    finetune_in_process(coord, tuners, 6, on_epoch=snapshot, share="average")
+    for tuner in tuners.values():
+        final = tuner.shared_state()
+        for name, value in final.items():
+            if value.is_floating_point():
+                mean = torch.stack([snap[name] for snap in site_snaps[-3:]]).mean(0)
+                assert torch.allclose(value, mean, atol=1e-6), name
+    name = next(k for k, v in final.items() if v.is_floating_point() and v.numel() > 1)
+    assert not torch.allclose(final[name], site_snaps[-1][name])  # not the last epoch's
+    for name, param in coord.umn.named_parameters():
+        mean = torch.stack([snap[name] for snap in umn_snaps[-3:]]).mean(0)
+        assert torch.allclose(param.detach(), mean, atol=1e-6), name
+
+
+def test_the_flower_strategy_keeps_the_running_mean_of_shared_weights(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from strategies.finetune import SplitFinetuning
+
+    cfg = _split_config(tmp_path, "average", sites=1)
+    strategy = SplitFinetuning(Coordinator(cfg, ["hospital-1"]), tmp_path, None)
+    for i in range(1, 4):  # the shared weights of three epochs: w = [1, 2], [1, 4], [1, 6]
+        strategy._add_to_average(ArrayRecord({"w": torch.tensor([1.0, 2.0 * i])}))
+    strategy._add_to_average(None)  # an epoch no site answered adds nothing
+    assert strategy._averaged == 3
+    np.testing.assert_allclose(strategy._average["w"].numpy(), [1.0, 4.0], rtol=1e-6)
+
+
 def test_without_sharing_each_site_keeps_its_own_model(tmp_path):
     cfg = _split_config(tmp_path, "none", sites=2)
     tuners = _tuners(cfg, tmp_path / "keys")
@@ -99,6 +140,13 @@ def test_bad_shared_weights_are_refused_by_name(tmp_path):
     assert torch.equal(tuner.shared_state()[name], good[name])  # nothing half-adopted
 
 
+def test_weight_averaging_needs_shared_weights(tmp_path):
+    cfg = _split_config(tmp_path, "none", sites=1)
+    cfg.training.finetune_average_epochs = 2
+    with pytest.raises(ConfigError, match="with 'none' it receives none"):
+        cfg.validate()
+
+
 def test_a_site_that_did_not_opt_in_refuses_to_share(tmp_path):
     cfg = _split_config(tmp_path, "none", sites=1)
     with pytest.raises(PermissionError, match="finetune_share is 'none'"):
@@ -112,6 +160,8 @@ def test_a_site_that_did_not_opt_in_refuses_to_share(tmp_path):
         ("finetune_share", "ring", "finetune_share"),
         ("finetune_epochs", 0, "ae_epochs = 0"),
         ("ae_federation", "fedavg", "needs training.ae_epochs > 0"),
+        ("finetune_average_epochs", 7, "finetune_average_epochs must be in 0..training"),
+        ("finetune_average_epochs", -1, "finetune_average_epochs must be in 0..training"),
     ],
 )
 def test_split_settings_are_checked(tmp_path, field, value, message):
@@ -129,6 +179,7 @@ def averaged_run(tmp_path_factory):
     cfg.training.umn_rounds = 0
     cfg.training.finetune_epochs = 2
     cfg.training.finetune_share = "average"
+    cfg.training.finetune_average_epochs = 2  # the sites end with the mean of both epochs
     cfg.privacy.audit_dir = str(tmp / "audit")
     cfg.validate()
     simulate(cfg)
