@@ -56,6 +56,9 @@ from simulations.profiles import fails_in_round, simulate_outage, slow_down
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 STATE_KEY = "autoencoders"
+# training.finetune_average_epochs: the last epoch's models beside the averaged ones, so one run
+# scores both (the request's "models" = "last-epoch").
+LAST_EPOCH_KEY = "autoencoders-last-epoch"
 FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
 
 
@@ -109,11 +112,16 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     app = ClientApp(mods=[outgoing_guard, compute_speed])
 
-    def load_models(run_cfg: RunConfig, setup: SiteSetup, context: Context) -> SiteModels:
-        if STATE_KEY not in context.state.array_records:
-            raise RuntimeError(f"site {setup.split.name}: autoencoders not trained yet")
+    def load_models(
+        run_cfg: RunConfig, setup: SiteSetup, context: Context, which: str = ""
+    ) -> SiteModels:
+        key = LAST_EPOCH_KEY if which == "last-epoch" else STATE_KEY
+        if which not in ("", "last-epoch"):
+            raise ValueError(f"request.models must be '' or 'last-epoch', got {which!r}")
+        if key not in context.state.array_records:
+            raise RuntimeError(f"site {setup.split.name}: no {key} models (not trained yet)")
         models = SiteModels.build(run_cfg, setup.split.train.num_classes)
-        models.load_state(context.state.array_records[STATE_KEY].to_torch_state_dict())
+        models.load_state(context.state.array_records[key].to_torch_state_dict())
         return models
 
     @app.train()
@@ -202,7 +210,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         run_cfg, setup = resolve(context)
         request = msg.content.config_records["request"]
         split, start, stop = str(request["split"]), int(request["start"]), int(request["stop"])
-        models = load_models(run_cfg, setup, context)
+        models = load_models(run_cfg, setup, context, str(request.get("models", "")))
         transform = site_transform(run_cfg, setup.key_file)
         if split == "train":
             arrays = training_chunk(run_cfg, setup.split.train, models, transform, start, stop)
@@ -265,6 +273,10 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             tuner.backward_encoder(
                 int(request["grad_epoch"]), int(request["grad_step"]), epochs, grad
             )
+        if "last_epoch" in msg.content.array_records:  # the end, with weight averaging
+            check_finetune_share(run_cfg, setup.split.name)
+            tuner.adopt(msg.content.array_records["last_epoch"].to_torch_state_dict())
+            context.state.array_records[LAST_EPOCH_KEY] = ArrayRecord(tuner.models.state())
         if "weights" in msg.content.array_records:  # the shared model (average or last site's)
             check_finetune_share(run_cfg, setup.split.name)
             tuner.adopt(msg.content.array_records["weights"].to_torch_state_dict())
@@ -302,20 +314,23 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def segment(msg: Message, context: Context) -> Message:
         run_cfg, setup = resolve(context)
         started = time.perf_counter()
-        models = load_models(run_cfg, setup, context)
+        request = msg.content.config_records.get("request")
+        which = str(request.get("models", "")) if request is not None else ""
+        models = load_models(run_cfg, setup, context, which)
         transform = site_transform(run_cfg, setup.key_file)
         mapped = arrays_of(msg.content.array_records["mapped"])
         pred = segment_mapped(run_cfg, models, transform, mapped, setup.split.test.images)
         test = setup.split.test
         metrics = evaluate_predictions(test, pred)
-        pick = pick_examples(test, run_cfg.overlays_per_site)
-        # Overlays show patient images: they are written locally, never sent.
-        write_overlays(
-            setup.out_dir,
-            setup.split.name,
-            Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
-            test.class_names,
-        )
+        if not which:  # the overlays show the run's own models
+            pick = pick_examples(test, run_cfg.overlays_per_site)
+            # Overlays show patient images: they are written locally, never sent.
+            write_overlays(
+                setup.out_dir,
+                setup.split.name,
+                Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
+                test.class_names,
+            )
         metrics["decode_seconds"] = time.perf_counter() - started
         reply = ConfigRecord({"metrics_json": json.dumps(metrics)})
         return Message(RecordDict({"result": reply}), reply_to=msg)

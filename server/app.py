@@ -20,6 +20,7 @@ from fedseg.checkpoint import (
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
 from fedseg.deploy.runtime import resolve_scenario
+from fedseg.evaluation import mean_over_sites
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.results import federated_metrics
 from fedseg.site import fedavg_rounds
@@ -150,6 +151,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     timing["server_map_per_image"] = map_s
     if not site_metrics:
         raise RuntimeError(f"no hospital was evaluated; dropped: {federation.dropped}")
+    last_epoch = {}
+    if coordinator.has_last_epoch_umn:  # weight averaging: score the last epoch's too
+        with coordinator.last_epoch_umn():
+            last_sites, _ = SegmentationEvaluation(
+                coordinator, CHUNK_SIZE, timeout, models="last-epoch"
+            ).run(grid, federation)
+        if last_sites:
+            last_epoch = {"sites": last_sites, "mean": mean_over_sites(last_sites)}
 
     shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
     metrics = federated_metrics(
@@ -167,6 +176,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         site_profiles=describe(cfg) if cfg.hospitals else [],
         train_latent_bytes=train_bytes,
         finetune_losses=finetune_losses,
+        finetune_last_epoch=last_epoch,
         resumed={
             "latents": saved_latents is not None,
             "from_round": int(saved_round["round"]) if saved_round else 0,

@@ -47,6 +47,7 @@ class SplitFinetuning:
         # many epochs' weights.
         self._average: ArrayRecord | None = None
         self._averaged = 0
+        self._last_epoch: ArrayRecord | None = None  # sent beside the average at the end
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
@@ -77,7 +78,8 @@ class SplitFinetuning:
                     mean = self._collect(grid, federation, list(federation.sites), pending)
                     self._adopt = dict.fromkeys(federation.sites, mean) if mean else {}
                 if in_average_window(self.coordinator.cfg, epoch, epochs):
-                    self._add_to_average(mean if self.share == "average" else carried)
+                    self._last_epoch = mean if self.share == "average" else carried
+                    self._add_to_average(self._last_epoch)
                 self.coordinator.average_finetuned(epoch, epochs)
                 losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
                 progress.update(task, completed=epoch + 1, status=f"loss {losses[-1]:.4f}")
@@ -132,6 +134,8 @@ class SplitFinetuning:
         content = RecordDict()
         if node_id in self._adopt:
             content["weights"] = self._adopt.pop(node_id)
+            if step == FINAL_STEP and self._average is not None and self._last_epoch is not None:
+                content["last_epoch"] = self._last_epoch  # scored beside the average
         if node_id in pending:
             prev_epoch, prev_step, grad = pending.pop(node_id)
             request.update({"grad_epoch": prev_epoch, "grad_step": prev_step})

@@ -83,6 +83,22 @@ def test_weight_averaging_ends_with_the_mean_of_the_last_epochs(tmp_path):
     for name, param in coord.umn.named_parameters():
         mean = torch.stack([snap[name] for snap in umn_snaps[-3:]]).mean(0)
         assert torch.allclose(param.detach(), mean, atol=1e-6), name
+    # The last epoch's UMN stays at hand for scoring beside the average, and goes back after.
+    with coord.last_epoch_umn():
+        for name, param in coord.umn.named_parameters():
+            assert torch.equal(param.detach(), umn_snaps[-1][name]), name
+    for name, param in coord.umn.named_parameters():
+        mean = torch.stack([snap[name] for snap in umn_snaps[-3:]]).mean(0)
+        assert torch.allclose(param.detach(), mean, atol=1e-6), name
+
+
+def test_without_weight_averaging_there_is_no_last_epoch_umn_to_swap_in(tmp_path):
+    cfg = _split_config(tmp_path, "average", sites=1)
+    coord = Coordinator(cfg, ["hospital-1"])
+    coord.take_finetuned_average()
+    assert not coord.has_last_epoch_umn
+    with pytest.raises(RuntimeError, match="no weight averaging"), coord.last_epoch_umn():
+        pass
 
 
 def test_the_flower_strategy_keeps_the_running_mean_of_shared_weights(tmp_path):
@@ -200,6 +216,11 @@ def test_flower_split_training_shares_one_model_and_keeps_no_latents(averaged_ru
         for m in saved
     ]
     assert all(torch.equal(v, shared[1][k]) for k, v in shared[0].items())
+    # finetune_average_epochs: the same run scored with the last epoch's weights as well
+    last = metrics["finetune_last_epoch"]
+    assert set(last["sites"]) == set(metrics["sites"])
+    assert 0.0 <= last["mean"]["dice"] <= 1.0
+    assert "with the last epoch's weights (not averaged)" in (out / "report.md").read_text()
 
 
 def test_flower_weight_exchanges_carry_no_key_material(averaged_run):
