@@ -44,7 +44,15 @@ class Group:
     dice: list[float] = field(default_factory=list)
     hd95: list[float | None] = field(default_factory=list)
     asd: list[float | None] = field(default_factory=list)
+    # training.finetune_average_epochs: each run's Dice with its last epoch's weights (None for
+    # a run without weight averaging), scored in the same run beside the average
+    last_epoch: list[float | None] = field(default_factory=list)
     units: str = ""
+
+    def averaging_gains(self) -> list[float]:
+        """Averaged minus last-epoch Dice within each run that scored both: free of the
+        run-to-run spread, which the difference between two groups is not."""
+        return [d - last for d, last in zip(self.dice, self.last_epoch, strict=True) if last]
 
     def mean(self, metric: str) -> float | None:
         values = [v for v in getattr(self, metric) if v is not None]
@@ -91,6 +99,16 @@ class Comparison:
                 if pairs:
                     text += "; by seed " + ", ".join(f"{s}: {100 * d:+.1f}" for s, d in pairs)
                 lines.append(text)
+        for g in self.groups:
+            gains = g.averaging_gains()
+            if gains:
+                sd = f", sd {100 * statistics.stdev(gains):.1f} pp" if len(gains) > 1 else ""
+                lines.append(
+                    f"- {g.value}: weight averaging {100 * statistics.fmean(gains):+.1f} pp over "
+                    f"the last epoch's weights within each run ({len(gains)} runs{sd}; "
+                    + ", ".join(f"{100 * d:+.1f}" for d in gains)
+                    + ")"
+                )
         return lines
 
     def to_markdown(self) -> str:
@@ -159,6 +177,8 @@ def compare_runs(run_dirs: list[Path], by: str = "privacy.custody") -> Compariso
         group.dice.append(float(mean["dice"]))
         group.hd95.append(mean.get("hd95"))
         group.asd.append(mean.get("asd"))
+        last = (metrics.get("finetune_last_epoch") or {}).get("mean") or {}
+        group.last_epoch.append(last.get("dice"))
         group.units = mean.get("units", "")
     first, *rest = configs
     for key in SAME_TEST_SET:

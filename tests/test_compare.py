@@ -13,7 +13,9 @@ from fedseg.compare import compare_runs
 from fedseg.config import RunConfig
 
 
-def _run(root: Path, name: str, custody: str, seed: int, dice: float, **data) -> Path:
+def _run(
+    root: Path, name: str, custody: str, seed: int, dice: float, last: float = 0.0, **data
+) -> Path:
     cfg = RunConfig()
     cfg.privacy.custody = custody
     cfg.training.seed = seed
@@ -23,8 +25,29 @@ def _run(root: Path, name: str, custody: str, seed: int, dice: float, **data) ->
     mean = {"dice": dice, "hd95": 10.0 + seed, "asd": 4.0, "units": "px"}
     folder = root / name
     folder.mkdir()
-    (folder / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "mean": mean}))
+    metrics = {"config": cfg.to_dict(), "mean": mean}
+    if last:  # a run with weight averaging also scored its last epoch's weights
+        metrics["finetune_last_epoch"] = {"mean": {**mean, "dice": last}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
+
+
+def test_weight_averaging_is_measured_within_each_run(tmp_path):
+    runs = [
+        _run(tmp_path, "a0", "server", 0, 0.72, last=0.70),
+        _run(tmp_path, "a1", "server", 1, 0.69, last=0.68),
+        _run(tmp_path, "b0", "client", 0, 0.71),  # no averaging: nothing to pair within
+    ]
+    comparison = compare_runs(runs)
+    server, client = comparison.groups
+    assert server.averaging_gains() == pytest.approx([0.02, 0.01])
+    assert client.averaging_gains() == []
+    lines = comparison.differences()
+    assert lines[-1] == (
+        "- server: weight averaging +1.5 pp over the last epoch's weights within each run "
+        "(2 runs, sd 0.7 pp; +2.0, +1.0)"
+    )
+    assert not any(line.startswith("- client: weight averaging") for line in lines)
 
 
 def test_groups_runs_and_pairs_them_by_seed(tmp_path):
