@@ -115,9 +115,9 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def load_models(
         run_cfg: RunConfig, setup: SiteSetup, context: Context, which: str = ""
     ) -> SiteModels:
-        key = LAST_EPOCH_KEY if which == "last-epoch" else STATE_KEY
         if which not in ("", "last-epoch"):
             raise ValueError(f"request.models must be '' or 'last-epoch', got {which!r}")
+        key = LAST_EPOCH_KEY if which == "last-epoch" else STATE_KEY
         if key not in context.state.array_records:
             raise RuntimeError(f"site {setup.split.name}: no {key} models (not trained yet)")
         models = SiteModels.build(run_cfg, setup.split.train.num_classes)

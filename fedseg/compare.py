@@ -52,7 +52,8 @@ class Group:
     def averaging_gains(self) -> list[float]:
         """Averaged minus last-epoch Dice within each run that scored both: free of the
         run-to-run spread, which the difference between two groups is not."""
-        return [d - last for d, last in zip(self.dice, self.last_epoch, strict=True) if last]
+        pairs = zip(self.dice, self.last_epoch, strict=True)
+        return [d - last for d, last in pairs if last is not None]
 
     def mean(self, metric: str) -> float | None:
         values = [v for v in getattr(self, metric) if v is not None]
