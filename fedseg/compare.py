@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.config import RunConfig
 from fedseg.report import _fmt, load_metrics
 
 # Runs that differ here were scored on different test images; their means do not compare.
@@ -160,12 +161,14 @@ def compare_runs(run_dirs: list[Path], by: str = "privacy.custody") -> Compariso
         raise ValueError("no runs to compare")
     configs: dict[str, dict[str, Any]] = {}
     groups: dict[str, Group] = {}
+    # A run made before a config field existed ran with that field's default.
+    defaults = flatten(RunConfig().to_dict())
     for run_dir in run_dirs:
         metrics = load_metrics(run_dir)
         name = str(run_dir)
         if not isinstance(metrics.get("config"), dict) or "mean" not in metrics:
             raise ValueError(f"{run_dir}/metrics.json: no 'config' or 'mean' (not a fedseg run)")
-        config = flatten(metrics["config"])
+        config = {**defaults, **flatten(metrics["config"])}
         if by not in config:
             raise ValueError(f"{run_dir}: the run's config has no '{by}'")
         configs[name] = config

@@ -125,3 +125,16 @@ def test_cli_prints_the_groups_and_writes_markdown(tmp_path):
     result = CliRunner().invoke(app, ["compare", str(runs[0]), str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "no metrics.json in" in result.output
+
+
+def test_a_run_made_before_a_config_field_existed_counts_with_its_default(tmp_path):
+    old = _run(tmp_path, "old", "client", 0, 0.71)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["config"]["training"]["finetune_average_epochs"]  # an older fedseg's run
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    new = _run(tmp_path, "new", "client", 0, 0.72, last=0.71)
+    metrics = json.loads((new / "metrics.json").read_text())
+    metrics["config"]["training"]["finetune_average_epochs"] = 40
+    (new / "metrics.json").write_text(json.dumps(metrics))
+    groups = compare_runs([old, new], by="training.finetune_average_epochs").groups
+    assert [(g.value, g.dice) for g in groups] == [("0", [0.71]), ("40", [0.72])]
