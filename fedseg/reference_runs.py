@@ -9,24 +9,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit
 from fedseg.models.baselines import make_unet
+from fedseg.models.split_path import SplitPathNet
 from fedseg.report import Examples
 from fedseg.site import evaluate_predictions, pick_examples
 from fedseg.training import Budget, predict, train_segmenter
 
 Progress = Callable[[int, int, float], None]
+Reference = Literal["unet", "split-path"]  # split-path: fedseg.models.split_path, pooled
 
 
-def _fit(cfg: RunConfig, train: SiteData, minutes: float, seed: int, on_epoch: Progress | None):
+def _fit(
+    cfg: RunConfig,
+    train: SiteData,
+    minutes: float,
+    seed: int,
+    on_epoch: Progress | None,
+    reference: Reference = "unet",
+):
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.training.threads)  # the same threads the federated run had
     b = cfg.baselines
-    net = make_unet(train.num_classes, b.unet_channels)
+    if reference == "unet":
+        net = make_unet(train.num_classes, b.unet_channels)
+    elif reference == "split-path":
+        net = SplitPathNet(cfg, train.num_classes)
+    else:
+        raise ValueError(f"unknown reference network {reference!r}: 'unet' or 'split-path'")
     epochs = train_segmenter(
         net,
         train.images,
@@ -55,12 +70,17 @@ def _score(cfg: RunConfig, net, sites: list[SiteSplit]) -> tuple[dict, dict[str,
 
 
 def centralized_unet(
-    cfg: RunConfig, sites: list[SiteSplit], minutes: float, on_epoch: Progress | None = None
+    cfg: RunConfig,
+    sites: list[SiteSplit],
+    minutes: float,
+    on_epoch: Progress | None = None,
+    reference: Reference = "unet",
 ) -> tuple[dict, dict[str, Examples]]:
-    """Train on the pooled training data of all sites; score on each site's test split."""
+    """Train on the pooled training data of all sites; score on each site's test split.
+    ``reference="split-path"`` trains the federated run's own layers this way instead."""
     pooled = SiteData.concat([s.train for s in sites], "pooled")
     started = time.perf_counter()
-    net, epochs = _fit(cfg, pooled, minutes, cfg.training.seed, on_epoch)
+    net, epochs = _fit(cfg, pooled, minutes, cfg.training.seed, on_epoch, reference)
     train_s = time.perf_counter() - started
     metrics, examples, per_image = _score(cfg, net, sites)
     extra = {"epochs": epochs, "train_seconds": train_s, "seconds_per_image": per_image}
