@@ -33,7 +33,6 @@ _IGNORED = {
     # Fine-tuning runs after every checkpointed phase: a resumed run may add or change it.
     ("training", "finetune_epochs"),
     ("training", "finetune_lr"),
-    ("training", "finetune_site_lr_scale"),
     ("training", "finetune_share"),
 }
 

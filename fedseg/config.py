@@ -152,10 +152,6 @@ class TrainingConfig:
     # each site training its batches in turn: cyclic weight transfer). Shared weights go to the
     # server, like ae_federation = "fedavg"; a site's own config must say so (README, privacy).
     finetune_share: FinetuneShare = "none"
-    # The sites' encoder and mask decoder learning rate, as a factor of finetune_lr. With
-    # finetune_share = "average", N sites' copies take one averaged step per batch of each
-    # (N x fewer updates than the UMN, which steps on every site's batch).
-    finetune_site_lr_scale: float = 1.0
     # Stochastic weight averaging over the last N epochs of split training: the server keeps the
     # running mean of the shared encoder/decoder it already receives (finetune_share) and of its
     # UMN at the end of each of those epochs, and the sites end with that mean instead of the
@@ -296,10 +292,6 @@ class RunConfig:
                 "training.ae_federation = 'fedavg' needs training.ae_epochs > 0",
             ),
             (self.training.finetune_lr > 0, "training.finetune_lr must be > 0"),
-            (
-                self.training.finetune_site_lr_scale > 0,
-                "training.finetune_site_lr_scale must be > 0",
-            ),
             (
                 not self.model.local_skips or self.training.finetune_epochs > 0,
                 "model.local_skips needs training.finetune_epochs > 0 (only split training "

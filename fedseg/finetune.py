@@ -76,14 +76,12 @@ class SiteFinetuner:
     ) -> None:
         self.cfg, self.data, self.models, self.transform = cfg, data, models, transform
         self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
-        lr, scale = cfg.training.finetune_lr, cfg.training.finetune_site_lr_scale
-        self.encoder_opt, self.decoder_opt = (
-            torch.optim.AdamW(
-                [{"params": part.parameters(), "lr_scale": scale}],
-                lr=lr * scale,
-                weight_decay=1e-4,
-            )
-            for part in (models.image_ae.encoder, models.mask_ae.decoder)
+        lr = cfg.training.finetune_lr
+        self.encoder_opt = torch.optim.AdamW(
+            models.image_ae.encoder.parameters(), lr=lr, weight_decay=1e-4
+        )
+        self.decoder_opt = torch.optim.AdamW(
+            models.mask_ae.decoder.parameters(), lr=lr, weight_decay=1e-4
         )
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
         # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at

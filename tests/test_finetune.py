@@ -14,7 +14,7 @@ from monai.losses import DiceCELoss
 
 from clients.app import FINETUNED
 from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, save_private
-from fedseg.config import ConfigError, RunConfig
+from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
@@ -335,32 +335,3 @@ def test_a_finished_fine_tuning_is_not_resumed_but_adding_one_is_allowed(flower_
     before = fingerprint(cfg)
     cfg.training.finetune_epochs, cfg.training.finetune_lr = 7, 1e-3
     assert fingerprint(cfg) == before
-
-
-def test_site_lr_scale_sets_the_sites_rate_against_the_umns(setup):
-    """training.finetune_site_lr_scale: the sites' encoder and decoder step at that multiple of
-    the UMN's rate, at every point of the shared cosine schedule."""
-    cfg, sites, models, transforms, coord = setup
-    cfg = copy.deepcopy(cfg)
-    cfg.training.finetune_site_lr_scale = 3.0
-    site = sites[0]
-    tuner = SiteFinetuner(cfg, site.train, copy.deepcopy(models[site.name]), transforms[site.name])
-    coord = copy.deepcopy(coord)
-    coord.cfg = cfg
-    for epoch in (0, 3):  # of 4: the rate at the start and three quarters down the schedule
-        mapped = coord.finetune_forward(site.name, tuner.forward(epoch, 0))
-        grad_out, _ = tuner.decode_and_backward(epoch, 0, 4, mapped)
-        answers, refused = coord.finetune_backward({site.name: grad_out}, epoch, 4)
-        assert not refused
-        tuner.backward_encoder(epoch, 0, 4, answers[site.name])
-        umn_lr = coord._finetune_opt.param_groups[0]["lr"]
-        for opt in (tuner.encoder_opt, tuner.decoder_opt):
-            assert opt.param_groups[0]["lr"] == pytest.approx(3.0 * umn_lr)
-    assert umn_lr < cfg.training.finetune_lr  # the schedule did move
-
-
-def test_site_lr_scale_must_be_positive():
-    cfg = RunConfig()
-    cfg.training.finetune_site_lr_scale = 0.0
-    with pytest.raises(ConfigError, match="finetune_site_lr_scale must be > 0"):
-        cfg.validate()
