@@ -59,7 +59,9 @@ def main() -> None:
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), **block}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"command": " ".join(sys.argv), "net": args.net, **block}, indent=2)
+        )
 
 
 if __name__ == "__main__":
