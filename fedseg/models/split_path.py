@@ -3,7 +3,8 @@
 It is the architecture's own ceiling: the same layers a federated split-training run trains,
 trained like the centralized UNet (pooled data, one copy, no key, no averaging). Its distance
 to the UNet is what the architecture costs; its distance to a federated run is what the
-federation (SplitFed averaging, keys, the wire) costs.
+federation (SplitFed averaging, keys, the wire) costs. One difference is left: the UMN's input
+bases stay the identity here, where a federated run takes them from the first batch it maps.
 """
 
 from __future__ import annotations
