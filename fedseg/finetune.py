@@ -9,8 +9,9 @@ ever trained on the task itself. This phase does that, as U-shaped split learnin
 3. the site un-keys and decodes them, computes Dice + CE against its own masks, steps its
    decoder and returns the gradient of the loss with respect to the *keyed* mask latents;
 4. the server back-propagates through the UMN, steps it, and returns the gradient with respect
-   to the keyed image latents; the site recomputes the batch's encoder pass (the batch and its
-   augmentation are seeded by epoch and step) and steps its encoder.
+   to the keyed image latents; the site back-propagates it through step 1's encoder pass, kept
+   in memory, and steps its encoder. A fine-tuner rebuilt from disk recomputes that pass
+   instead (the batch and its augmentation are seeded by epoch and step).
 
 Images, masks, weights and keys stay at the site. What the server newly sees are gradients in
 keyed space for latents it already holds (it keeps every site's keyed mask latents for the UMN
@@ -87,6 +88,9 @@ class SiteFinetuner:
         # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at
         # step 3; that gradient waits here for step 4, where the encoder takes one step on both.
         self.local_grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
+        # Step 1's encoder pass (epoch, step, keyed latents, local-skip features), graph and
+        # all, until step 4: the batch is encoded once a step, not three times. Not state.
+        self._pass: tuple[int, int, list[torch.Tensor], list[torch.Tensor]] | None = None
         to_nhwc(models.image_ae, models.mask_ae)
 
     @property
@@ -107,22 +111,26 @@ class SiteFinetuner:
         y = torch.from_numpy(self.data.masks[idx])
         return augment(x, y, gen)
 
-    def _keyed_image_latents(self, epoch: int, step: int) -> list[torch.Tensor]:
-        x, _ = self._batch(epoch, step)
-        self.models.image_ae.encoder.train()
-        return self.transform.forward(self.models.image_ae.encoder(nhwc(x)), "image")
+    def _encode(self, epoch: int, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keyed image latents and local-skip features of (epoch, step), with their graph."""
+        if self._pass is None or self._pass[:2] != (epoch, step):
+            x, _ = self._batch(epoch, step)
+            self.models.image_ae.encoder.train()
+            latents, local = self.models.image_ae.encoder.encode(nhwc(x))
+            self._pass = (epoch, step, self.transform.forward(latents, "image"), local)
+        return self._pass[2], self._pass[3]
 
     def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """Step 1: keyed image latents of this step's batch (fp16 wire arrays)."""
-        with torch.no_grad():
-            return pack(self._keyed_image_latents(epoch, step), "image")
+        return pack(self._encode(epoch, step)[0], "image")
 
     def backward_encoder(
         self, epoch: int, step: int, epochs: int, grads: dict[str, np.ndarray]
     ) -> None:
         """Step 4: the server's gradient for that step's keyed image latents, into the encoder."""
         grad = unpack(grads, "grad", self.shapes, dtype=GRAD_DTYPE)
-        keyed = self._keyed_image_latents(epoch, step)
+        keyed = self._encode(epoch, step)[0]
+        self._pass = None  # its graph is spent below, and the step changes the weights
         if keyed[0].shape[0] != grad[0].shape[0]:
             raise ValueError(f"gradient for {grad[0].shape[0]} items, batch has {len(keyed[0])}")
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
@@ -141,7 +149,7 @@ class SiteFinetuner:
         self, epoch: int, step: int, epochs: int, mapped: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], float]:
         """Step 3: loss on the site's own masks; returns d loss / d keyed mask latents."""
-        x, y = self._batch(epoch, step)
+        _, y = self._batch(epoch, step)
         keyed = [z.requires_grad_() for z in unpack(mapped, "mask", self.shapes)]
         if keyed[0].shape[0] != y.shape[0]:
             raise ValueError(f"mapped latents for {keyed[0].shape[0]} items, batch has {len(y)}")
@@ -150,14 +158,13 @@ class SiteFinetuner:
         local = None
         encoder = self.models.image_ae.encoder
         if decoder.local_skips:
-            encoder.train()
             encoder.zero_grad(set_to_none=True)
-            local = encoder.local_features(nhwc(x))
+            local = self._encode(epoch, step)[1]
         logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")], local)
         loss = self.loss_fn(logits, y[:, None])
         cosine_lr(self.decoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.decoder_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(retain_graph=local is not None)  # step 4 goes back through that pass
         self.decoder_opt.step()
         decoder.eval()
         if local is not None:
@@ -190,6 +197,7 @@ class SiteFinetuner:
                 )
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"shared weight {name} is not finite")
+        self._pass = None  # new weights: a kept pass's graph no longer applies
         self.models.load_state({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
     def state(self) -> dict:
@@ -201,6 +209,7 @@ class SiteFinetuner:
         }
 
     def load_state(self, state: dict) -> None:
+        self._pass = None
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])

@@ -71,6 +71,13 @@ def _fresh(setup):
     return cfg, sites, tuners, coord
 
 
+def _wire(latents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The wire's fp16 rounding, passing gradients straight through: the unsplit network with
+    it is what split training computes exactly (without it, the rounding alone moved the
+    gradients' cosine to 0.98-0.99 on some runs)."""
+    return [z + (z.detach().half().float() - z.detach()) for z in latents]
+
+
 def test_split_gradient_equals_the_joint_gradient(setup):
     """What the server sends back is d loss / d keyed image latents of the unsplit network."""
     cfg, sites, tuners, coord = _fresh(setup)
@@ -92,18 +99,18 @@ def test_split_gradient_equals_the_joint_gradient(setup):
         for z in tuner.transform.forward(joint_models.image_ae.encoder(nhwc(x)), "image")
     ]
     joint_umn.train()
-    out = tuner.transform.inverse(joint_umn(keyed, joint_umn.site_index(site)), "mask")
+    mapped = _wire(joint_umn(_wire(keyed), joint_umn.site_index(site)))
+    out = tuner.transform.inverse(mapped, "mask")
     joint_models.mask_ae.decoder.train()
     logits = joint_models.mask_ae.decoder(out)
     joint_loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
     joint_grad = torch.autograd.grad(joint_loss, keyed)
 
-    # The wire carries latents in fp16, so the split path sees slightly rounded inputs.
-    assert abs(loss - joint_loss.item()) < 1e-2 * max(1.0, joint_loss.item())
+    assert loss == pytest.approx(joint_loss.item(), rel=1e-4)
     for s, (a, b) in enumerate(zip(split_grad, joint_grad, strict=True)):
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
-        assert cos > 0.99, f"scale {s}: cosine {cos:.4f} between split and joint gradients"
-        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=0.05)
+        assert cos > 0.9999, f"scale {s}: cosine {cos:.6f} between split and joint gradients"
+        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=1e-3)
 
 
 def _local_skip_tuner(setup):
@@ -117,10 +124,12 @@ def _local_skip_tuner(setup):
     return cfg, site, SiteFinetuner(cfg, site.train, models, transform), coord
 
 
-def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup):
+@pytest.mark.parametrize("reload", [False, True])
+def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload):
     """model.local_skips: the decoder's loss reaches the encoder's first stages at the site
     (step 3) as well as through the server (step 4); the one encoder step takes their sum,
-    which is the gradient of the unsplit network."""
+    which is the gradient of the unsplit network. Whether step 4 goes back through step 1's
+    kept encoder pass or (a fine-tuner reloaded from disk) recomputes it."""
     cfg, site, tuner, coord = _local_skip_tuner(setup)
     encoder = tuner.models.image_ae.encoder
     joint = copy.deepcopy(tuner.models)
@@ -137,19 +146,22 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup):
     mapped = coord.finetune_forward(site.name, tuner.forward(0, 0))
     grad_out, _ = tuner.decode_and_backward(0, 0, 1, mapped)
     assert tuner.local_grads is not None and tuner.local_grads[:2] == (0, 0)
-    # The stash survives a save and reload between the two messages (a Flower handler).
-    tuner.load_state(copy.deepcopy(tuner.state()))
+    assert (tuner._pass is not None) and tuner._pass[:2] == (0, 0)  # step 1's, kept
+    if reload:  # the stash survives a save and reload between the two messages
+        tuner.load_state(copy.deepcopy(tuner.state()))
+        assert tuner._pass is None
     answers, refused = coord.finetune_backward({site.name: grad_out}, 0, 1)
     assert not refused
     tuner.backward_encoder(0, 0, 1, answers[site.name])
-    assert tuner.local_grads is None
+    assert tuner.local_grads is None and tuner._pass is None
 
     x, y = tuner._batch(0, 0)
     joint.image_ae.encoder.train()
     joint.mask_ae.decoder.train()
     joint_umn.train()
-    keyed = tuner.transform.forward(joint.image_ae.encoder(nhwc(x)), "image")
-    out = tuner.transform.inverse(joint_umn(keyed, joint_umn.site_index(site.name)), "mask")
+    keyed = _wire(tuner.transform.forward(joint.image_ae.encoder(nhwc(x)), "image"))
+    mapped = _wire(joint_umn(keyed, joint_umn.site_index(site.name)))
+    out = tuner.transform.inverse(mapped, "mask")
     local = joint.image_ae.encoder.local_features(nhwc(x))
     logits = joint.mask_ae.decoder(out, local)
     loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
@@ -161,8 +173,8 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup):
             [g.flatten() for n, g in zip(names, grads, strict=True) if n.startswith(stage)]
         )
         cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
-        assert cos > 0.99, f"{stage}: cosine {cos:.4f} between split and joint gradients"
-        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=0.05)
+        assert cos > 0.9999, f"{stage}: cosine {cos:.6f} between split and joint gradients"
+        assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=1e-3)
 
 
 def test_a_local_skip_decoder_needs_the_images_it_segments(setup):

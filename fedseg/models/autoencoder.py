@@ -39,11 +39,15 @@ class Encoder(nn.Module):
         self.heads = nn.ModuleList(nn.Conv2d(w, latent_channels, 1) for w in widths[2:])
 
     def forward(self, x: torch.Tensor) -> Latents:
+        return self.encode(x)[0]
+
+    def encode(self, x: torch.Tensor) -> tuple[Latents, list[torch.Tensor]]:
+        """Latents and :meth:`local_features` of one pass (split training needs both)."""
         feats = []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        return [head(f) for head, f in zip(self.heads, feats[2:], strict=True)]
+        return [head(f) for head, f in zip(self.heads, feats[2:], strict=True)], feats[:2]
 
     def local_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The 1/2 and 1/4 scale features: the mask decoder's site-local skips."""

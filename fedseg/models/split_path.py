@@ -28,6 +28,5 @@ class SplitPathNet(nn.Module):
         self.umn = build_umn(cfg.model, [POOLED_SITE])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mapped = self.umn(self.encoder(x), 0)
-        local = self.encoder.local_features(x) if self.decoder.local_skips else None
-        return self.decoder(mapped, local)
+        latents, local = self.encoder.encode(x)
+        return self.decoder(self.umn(latents, 0), local if self.decoder.local_skips else None)
