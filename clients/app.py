@@ -36,6 +36,7 @@ from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.finetune import FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
 from fedseg.privacy.audit import guard_and_audit
+from fedseg.privacy.blind import mask_label
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
     SiteModels,
@@ -45,6 +46,7 @@ from fedseg.site import (
     query_chunk,
     resolve_site,
     segment_mapped,
+    site_blinder,
     site_models_path,
     site_transform,
     train_site,
@@ -60,6 +62,7 @@ STATE_KEY = "autoencoders"
 # scores both (the request's "models" = "last-epoch").
 LAST_EPOCH_KEY = "autoencoders-last-epoch"
 FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
+BLINDED = "blinded"  # masked weights out, the server's masked sum in (strategies/finetune.py)
 
 
 def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:
@@ -257,7 +260,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         else:
             raise RuntimeError(f"site {setup.split.name}: no fine-tuning in progress ({path})")
         transform = site_transform(run_cfg, setup.key_file)
-        tuner = SiteFinetuner(run_cfg, setup.split.train, models, transform)
+        blinder = site_blinder(run_cfg, setup.key_file, setup.split.name)
+        tuner = SiteFinetuner(run_cfg, setup.split.train, models, transform, blinder)
         if not start:
             tuner.load_state(torch.load(path, weights_only=True))
         return tuner, path
@@ -280,11 +284,28 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if "weights" in msg.content.array_records:  # the shared model (average or last site's)
             check_finetune_share(run_cfg, setup.split.name)
             tuner.adopt(msg.content.array_records["weights"].to_torch_state_dict())
+        if BLINDED in msg.content.array_records:  # the masked sum of the sites' weights
+            label = mask_label(msg.metadata.run_id, int(request["blind_epoch"]))
+            sites = [str(s) for s in request["blind_sites"]]
+            tuner.adopt_blinded(msg.content.array_records[BLINDED]["sum"].numpy(), label, sites)
         content = RecordDict()
         if step == SHARE_STEP:
             check_finetune_share(run_cfg, setup.split.name)
-            content["weights"] = ArrayRecord(tuner.shared_state())
-            content["metrics"] = MetricRecord({"num-examples": len(setup.split.train)})
+            share_round = int(request.get("share_epoch", epoch)) + 1
+            site = setup.split
+            if fails_in_round(site.profile, run_cfg.federation.seed, site.index, share_round):
+                simulate_outage(site.profile, site.name, share_round, 0.0)
+            if run_cfg.training.finetune_share == "blind":
+                if "share_epoch" not in request:
+                    raise PermissionError(
+                        f"site {setup.split.name}: training.finetune_share is 'blind': its "
+                        "weights leave only masked, and the server asked for them in the clear"
+                    )
+                label = mask_label(msg.metadata.run_id, int(request["share_epoch"]))
+                content[BLINDED] = to_record({"sum": tuner.blinded_state(label)})
+            else:
+                content["weights"] = ArrayRecord(tuner.shared_state())
+                content["metrics"] = MetricRecord({"num-examples": len(setup.split.train)})
             save_finetuner(tuner, path, run_cfg, setup)
         elif step == FINAL_STEP:  # the end: the fine-tuned AEs become the site's AEs
             saved = site_models_path(setup.out_dir, setup.split.name)

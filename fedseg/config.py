@@ -19,7 +19,8 @@ Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
 AeFederation = Literal["local", "fedavg"]
-FinetuneShare = Literal["none", "average", "cyclic"]
+FinetuneShare = Literal["none", "blind", "average", "cyclic"]
+Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
 KeyScope = Literal["site", "federation"]
 
@@ -104,27 +105,27 @@ class ModelConfig:
     umn_width: int = 64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (README)
     umn_blocks: int = 2  # residual context blocks per scale
     canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes
-    # "site": one UMN adapter per site (each site's own AEs and key: different latent spaces).
     # "shared": one adapter set for every site, for sites that encode into one space (a shared
     # encoder, finetune_share or ae_federation, and one key: privacy.key_scope = "federation",
-    # server custody, or no transform). us-nerve split training: README.
-    umn_adapters: AdapterScope = "site"
+    # server custody, or no transform). "site": one UMN adapter per site (the paper preset: each
+    # site's own AEs and key, so different latent spaces). us-nerve split training: README.
+    umn_adapters: AdapterScope = "shared"
     # The mask decoder also takes the site's own image encoder's 1/2 and 1/4 scale features
     # (fedseg/models/autoencoder.py). They never leave the site; only split training
     # (training.finetune_epochs > 0) teaches the decoder to use them. us-nerve: README.
-    local_skips: bool = False
+    local_skips: bool = True
     # The mask decoder standardises each latent channel first (batch norm without affine). In
     # client custody its input is the server's output un-keyed, R^T (out - b): the key's bias
     # b reaches the decoder as an offset that only the key holder could have removed.
-    decoder_input_norm: bool = False
+    decoder_input_norm: bool = True
 
 
 @dataclass
 class TrainingConfig:
     """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
 
-    batch_size: int = 16
-    ae_epochs: int = 30  # 0: no reconstruction pre-training (split training from the seeded init)
+    batch_size: int = 8  # twice the optimiser steps of 16 for the same images (us-nerve: README)
+    ae_epochs: int = 0  # 0: no reconstruction pre-training (split training from the seeded init)
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
     # "fedavg" (opt-in): the sites' AEs are federated-averaged, so every site encodes into the
@@ -135,23 +136,22 @@ class TrainingConfig:
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 2  # augmented encodings per training image sent for the UMN
-    umn_rounds: int = 3  # server rounds (a checkpoint after each); 0: no training latents sent
+    umn_rounds: int = 0  # server rounds (a checkpoint after each); 0: no training latents sent
     umn_epochs_per_round: int = 8
     umn_lr: float = 1e-3
     adapter_lr_scale: float = 1.0  # learning-rate factor for the per-site adapters
     umn_minutes: float = 0.0
-    # Split-learning fine-tuning after the UMN (fedseg/finetune.py): encoder, UMN and mask
-    # decoder trained together on Dice + CE, only keyed latents and their gradients crossing.
-    # 0 = off (the paper's pipeline). us-nerve through Flower: 0.578 -> 0.589 after 40 epochs
-    # (README); gradients of keyed latents then cross the wire both ways (privacy section).
-    finetune_epochs: int = 0
-    finetune_lr: float = 3e-4
-    # Whether the sites' encoders and mask decoders are one model during fine-tuning: "none"
-    # (each site keeps its own; no weights leave a site), "average" (the server averages them
-    # after every epoch: SplitFed) or "cyclic" (they pass from site to site through the server,
-    # each site training its batches in turn: cyclic weight transfer). Shared weights go to the
-    # server, like ae_federation = "fedavg"; a site's own config must say so (README, privacy).
-    finetune_share: FinetuneShare = "none"
+    # Split training (fedseg/finetune.py): encoder, UMN and mask decoder trained together on
+    # Dice + CE, only keyed latents and their gradients crossing. The default, from the seeded
+    # initialisation (ae_epochs = 0, umn_rounds = 0); 0 = off (the paper preset's pipeline).
+    finetune_epochs: int = 100
+    finetune_lr: float = 2e-3
+    # Whether the sites' encoders and mask decoders are one model during split training:
+    # "blind" (the default: averaged after every epoch as masked fixed-point sums the server
+    # adds but cannot read, fedseg/privacy/blind.py), "none" (each site keeps its own), and two
+    # modes in which the weights reach the server: "average" (it averages them: SplitFed) and
+    # "cyclic" (they pass from site to site through it). A site's own config must say so.
+    finetune_share: FinetuneShare = "blind"
     # Stochastic weight averaging over the last N epochs of split training: the server keeps the
     # running mean of the shared encoder/decoder it already receives (finetune_share) and of its
     # UMN at the end of each of those epochs, and the sites end with that mean instead of the
@@ -169,10 +169,11 @@ class PrivacyConfig:
     transform: Transform = "klt"
     custody: Custody = "client"
     key_dir: str = ""  # where simulated clients keep their key files; "" = <out>/keys
-    # "site": every hospital its own secret. "federation": the hospitals share one secret (agreed
-    # out of band, never sent to the server; simulation: <key_dir>/federation.key), so their
-    # keyed latents are in one space and the UMN needs no per-site adapters (README, privacy).
-    key_scope: KeyScope = "site"
+    # "federation": the hospitals share one secret (agreed out of band, never sent to the
+    # server; simulation: <key_dir>/federation.key), so their keyed latents are in one space,
+    # the UMN needs no per-site adapters, and blind aggregation derives its masks from it.
+    # "site": every hospital its own secret (the paper preset) (README, privacy).
+    key_scope: KeyScope = "federation"
     bias_scale: float = 1.0
     audit_dir: str = ""  # keep a copy of every payload each site sends (for audits and tests)
 
@@ -209,6 +210,8 @@ class RunConfig:
     """One run: a scenario plus where its results go."""
 
     name: str = "demo"
+    # The defaults above are blind split training; "paper" is PPCMI-SF as published (see PRESETS).
+    preset: Preset = "blind-split"
     data: DatasetConfig = field(default_factory=DatasetConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -246,8 +249,18 @@ class RunConfig:
             (self.training.ae_local_epochs >= 1, "training.ae_local_epochs must be >= 1"),
             (self.training.finetune_epochs >= 0, "training.finetune_epochs must be >= 0"),
             (
-                self.training.finetune_share in ("none", "average", "cyclic"),
-                "training.finetune_share: 'none', 'average' or 'cyclic'",
+                self.training.finetune_share in ("none", "blind", "average", "cyclic"),
+                "training.finetune_share: 'blind', 'none', 'average' or 'cyclic'",
+            ),
+            (
+                self.training.finetune_share != "blind" or self.privacy.key_scope == "federation",
+                "training.finetune_share = 'blind' derives its masks from the hospitals' shared "
+                "secret: it needs privacy.key_scope = 'federation'",
+            ),
+            (
+                self.training.finetune_share != "blind" or self.privacy.custody == "client",
+                "training.finetune_share = 'blind' needs privacy.custody = 'client': with server "
+                "custody the server holds the shared secret, so it could remove the masks",
             ),
             (
                 0 <= self.training.finetune_average_epochs <= self.training.finetune_epochs,
@@ -255,10 +268,10 @@ class RunConfig:
             ),
             (
                 self.training.finetune_average_epochs == 0
-                or self.training.finetune_share != "none",
+                or self.training.finetune_share in ("average", "cyclic"),
                 "training.finetune_average_epochs needs training.finetune_share 'average' or "
                 "'cyclic': the server averages the shared weights it receives, and with 'none' "
-                "it receives none",
+                "or 'blind' it has none it can read",
             ),
             (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
             (self.model.umn_adapters in ("site", "shared"), "model.umn_adapters: site/shared"),
@@ -389,9 +402,50 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# Named starting points a scenario picks with a top-level ``preset = "..."``; its own values
+# then override the preset's. "blind-split" is the dataclass defaults. "paper" is PPCMI-SF as
+# published, for reproduction: each site pre-trains its own image and mask autoencoders under
+# its own key, sends keyed latents of its training set, and the server trains the UMN on
+# latent MSE (README, "The paper's pipeline").
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "blind-split": {},
+    "paper": {
+        "model": {"umn_adapters": "site", "local_skips": False, "decoder_input_norm": False},
+        "training": {
+            "batch_size": 16,
+            "ae_epochs": 30,
+            "umn_rounds": 3,
+            "finetune_epochs": 0,
+            "finetune_lr": 3e-4,
+            "finetune_share": "none",
+        },
+        "privacy": {"key_scope": "site"},
+    },
+}
+
+
+def _with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` laid over its preset's (one level of tables deep)."""
+    name = values.get("preset", "blind-split")
+    if name not in PRESETS:
+        raise ConfigError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    merged = {k: dict(v) for k, v in PRESETS[name].items()}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_config(name: str, **top: Any) -> RunConfig:
+    """A RunConfig from a named preset, e.g. ``preset_config("paper", out_dir="...")``."""
+    return config_from_dict({"preset": name, **top})
+
+
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
     """Build and validate a RunConfig; relative data paths are resolved against base_dir."""
-    cfg: RunConfig = _build(RunConfig, values, "")
+    cfg: RunConfig = _build(RunConfig, _with_preset(values), "")
     if cfg.hospitals:  # the profiles say how many sites there are
         cfg.federation.num_sites = sum(max(h.count, 0) for h in cfg.hospitals)
     if base_dir is not None:
@@ -421,18 +475,17 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(values, base_dir=path.parent.resolve())
 
 
-def demo_config(out_dir: str, quick_run: bool = False) -> RunConfig:
-    """The embedded default: 3 synthetic hospitals at 64 px, sized to finish in minutes on a
-    2-core laptop (scenario files default to 128 px)."""
+def demo_config(out_dir: str = "results/demo", quick_run: bool = False) -> RunConfig:
+    """The embedded default (``fedseg demo`` and ``flwr run .``): 3 synthetic hospitals at
+    64 px in the default mode, blind split training, sized to finish in minutes on a 2-core
+    laptop (scenario files default to 128 px)."""
     cfg = RunConfig(name="demo-quick" if quick_run else "demo", out_dir=out_dir)
     cfg.model.image_size = 64
-    cfg.training.ae_epochs = 60
-    # 32 images a site: at batch 16 the mask AE got 120 steps and never learned the small
-    # lesion class (its own reconstruction Dice 0.0); at batch 8, 0.82 for the same epochs.
-    cfg.training.batch_size = 8
-    cfg.training.umn_rounds = 3
-    cfg.training.umn_epochs_per_round = 10
+    cfg.training.finetune_epochs = DEMO_EPOCHS
     return quick(cfg) if quick_run else cfg
+
+
+DEMO_EPOCHS = 60
 
 
 def quick(cfg: RunConfig) -> RunConfig:
@@ -444,6 +497,7 @@ def quick(cfg: RunConfig) -> RunConfig:
     cfg.training.augment_copies = min(cfg.training.augment_copies, 2)
     cfg.training.umn_rounds = min(cfg.training.umn_rounds, 2)
     cfg.training.umn_epochs_per_round = min(cfg.training.umn_epochs_per_round, 8)
+    cfg.training.finetune_epochs = min(cfg.training.finetune_epochs, 15)
     cfg.baselines.epochs = min(cfg.baselines.epochs, 10)
     cfg.model.image_size = min(cfg.model.image_size, 64)
     return cfg
@@ -457,7 +511,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     ``flwr run . --run-config "privacy.custody='server'"``.
     """
     scenario = str(run_config.get("scenario", ""))
-    cfg = load_config(scenario) if scenario else RunConfig()
+    cfg = load_config(scenario) if scenario else demo_config()
     if run_config.get("quick"):
         cfg = quick(cfg)
     if run_config.get("out-dir"):

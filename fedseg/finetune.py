@@ -20,6 +20,7 @@ anyway); the site newly sees gradients of the server's network. README: privacy 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from monai.losses import DiceCELoss
 from fedseg.config import RunConfig
 from fedseg.data import SiteData
 from fedseg.models.autoencoder import latent_shapes
+from fedseg.privacy.blind import BlindSite, add_blinded, mask_label
 from fedseg.privacy.transforms import Keyed
 from fedseg.site import SiteModels
 from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
@@ -73,9 +75,15 @@ class SiteFinetuner:
     so a handler can rebuild it from disk for every message."""
 
     def __init__(
-        self, cfg: RunConfig, data: SiteData, models: SiteModels, transform: Keyed
+        self,
+        cfg: RunConfig,
+        data: SiteData,
+        models: SiteModels,
+        transform: Keyed,
+        blinder: BlindSite | None = None,
     ) -> None:
         self.cfg, self.data, self.models, self.transform = cfg, data, models, transform
+        self.blinder = blinder  # training.finetune_share = "blind": masks its shared weights
         self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
         lr = cfg.training.finetune_lr
         self.encoder_opt = torch.optim.AdamW(
@@ -200,12 +208,36 @@ class SiteFinetuner:
         self._pass = None  # new weights: a kept pass's graph no longer applies
         self.models.load_state({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
+    def _blinder(self) -> BlindSite:
+        if self.blinder is None:
+            raise PermissionError(
+                "this site was not set up for blind aggregation (training.finetune_share)"
+            )
+        return self.blinder
+
+    def blinded_state(self, label: str) -> np.ndarray:
+        """The shared weights, weighted by the training-set size and masked (uint64): the
+        only form in which they leave the site with ``finetune_share = "blind"``."""
+        return self._blinder().blind(self._float_shared(), len(self.data), label)
+
+    def adopt_blinded(self, masked_sum: np.ndarray, label: str, sites: list[str]) -> int:
+        """Unmask the server's sum over ``sites`` and adopt the average (integer buffers stay
+        the site's own); returns the total weight it averaged over."""
+        own = self.shared_state()
+        state, total = self._blinder().unblind(masked_sum, label, sites, self._float_shared())
+        self.adopt({**own, **state})
+        return total
+
+    def _float_shared(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.shared_state().items() if v.is_floating_point()}
+
     def state(self) -> dict:
         return {
             "models": self.models.state(),
             "encoder_opt": self.encoder_opt.state_dict(),
             "decoder_opt": self.decoder_opt.state_dict(),
             "local_grads": self.local_grads,
+            "blind_labels": sorted(self.blinder.used) if self.blinder else [],
         }
 
     def load_state(self, state: dict) -> None:
@@ -214,6 +246,8 @@ class SiteFinetuner:
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])
         self.local_grads = state.get("local_grads")
+        if self.blinder is not None:
+            self.blinder.used |= set(state.get("blind_labels", []))
 
 
 class KeptFinetuners:
@@ -275,6 +309,7 @@ def finetune_in_process(
     the Flower strategy makes over messages. Returns the mean loss of each epoch."""
     pending: dict[str, tuple[int, int, dict]] = {}
     weights = {s: float(len(f.data)) for s, f in finetuners.items()}
+    run_nonce = secrets.token_hex(8)  # blind: this run's round labels are never reused
 
     def flush(sites: list[str]) -> None:  # the encoder gradients still owed to these sites
         for s in sites:
@@ -318,6 +353,12 @@ def finetune_in_process(
             )
             for s in names:
                 finetuners[s].adopt(mean)
+        elif share == "blind":
+            flush(list(finetuners))
+            label = mask_label(run_nonce, epoch)
+            total = add_blinded(f.blinded_state(label) for f in finetuners.values())
+            for f in finetuners.values():
+                f.adopt_blinded(total, label, list(finetuners))
         if share != "none" and in_average_window(coordinator.cfg, epoch, epochs):
             latest = carried if share == "cyclic" else mean
             average = (

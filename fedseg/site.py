@@ -21,6 +21,7 @@ from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
+from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.keys import load_or_create_key
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
@@ -110,6 +111,16 @@ def site_transform(cfg: RunConfig, key_file: str | Path | None) -> Keyed:
             "(node config 'key-file')"
         )
     return keyed_transform(cfg, load_or_create_key(key_file))
+
+
+def site_blinder(cfg: RunConfig, key_file: str | Path | None, site: str) -> BlindSite | None:
+    """The site's blind-aggregation masker (``finetune_share = "blind"``), keyed by the
+    federation secret; None in the other modes."""
+    if cfg.training.finetune_share != "blind":
+        return None
+    if key_file is None:
+        raise ValueError("training.finetune_share = 'blind' needs the federation key file")
+    return BlindSite(load_or_create_key(key_file), site)
 
 
 def train_site(
@@ -280,7 +291,8 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key_file = node_config.get("key-file")
-    if key_file is None and cfg.privacy.transform != "none":
+    needs_secret = cfg.privacy.transform != "none" or cfg.training.finetune_share == "blind"
+    if key_file is None and needs_secret:
         owner = "federation" if cfg.privacy.key_scope == "federation" else split.name
         key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
     return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)

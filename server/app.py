@@ -136,10 +136,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     mapping.run(cfg.training.umn_rounds, before_round if participation else None)
     timing["umn_training"] = mapping.seconds
     finetune_losses: list[float] = []
+    share: dict[str, list] = {"share_bytes": [], "share_seconds": []}
     if cfg.training.finetune_epochs:
         finetuning = SplitFinetuning(coordinator, checkpoint_dir(cfg), timeout)
         finetune_losses = finetuning.run(grid, federation)
         timing["finetuning"] = finetuning.seconds
+        share = {"share_bytes": finetuning.share_bytes, "share_seconds": finetuning.share_seconds}
     phases = ("autoencoders", "latent_collection", "umn_training", "finetuning")
     timing["training_total"] = sum(timing[k] for k in phases if k in timing)
 
@@ -176,6 +178,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         site_profiles=describe(cfg) if cfg.hospitals else [],
         train_latent_bytes=train_bytes,
         finetune_losses=finetune_losses,
+        **share,
         finetune_last_epoch=last_epoch,
         resumed={
             "latents": saved_latents is not None,

@@ -4,10 +4,13 @@ Each step is two exchanges with every site that has a batch left in the epoch:
 ``train.finetune_forward`` (the site applies the previous step's encoder gradient, if any, and
 sends keyed image latents) and ``train.finetune_backward`` (the site decodes the mapped latents
 and sends the loss gradient). fedseg/finetune.py has the why and the maths; this is plumbing.
-With ``training.finetune_share`` the sites' encoders and decoders are one model: ``average``
-collects them after every epoch (a forward request at ``SHARE_STEP``) and sends Flower's
-weighted average with each site's next request; ``cyclic`` trains one site at a time and hands
-its weights to the next. A site that fails or sends a bad payload drops out; the others go on.
+With ``training.finetune_share`` the sites' encoders and decoders are one model. ``blind`` (the
+default) collects them after every epoch (a forward request at ``SHARE_STEP``) as masked uint64
+vectors, adds them modulo 2^64 (fedseg/privacy/blind.py) and sends the masked sum, with the names
+of the sites in it, with each site's next request: the server never holds a readable weight.
+``average`` collects the weights themselves and sends Flower's weighted average; ``cyclic``
+trains one site at a time and hands its weights to the next. A site that fails or sends a bad
+payload drops out; the others go on, and the next sum covers only the sites still present.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from fedseg.finetune import (
     in_average_window,
     share_groups,
 )
+from fedseg.privacy.blind import add_blinded
 from strategies.common import Federation, arrays_of, exchange, log, to_record
+
+BLINDED = "blinded"  # the record of a site's masked weights, and of the server's masked sum
 
 
 class SplitFinetuning:
@@ -43,6 +49,11 @@ class SplitFinetuning:
         self.share = coordinator.cfg.training.finetune_share
         # Shared weights each site takes with its next message (finetune_share).
         self._adopt: dict[int, ArrayRecord] = {}
+        # blind: the masked sum each site unmasks with its next message, with its epoch and
+        # the names of the sites added into it.
+        self._adopt_blind: dict[int, tuple[ArrayRecord, int, list[str]]] = {}
+        self.share_bytes: list[int] = []  # bytes in + out of each epoch's aggregation
+        self.share_seconds: list[float] = []  # its wall-clock (the sites' work included)
         # training.finetune_average_epochs: the running mean of the shared weights, and of how
         # many epochs' weights.
         self._average: ArrayRecord | None = None
@@ -74,9 +85,14 @@ class SplitFinetuning:
                         epoch_losses += self._step(grid, federation, active, epoch, step, pending)
                     if self.share == "cyclic":
                         carried = self._collect(grid, federation, group, pending) or carried
+                share_started = time.perf_counter()
                 if self.share == "average":
                     mean = self._collect(grid, federation, list(federation.sites), pending)
                     self._adopt = dict.fromkeys(federation.sites, mean) if mean else {}
+                elif self.share == "blind":
+                    self._collect_blind(grid, federation, epoch, pending)
+                if self.share in ("average", "blind"):
+                    self.share_seconds.append(time.perf_counter() - share_started)
                 if in_average_window(self.coordinator.cfg, epoch, epochs):
                     self._last_epoch = mean if self.share == "average" else carried
                     self._add_to_average(self._last_epoch)
@@ -88,7 +104,11 @@ class SplitFinetuning:
             if ending is not None:  # every site ends with the one model
                 self._adopt = dict.fromkeys(federation.sites, ending)
             self.coordinator.take_finetuned_average()
-            final = [n for n in federation.sites if n in pending or n in self._adopt]
+            final = [
+                n
+                for n in federation.sites
+                if n in pending or n in self._adopt or n in self._adopt_blind
+            ]
             self._forward(grid, federation, final, FINAL_STEP, FINAL_STEP, pending)
         path = self.coordinator.save_checkpoint(self.checkpoint_dir, {"finetuned": epochs})
         self.seconds = time.perf_counter() - started
@@ -120,7 +140,42 @@ class SplitFinetuning:
                 records.append(reply.content)
             else:
                 federation.drop(node_id, "fine-tuning", "share reply without weights")
-        return aggregate_arrayrecords(records, "num-examples") if records else None
+        mean = aggregate_arrayrecords(records, "num-examples") if records else None
+        received = sum(_nbytes(r["weights"]) for r in records)
+        self.share_bytes.append(received + len(federation.sites) * _nbytes(mean))
+        return mean
+
+    def _collect_blind(self, grid, federation, epoch: int, pending) -> None:
+        """Every site's masked weights, added modulo 2^64; each site gets the masked sum and
+        the names of the sites in it with its next request. A reply that is not one uint64
+        vector of the common length is dropped, never added (it would corrupt the sum)."""
+        nodes = list(federation.sites)
+        replies = self._forward(
+            grid, federation, nodes, SHARE_STEP, SHARE_STEP, pending, share_epoch=epoch
+        )
+        vectors: dict[int, np.ndarray] = {}
+        for node_id, reply in replies.items():
+            record = reply.content.array_records.get(BLINDED)
+            vector = record["sum"].numpy() if record is not None and "sum" in record else None
+            if vector is None or vector.dtype != np.uint64 or vector.ndim != 1:
+                federation.drop(node_id, "fine-tuning", "share reply without a blinded vector")
+            else:
+                vectors[node_id] = vector
+        lengths = [len(v) for v in vectors.values()]
+        common = max(set(lengths), key=lengths.count) if lengths else 0
+        for node_id in [n for n, v in vectors.items() if len(v) != common]:
+            federation.drop(
+                node_id,
+                "fine-tuning",
+                f"blinded vector of {len(vectors.pop(node_id))} values, not {common}",
+            )
+        if not vectors:
+            return
+        total = to_record({"sum": add_blinded(vectors.values())})
+        names = sorted(federation.sites[n].name for n in vectors)
+        self._adopt_blind = {n: (total, epoch, names) for n in vectors}
+        received = sum(v.nbytes for v in vectors.values())
+        self.share_bytes.append(received + len(vectors) * _nbytes(total))
 
     def _forward_request(
         self,
@@ -128,10 +183,17 @@ class SplitFinetuning:
         epoch: int,
         step: int,
         pending: dict[int, tuple[int, int, dict[str, np.ndarray]]],
+        share_epoch: int | None = None,
     ) -> RecordDict:
         epochs = self.coordinator.cfg.training.finetune_epochs
         request = {"epoch": epoch, "epochs": epochs, "step": step, "start": epoch == 0 == step}
+        if share_epoch is not None:
+            request["share_epoch"] = share_epoch
         content = RecordDict()
+        if node_id in self._adopt_blind:
+            total, sum_epoch, names = self._adopt_blind.pop(node_id)
+            content[BLINDED] = total
+            request.update({"blind_epoch": sum_epoch, "blind_sites": names})
         if node_id in self._adopt:
             content["weights"] = self._adopt.pop(node_id)
             if step == FINAL_STEP and self._average is not None and self._last_epoch is not None:
@@ -143,13 +205,13 @@ class SplitFinetuning:
         content["request"] = ConfigRecord(request)
         return content
 
-    def _forward(self, grid, federation, nodes, epoch, step, pending) -> dict:
+    def _forward(self, grid, federation, nodes, epoch, step, pending, share_epoch=None) -> dict:
         """Apply each site's pending encoder gradient; ask for the step's latents (if any)."""
         replies, failed = exchange(
             grid,
             nodes,
             "train.finetune_forward",
-            lambda n: self._forward_request(n, epoch, step, pending),
+            lambda n: self._forward_request(n, epoch, step, pending, share_epoch),
             self.timeout_s,
         )
         for node_id, reason in failed.items():
@@ -193,3 +255,7 @@ class SplitFinetuning:
         for name, grad in answers.items():
             pending[by_name[name]] = (epoch, step, grad)
         return losses
+
+
+def _nbytes(record: ArrayRecord | None) -> int:
+    return sum(a.numpy().nbytes for a in record.values()) if record is not None else 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, preset_config
 
 
 def small_config(
     out_dir: Path, sites: int, widths: list[int], umn_width: int, **training
 ) -> RunConfig:
-    """Synthetic hospitals at 64 px with tiny networks: tests the plumbing, not accuracy."""
-    cfg = RunConfig(name="tiny", out_dir=str(out_dir))
+    """Synthetic hospitals at 64 px with tiny networks, the paper preset's pipeline: tests the
+    plumbing, not accuracy. :func:`blind_config` is the default mode's twin."""
+    cfg = preset_config("paper", name="tiny", out_dir=str(out_dir))
     cfg.data.synthetic_train, cfg.data.synthetic_test = (
         12 if sites == 1 else 8,
         6 if sites == 1 else 4,
@@ -27,3 +28,18 @@ def small_config(
     for key, value in training.items():
         setattr(cfg.training, key, value)
     return cfg
+
+
+def blind_config(out_dir: Path, sites: int = 3, epochs: int = 3) -> RunConfig:
+    """The default mode (blind split training) with tiny networks on synthetic hospitals."""
+    cfg = RunConfig(name="tiny-blind", out_dir=str(out_dir))
+    cfg.data.synthetic_train, cfg.data.synthetic_test = 8, 4
+    cfg.federation.num_sites = sites
+    cfg.model.image_size = 64
+    cfg.model.ae_widths = [8, 16, 16, 32, 32]
+    cfg.model.latent_channels = 16
+    cfg.model.umn_width = 32
+    cfg.model.umn_blocks = 1
+    cfg.training.batch_size = 4
+    cfg.training.finetune_epochs = epochs
+    return cfg.validate()
