@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 
 console = Console()
-ATTACKS = ("cross-decoder", "inversion", "key-recovery", "membership", "reid")
+ATTACKS = (
+    "server-inversion",
+    "surrogate",
+    "cross-decoder",
+    "inversion",
+    "key-recovery",
+    "membership",
+    "reid",
+)
 CHOICES = (*ATTACKS, "all", "tradeoff")
 
 
@@ -60,9 +68,19 @@ def attack(
 
 
 def _run(name: str, ctx) -> tuple[dict, str]:
-    from fedseg.attacks import crossdecoder, inversion, key_recovery, membership, reid
+    from fedseg.attacks import (
+        crossdecoder,
+        inversion,
+        key_recovery,
+        membership,
+        reid,
+        server_inversion,
+        surrogate,
+    )
 
     modules = {
+        "server-inversion": server_inversion,
+        "surrogate": surrogate,
         "cross-decoder": crossdecoder,
         "inversion": inversion,
         "key-recovery": key_recovery,

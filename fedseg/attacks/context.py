@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedseg.config import AttackConfig, RunConfig, config_from_dict
+from fedseg.coordinator import key_path
 from fedseg.data import SiteSplit, load_federation
 from fedseg.models.autoencoder import Latents
 from fedseg.models.umn import UnifiedMappingNetwork, build_umn
@@ -82,7 +83,7 @@ class RunContext:
                     "(runs made before they were saved must be re-run)"
                 )
             models[split.name], _ = SiteModels.load(cfg, path)
-            key = key_dir / f"{split.name}.key"
+            key = key_path(key_dir, split.name, cfg.privacy.key_scope)
             if key.is_file():
                 secrets[split.name] = read_key_file(key)
             elif cfg.privacy.transform != "none":
