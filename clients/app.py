@@ -53,7 +53,7 @@ from fedseg.site import (
     train_site_round,
     training_chunk,
 )
-from simulations.profiles import fails_in_round, simulate_outage, slow_down
+from simulations.profiles import fails_in_round, round_deadline, simulate_outage, slow_down
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
@@ -294,7 +294,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             share_round = int(request.get("share_epoch", epoch)) + 1
             site = setup.split
             if fails_in_round(site.profile, run_cfg.federation.seed, site.index, share_round):
-                simulate_outage(site.profile, site.name, share_round, 0.0)
+                simulate_outage(site.profile, site.name, share_round, round_deadline(run_cfg))
             if run_cfg.training.finetune_share == "blind":
                 if "share_epoch" not in request:
                     raise PermissionError(

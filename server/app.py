@@ -136,12 +136,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     mapping.run(cfg.training.umn_rounds, before_round if participation else None)
     timing["umn_training"] = mapping.seconds
     finetune_losses: list[float] = []
-    share: dict[str, list] = {"share_bytes": [], "share_seconds": []}
+    share: dict[str, list] = {}
     if cfg.training.finetune_epochs:
         finetuning = SplitFinetuning(coordinator, checkpoint_dir(cfg), timeout)
         finetune_losses = finetuning.run(grid, federation)
         timing["finetuning"] = finetuning.seconds
-        share = {"share_bytes": finetuning.share_bytes, "share_seconds": finetuning.share_seconds}
+        share = {
+            "share_bytes": finetuning.share_bytes,
+            "share_seconds": finetuning.share_seconds,
+            "aggregation_absent": finetuning.absent,
+        }
     phases = ("autoencoders", "latent_collection", "umn_training", "finetuning")
     timing["training_total"] = sum(timing[k] for k in phases if k in timing)
 

@@ -54,6 +54,7 @@ class SplitFinetuning:
         self._adopt_blind: dict[int, tuple[ArrayRecord, int, list[str]]] = {}
         self.share_bytes: list[int] = []  # bytes in + out of each epoch's aggregation
         self.share_seconds: list[float] = []  # its wall-clock (the sites' work included)
+        self.absent: list[list[str]] = []  # blind: sites missing from each aggregation round
         # training.finetune_average_epochs: the running mean of the shared weights, and of how
         # many epochs' weights.
         self._average: ArrayRecord | None = None
@@ -147,12 +148,23 @@ class SplitFinetuning:
 
     def _collect_blind(self, grid, federation, epoch: int, pending) -> None:
         """Every site's masked weights, added modulo 2^64; each site gets the masked sum and
-        the names of the sites in it with its next request. A reply that is not one uint64
+        the names of the sites in it with its next request. A site whose reply is not one uint64
         vector of the common length is dropped, never added (it would corrupt the sum)."""
         nodes = list(federation.sites)
-        replies = self._forward(
-            grid, federation, nodes, SHARE_STEP, SHARE_STEP, pending, share_epoch=epoch
+        replies, failed = exchange(
+            grid,
+            nodes,
+            "train.finetune_forward",
+            lambda n: self._forward_request(n, SHARE_STEP, SHARE_STEP, pending, epoch),
+            self.coordinator.cfg.federation.round_timeout_s or self.timeout_s,
         )
+        # A site that fails or misses the deadline is absent from this round only: it keeps
+        # its own weights, trains on, and joins the next sum. (A malformed vector is dropped.)
+        absent = sorted(federation.sites[n].name for n in failed)
+        for node_id, reason in failed.items():
+            name = federation.sites[node_id].name
+            log.warning("%s absent from aggregation round %d: %s", name, epoch + 1, reason)
+        self.absent.append(absent)
         vectors: dict[int, np.ndarray] = {}
         for node_id, reply in replies.items():
             record = reply.content.array_records.get(BLINDED)
