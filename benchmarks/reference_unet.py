@@ -5,7 +5,7 @@ finished run); this trains it without one, so the reference can run beside feder
 that were started with --no-baselines.
 
     .venv/bin/python benchmarks/reference_unet.py \\
-        --config simulations/scenarios/us-nerve-split.toml --minutes 40 --out unet.json
+        --config simulations/scenarios/us-nerve.toml --minutes 40 --out unet.json
 
 `--net split-path` trains the federated run's own layers (image encoder -> UMN -> mask decoder,
 `fedseg.models.split_path`) the same way: pooled, one copy, no key. The UNet minus it is what

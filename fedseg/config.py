@@ -438,9 +438,9 @@ def _with_preset(values: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def preset_config(name: str, **top: Any) -> RunConfig:
+def preset_config(preset: str, **top: Any) -> RunConfig:
     """A RunConfig from a named preset, e.g. ``preset_config("paper", out_dir="...")``."""
-    return config_from_dict({"preset": name, **top})
+    return config_from_dict({"preset": preset, **top})
 
 
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
