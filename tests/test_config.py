@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedseg.cli import app
-from fedseg.config import ConfigError, config_from_run_config, load_config, quick
+from fedseg.config import ConfigError, config_from_run_config, demo_config, load_config
 from fedseg.site import resolve_site
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
@@ -42,10 +42,23 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
 
 def test_flower_run_config_overrides():
     cfg = config_from_run_config(
-        {"scenario": "", "quick": True, "out-dir": "x", "privacy.custody": "server"}
+        {
+            "scenario": "",
+            "quick": True,
+            "out-dir": "x",
+            "privacy.custody": "server",
+            "training.finetune-share": "average",  # blind needs client custody
+        }
     )
     assert cfg.privacy.custody == "server" and cfg.out_dir == "x"
-    assert cfg.training.ae_epochs == quick(config_from_run_config({})).training.ae_epochs
+    # "" is the demo (fedseg demo's embedded default), and quick shrinks its split training
+    assert (
+        config_from_run_config({}).training.finetune_epochs
+        == demo_config().training.finetune_epochs
+    )
+    assert cfg.training.finetune_epochs == 15 < demo_config().training.finetune_epochs
+    with pytest.raises(ConfigError, match="custody"):
+        config_from_run_config({"privacy.custody": "server"})
     with pytest.raises(ConfigError, match="names no config field"):
         config_from_run_config({"privacy.nothing": 1})
 
@@ -54,7 +67,9 @@ def test_node_config_selects_site_and_key(tmp_path):
     cfg = config_from_run_config({"quick": True, "out-dir": str(tmp_path)})
     setup = resolve_site(cfg, {"partition-id": 1})
     assert setup.split.name == "hospital-2"
-    assert setup.key_file == tmp_path / "keys" / "hospital-2.key"
+    assert setup.key_file == tmp_path / "keys" / "federation.key"  # the default: one secret
+    cfg.privacy.key_scope, cfg.training.finetune_share = "site", "none"
+    assert resolve_site(cfg, {"partition-id": 1}).key_file == tmp_path / "keys" / "hospital-2.key"
     with pytest.raises(ValueError, match="data-dir"):
         resolve_site(cfg, {})
 
