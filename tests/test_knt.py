@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.config import ConfigError, RunConfig, config_from_dict
+from fedseg.config import ConfigError, RunConfig, config_from_dict, preset_config
 from fedseg.coordinator import Coordinator
 from fedseg.privacy.keys import (
     KeyRing,
@@ -149,7 +149,7 @@ def test_leak_guard_finds_knt_parameters(knt):
 
 
 def _cfg(tmp_path, custody: str) -> RunConfig:
-    cfg = RunConfig(out_dir=str(tmp_path))
+    cfg = preset_config("paper", out_dir=str(tmp_path))  # per-site keys, latents kept
     cfg.model.image_size = 64
     cfg.model.ae_widths = [8, 8, 16, 16, 16]
     cfg.model.latent_channels = C

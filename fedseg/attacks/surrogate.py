@@ -134,6 +134,9 @@ def run(ctx: RunContext) -> tuple[dict, str]:
     )
     recon = _apply(inverter, view.test_keyed)
     quality = image_quality(recon, view.test_images)
+    # The floor: what knowing the modality alone gives (the auxiliary images' mean image).
+    mean_image = view.aux_images.mean(0, keepdim=True).expand_as(view.test_images)
+    floor = image_quality(mean_image, view.test_images)
     with torch.no_grad():
         aux_mapped = map_keyed(view.umn, view.victim, _encode(encoder, aux_x))
         test_mapped = map_keyed(view.umn, view.victim, view.test_keyed)
@@ -148,6 +151,7 @@ def run(ctx: RunContext) -> tuple[dict, str]:
         "auxiliary": view.aux_site,
         "share": view.share,
         "reconstruction": quality,
+        "reconstruction_floor_mean_image": floor,
         "dice_server": server_dice,
         "gradient_mask_dice": leak,
         "n_aux": len(view.aux_images),
@@ -161,6 +165,10 @@ def run(ctx: RunContext) -> tuple[dict, str]:
     )
     rows = [
         ["reconstruction SSIM / PSNR", f"{quality['ssim']:.3f} / {quality['psnr']:.1f} dB"],
+        [
+            "floor: the auxiliary images' mean image",
+            f"{floor['ssim']:.3f} / {floor['psnr']:.1f} dB",
+        ],
         ["server's own Dice (surrogate mask decoder on the UMN's output)", f"{server_dice:.3f}"],
         *[[f"gradient mask leak, foreground Dice, {k}", f"{v:.3f}"] for k, v in leak.items()],
     ]
