@@ -159,7 +159,10 @@ def test_bad_shared_weights_are_refused_by_name(tmp_path):
 def test_weight_averaging_needs_shared_weights(tmp_path):
     cfg = _split_config(tmp_path, "none", sites=1)
     cfg.training.finetune_average_epochs = 2
-    with pytest.raises(ConfigError, match="with 'none' it receives none"):
+    with pytest.raises(ConfigError, match="with 'none' or 'blind' it has none it can read"):
+        cfg.validate()
+    cfg.training.finetune_share, cfg.privacy.key_scope = "blind", "federation"
+    with pytest.raises(ConfigError, match="it has none it can read"):
         cfg.validate()
 
 

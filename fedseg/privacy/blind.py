@@ -7,7 +7,7 @@ mask: a ChaCha20 key stream under a key derived (HKDF) from the federation secre
 label and the site's name. The server adds the masked vectors modulo 2^64 and returns the sum
 with the names of the sites it added. Every site can recompute the masks of those sites (it
 holds the same secret), subtracts them, and divides by the recovered total weight: the weighted
-average, to within 2^-32 per weight. The server sees only uniformly random integers: one site's
+average, to within 2^-24 per weight. The server sees only uniformly random integers: one site's
 vector is hidden by that site's mask, the sum by the sum of the masks, and neither ever cancels
 on the server's side. A site that drops out is simply not in the sum and not in the list.
 
@@ -31,9 +31,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedseg.privacy.keys import derive_bytes
 
-FRACTION_BITS = 32  # fixed-point resolution: 2^-32 ~ 2.3e-10 per weight
+# Fixed point: 2^-24 ~ 6e-8 per weight, far below what one optimiser step moves. The range is
+# what decides it: batch-norm running variances reach 1e5 (us-nerve's mask decoder input norm,
+# 400 epochs), times the site's image count; 32 fractional bits overflowed there.
+FRACTION_BITS = 24
 MAX_SITES_LOG2 = 7  # headroom for 128 sites' sums
-MAX_ABS = 2.0 ** (62 - FRACTION_BITS - MAX_SITES_LOG2)  # |n_i * w_i| bound, about 8.4e6
+MAX_ABS = 2.0 ** (62 - FRACTION_BITS - MAX_SITES_LOG2)  # |n_i * w_i| bound, about 2.1e9
 MAX_TOTAL_WEIGHT = 2**40  # a decoded total weight above this is noise (a wrong site list)
 
 
