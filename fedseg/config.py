@@ -483,7 +483,7 @@ def demo_config(out_dir: str = "results/demo", quick_run: bool = False) -> RunCo
     cfg.model.image_size = 64
     cfg.training.finetune_epochs = DEMO_EPOCHS
     # The local UNets would add the federated run's time again; the comparison a new user
-    # needs is the centralized UNet's (`fedseg baselines --run DIR` adds them afterwards).
+    # needs is the centralized UNet's (a scenario with baselines.local_unet = true has them).
     cfg.baselines.local_unet = False
     return quick(cfg) if quick_run else cfg
 

