@@ -11,8 +11,9 @@ Message types (the server's strategies send them in this order):
 - ``train.finetune_forward`` / ``train.finetune_backward`` (opt-in, ``training.finetune_epochs``):
   split-learning fine-tuning (fedseg/finetune.py): apply the server's gradient to the encoder
   and send the next batch's keyed latents; decode mapped latents and send the loss gradient.
-  With ``training.finetune_share`` (opt-in in the site's own config) a forward request may also
-  carry the shared encoder/decoder weights to adopt, or ask for the site's (``SHARE_STEP``).
+  With ``training.finetune_share`` (in the site's own config) a forward request may also carry
+  what to adopt, or ask for the site's shared encoder/decoder (``SHARE_STEP``): with ``blind``
+  (the default) only as a masked vector, and the server's masked sum comes back to be unmasked.
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
 The trained AEs stay in ``context.state`` (the node's local state); key material is never put
 in a reply, and a guard mod checks every reply for it before it leaves.
@@ -34,7 +35,7 @@ from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
-from fedseg.finetune import FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
+from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.privacy.blind import mask_label
 from fedseg.report import Examples, write_overlays
@@ -62,7 +63,6 @@ STATE_KEY = "autoencoders"
 # scores both (the request's "models" = "last-epoch").
 LAST_EPOCH_KEY = "autoencoders-last-epoch"
 FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
-BLINDED = "blinded"  # masked weights out, the server's masked sum in (strategies/finetune.py)
 
 
 def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:

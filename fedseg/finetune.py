@@ -41,6 +41,7 @@ SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
 # Protocol steps beyond a batch index: the site applies the gradient it is owed, then
 FINAL_STEP = -1  # saves its fine-tuned models (the end of the phase)
 SHARE_STEP = -2  # sends its shared weights (training.finetune_share)
+BLINDED = "blinded"  # the record of a site's masked weights, and of the server's masked sum
 
 
 def average_states(

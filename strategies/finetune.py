@@ -9,8 +9,9 @@ default) collects them after every epoch (a forward request at ``SHARE_STEP``) a
 vectors, adds them modulo 2^64 (fedseg/privacy/blind.py) and sends the masked sum, with the names
 of the sites in it, with each site's next request: the server never holds a readable weight.
 ``average`` collects the weights themselves and sends Flower's weighted average; ``cyclic``
-trains one site at a time and hands its weights to the next. A site that fails or sends a bad
-payload drops out; the others go on, and the next sum covers only the sites still present.
+trains one site at a time and hands its weights to the next. A site that fails a training step
+or sends a bad payload drops out; the others go on. A site that fails a blind aggregation round
+is only absent from that sum: it keeps its own weights and joins the next one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedseg.coordinator import Coordinator
 from fedseg.finetune import (
+    BLINDED,
     FINAL_STEP,
     SHARE_STEP,
     finetune_steps,
@@ -34,8 +36,6 @@ from fedseg.finetune import (
 )
 from fedseg.privacy.blind import add_blinded
 from strategies.common import Federation, arrays_of, exchange, log, to_record
-
-BLINDED = "blinded"  # the record of a site's masked weights, and of the server's masked sum
 
 
 class SplitFinetuning:
