@@ -10,13 +10,15 @@ Message types (the server's strategies send them in this order):
   the next items of the training stream, or a heartbeat; a profile's dropout fails it here.
 - ``train.finetune_forward`` / ``train.finetune_backward`` (opt-in, ``training.finetune_epochs``):
   split-learning fine-tuning (fedseg/finetune.py): apply the server's gradient to the encoder
-  and send the next batch's keyed latents; decode mapped latents and send the loss gradient.
+  and send the next batch's keyed latents; decode mapped latents and send the loss gradient
+  (``training.finetune_pipeline``: then also apply the previous batch's encoder gradient and
+  send the next batch's latents, one exchange a step).
   With ``training.finetune_share`` (in the site's own config) a forward request may also carry
   what to adopt, or ask for the site's shared encoder/decoder (``SHARE_STEP``): with ``blind``
   (the default) only as a masked vector, and the server's masked sum comes back to be unmasked.
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
-The trained AEs stay in ``context.state`` (the node's local state); key material is never put
-in a reply, and a guard mod checks every reply for it before it leaves.
+The trained AEs stay on the site's own disk (0600, never in ``context.state``, which a
+simulation ships with every message); key material is never put in a reply, and a guard mod checks every reply for it before it leaves.
 """
 
 from __future__ import annotations
@@ -58,10 +60,9 @@ from simulations.profiles import fails_in_round, round_deadline, simulate_outage
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
-STATE_KEY = "autoencoders"
 # training.finetune_average_epochs: the last epoch's models beside the averaged ones, so one run
 # scores both (the request's "models" = "last-epoch").
-LAST_EPOCH_KEY = "autoencoders-last-epoch"
+LAST_EPOCH_FILE = "autoencoders-last-epoch.pt"
 FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
 
 
@@ -115,17 +116,18 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     app = ClientApp(mods=[outgoing_guard, compute_speed])
 
-    def load_models(
-        run_cfg: RunConfig, setup: SiteSetup, context: Context, which: str = ""
-    ) -> SiteModels:
+    def load_models(run_cfg: RunConfig, setup: SiteSetup, which: str = "") -> SiteModels:
+        """The site's current models, from its own disk. Not from ``context.state``: a
+        simulation ships a node's context to its Ray actor and back with every message, and
+        4.7 MB of weights each way was most of a split-training step's messaging."""
         if which not in ("", "last-epoch"):
             raise ValueError(f"request.models must be '' or 'last-epoch', got {which!r}")
-        key = LAST_EPOCH_KEY if which == "last-epoch" else STATE_KEY
-        if key not in context.state.array_records:
-            raise RuntimeError(f"site {setup.split.name}: no {key} models (not trained yet)")
-        models = SiteModels.build(run_cfg, setup.split.train.num_classes)
-        models.load_state(context.state.array_records[key].to_torch_state_dict())
-        return models
+        path = site_models_path(setup.out_dir, setup.split.name)
+        if which == "last-epoch":
+            path = path.with_name(LAST_EPOCH_FILE)
+        if not path.is_file():
+            raise RuntimeError(f"site {setup.split.name}: no trained models yet ({path.name})")
+        return SiteModels.load(run_cfg, path)[0]
 
     @app.train()
     def fedavg_round(msg: Message, context: Context) -> Message:
@@ -197,7 +199,6 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                     "seconds": stats.seconds,
                 }
             )
-        context.state.array_records[STATE_KEY] = ArrayRecord(models.state())
         info = ConfigRecord(
             {
                 "site": site.name,
@@ -213,7 +214,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         run_cfg, setup = resolve(context)
         request = msg.content.config_records["request"]
         split, start, stop = str(request["split"]), int(request["start"]), int(request["stop"])
-        models = load_models(run_cfg, setup, context, str(request.get("models", "")))
+        models = load_models(run_cfg, setup, str(request.get("models", "")))
         transform = site_transform(run_cfg, setup.key_file)
         if split == "train":
             arrays = training_chunk(run_cfg, setup.split.train, models, transform, start, stop)
@@ -233,7 +234,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             simulate_outage(site.profile, site.name, rnd, float(request["deadline_s"]))
         content = RecordDict({"heartbeat": ConfigRecord({"site": site.name, "round": rnd})})
         if stop > start:
-            models = load_models(run_cfg, setup, context)
+            models = load_models(run_cfg, setup)
             transform = site_transform(run_cfg, setup.key_file)
             arrays = training_chunk(run_cfg, site.train, models, transform, start, stop)
             content["latents"] = to_record(arrays)
@@ -254,7 +255,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if tuner is not None and not start:
             return tuner, path
         if start:
-            models = load_models(run_cfg, setup, context)
+            models = load_models(run_cfg, setup)
         elif path.is_file():  # its weights come from the state file: no need to load them twice
             models = SiteModels.build(run_cfg, setup.split.train.num_classes)
         else:
@@ -280,7 +281,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if "last_epoch" in msg.content.array_records:  # the end, with weight averaging
             check_finetune_share(run_cfg, setup.split.name)
             tuner.adopt(msg.content.array_records["last_epoch"].to_torch_state_dict())
-            context.state.array_records[LAST_EPOCH_KEY] = ArrayRecord(tuner.models.state())
+            last = site_models_path(setup.out_dir, setup.split.name).with_name(LAST_EPOCH_FILE)
+            tuner.models.save(last, setup.split.train.class_names)
         if "weights" in msg.content.array_records:  # the shared model (average or last site's)
             check_finetune_share(run_cfg, setup.split.name)
             tuner.adopt(msg.content.array_records["weights"].to_torch_state_dict())
@@ -311,7 +313,6 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             saved = site_models_path(setup.out_dir, setup.split.name)
             tuner.models.save(saved, setup.split.train.class_names)
             saved.with_suffix(".config").write_text(fingerprint(run_cfg) + FINETUNED)
-            context.state.array_records[STATE_KEY] = ArrayRecord(tuner.models.state())
             path.unlink(missing_ok=True)
             content["done"] = ConfigRecord({"site": setup.split.name})
         else:
@@ -327,8 +328,16 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         tuner, path = finetuner(run_cfg, setup, context, start=False)
         mapped = arrays_of(msg.content.array_records["mapped"])
         grad, loss = tuner.decode_and_backward(epoch, step, epochs, mapped)
-        save_finetuner(tuner, path, run_cfg, setup)
         content = RecordDict({"grad": to_record(grad), "metrics": MetricRecord({"loss": loss})})
+        # training.finetune_pipeline: the previous batch's encoder step, then the next batch.
+        if "grad" in msg.content.array_records:
+            owed = arrays_of(msg.content.array_records["grad"])
+            tuner.backward_encoder(
+                int(request["grad_epoch"]), int(request["grad_step"]), epochs, owed
+            )
+        if "next_step" in request:
+            content["latents"] = to_record(tuner.forward(epoch, int(request["next_step"])))
+        save_finetuner(tuner, path, run_cfg, setup)
         return Message(content, reply_to=msg)
 
     @app.evaluate("segment")
@@ -337,7 +346,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         started = time.perf_counter()
         request = msg.content.config_records.get("request")
         which = str(request.get("models", "")) if request is not None else ""
-        models = load_models(run_cfg, setup, context, which)
+        models = load_models(run_cfg, setup, which)
         transform = site_transform(run_cfg, setup.key_file)
         mapped = arrays_of(msg.content.array_records["mapped"])
         pred = segment_mapped(run_cfg, models, transform, mapped, setup.split.test.images)

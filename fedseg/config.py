@@ -158,6 +158,10 @@ class TrainingConfig:
     # last epoch's weights; a run also scores its last epoch's weights (finetune_last_epoch in
     # metrics.json). us-nerve, N = 40: +0.4 pp over four runs (README, release 10). 0 = off.
     finetune_average_epochs: int = 0
+    # One message each way per step instead of two: a site sends its next batch's latents with
+    # this batch's gradient, so its encoder runs one step behind. Fewer round trips is what
+    # split training over Flower waits on (README, "Performance").
+    finetune_pipeline: bool = False
     threads: int = 2
     seed: int = 0
 

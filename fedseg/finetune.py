@@ -95,8 +95,9 @@ class SiteFinetuner:
         )
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
         # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at
-        # step 3; that gradient waits here for step 4, where the encoder takes one step on both.
-        self.local_grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
+        # step 3; that gradient waits here, by (epoch, step), for step 4, where the encoder
+        # takes one step on both (pipelined, step 4 of a batch comes after step 3 of the next).
+        self.local_grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         # Step 1's encoder pass (epoch, step, keyed latents, local-skip features), graph and
         # all, until step 4: the batch is encoded once a step, not three times. Not state.
         self._pass: tuple[int, int, list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -145,12 +146,12 @@ class SiteFinetuner:
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.encoder_opt.zero_grad(set_to_none=True)
         torch.autograd.backward(keyed, grad)
-        if self.local_grads is not None and self.local_grads[:2] == (epoch, step):
-            for name, param in self.models.image_ae.encoder.named_parameters():
-                extra = self.local_grads[2].get(name)
-                if extra is not None:
-                    param.grad = extra if param.grad is None else param.grad + extra
-        self.local_grads = None
+        local = self.local_grads.pop((epoch, step), {})
+        self.local_grads.clear()  # an older step's would never be used
+        for name, param in self.models.image_ae.encoder.named_parameters():
+            extra = local.get(name)
+            if extra is not None:
+                param.grad = extra if param.grad is None else param.grad + extra
         self.encoder_opt.step()
         self.models.image_ae.eval()
 
@@ -178,7 +179,7 @@ class SiteFinetuner:
         decoder.eval()
         if local is not None:
             grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
-            self.local_grads = (epoch, step, grads)
+            self.local_grads[(epoch, step)] = grads
             encoder.zero_grad(set_to_none=True)
             encoder.eval()
         return pack([z.grad for z in keyed], "grad", GRAD_DTYPE), float(loss.item())
@@ -237,7 +238,7 @@ class SiteFinetuner:
             "models": self.models.state(),
             "encoder_opt": self.encoder_opt.state_dict(),
             "decoder_opt": self.decoder_opt.state_dict(),
-            "local_grads": self.local_grads,
+            "local_grads": [(e, k, g) for (e, k), g in self.local_grads.items()],
             "blind_labels": sorted(self.blinder.used) if self.blinder else [],
         }
 
@@ -246,7 +247,7 @@ class SiteFinetuner:
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])
-        self.local_grads = state.get("local_grads")
+        self.local_grads = {(e, k): g for e, k, g in state.get("local_grads") or []}
         if self.blinder is not None:
             self.blinder.used |= set(state.get("blind_labels", []))
 
@@ -305,9 +306,14 @@ def finetune_in_process(
     epochs: int,
     on_epoch=None,
     share: str = "none",
+    pipeline: bool = False,
 ) -> list[float]:
     """The whole phase without Flower (studies, tests): the same calls, in the same order, that
-    the Flower strategy makes over messages. Returns the mean loss of each epoch."""
+    the Flower strategy makes over messages. Returns the mean loss of each epoch.
+
+    ``pipeline``: a site encodes its next batch right after decoding this one, so one message
+    each way carries both (the encoder is one step behind: that batch is encoded before the
+    previous batch's encoder gradient arrives)."""
     pending: dict[str, tuple[int, int, dict]] = {}
     weights = {s: float(len(f.data)) for s, f in finetuners.items()}
     run_nonce = secrets.token_hex(8)  # blind: this run's round labels are never reused
@@ -326,18 +332,24 @@ def finetune_in_process(
         for group in share_groups(list(finetuners), share, epoch):
             if carried is not None:
                 finetuners[group[0]].adopt(carried)
+            latents = {}  # pipelined: the next step's latents, sent with this step's gradient
             for step in range(max(finetuners[s].steps for s in group)):
                 active = [s for s in group if step < finetuners[s].steps]
                 mapped = {}
                 for s in active:
-                    flush([s])
-                    mapped[s] = coordinator.finetune_forward(s, finetuners[s].forward(epoch, step))
+                    if s not in latents:
+                        flush([s])
+                        latents[s] = finetuners[s].forward(epoch, step)
+                    mapped[s] = coordinator.finetune_forward(s, latents.pop(s))
                 grads = {}
                 for s in active:
                     grads[s], loss = finetuners[s].decode_and_backward(
                         epoch, step, epochs, mapped[s]
                     )
                     epoch_losses.append(loss)
+                    if pipeline and step + 1 < finetuners[s].steps:
+                        flush([s])
+                        latents[s] = finetuners[s].forward(epoch, step + 1)
                 answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
                 if refused:
                     raise ValueError(f"fine-tuning gradients refused: {refused}")

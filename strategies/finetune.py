@@ -3,7 +3,10 @@
 Each step is two exchanges with every site that has a batch left in the epoch:
 ``train.finetune_forward`` (the site applies the previous step's encoder gradient, if any, and
 sends keyed image latents) and ``train.finetune_backward`` (the site decodes the mapped latents
-and sends the loss gradient). fedseg/finetune.py has the why and the maths; this is plumbing.
+and sends the loss gradient). With ``training.finetune_pipeline`` the backward exchange also
+carries the previous step's encoder gradient and brings back the next batch's latents, so a
+step is one exchange (plus one per epoch to start). fedseg/finetune.py has the why and the
+maths; this is plumbing.
 With ``training.finetune_share`` the sites' encoders and decoders are one model. ``blind`` (the
 default) collects them after every epoch (a forward request at ``SHARE_STEP``) as masked uint64
 vectors, adds them modulo 2^64 (fedseg/privacy/blind.py) and sends the masked sum, with the names
@@ -81,9 +84,12 @@ class SplitFinetuning:
                         continue
                     if carried is not None:
                         self._adopt[group[0]] = carried
+                    ahead: dict[int, dict[str, np.ndarray]] = {}  # finetune_pipeline
                     for step in range(max(steps[n] for n in group)):
                         active = [n for n in group if n in federation.sites and step < steps[n]]
-                        epoch_losses += self._step(grid, federation, active, epoch, step, pending)
+                        epoch_losses += self._step(
+                            grid, federation, active, (epoch, step), pending, ahead, steps
+                        )
                     if self.share == "cyclic":
                         carried = self._collect(grid, federation, group, pending) or carried
                 share_started = time.perf_counter()
@@ -230,26 +236,50 @@ class SplitFinetuning:
             federation.drop(node_id, "fine-tuning", reason)
         return replies
 
-    def _step(self, grid, federation, active, epoch, step, pending) -> list[float]:
+    def _step(self, grid, federation, active, at, pending, ahead, steps) -> list[float]:
+        """One batch at every active site. ``ahead`` holds latents a site sent with its last
+        gradient (``training.finetune_pipeline``); the others are asked for theirs first."""
+        epoch, step = at
         names = {n: federation.sites[n].name for n in active}
-        replies = self._forward(grid, federation, active, epoch, step, pending)
+        asked = [n for n in active if n not in ahead]
+        if asked:
+            for node_id, reply in self._forward(
+                grid, federation, asked, epoch, step, pending
+            ).items():
+                ahead[node_id] = reply.content.array_records.get("latents")
         mapped = {}
         # Sites in name order, not reply order: the server's first batch fixes the UMN's input
         # bases, and the order of its updates should not depend on who answered first.
-        for node_id, reply in sorted(replies.items(), key=lambda item: names[item[0]]):
+        for node_id in sorted(active, key=names.get):
+            record = ahead.pop(node_id, None)
+            if node_id not in federation.sites:
+                continue
             try:
-                latents = arrays_of(reply.content.array_records["latents"])
-                mapped[node_id] = self.coordinator.finetune_forward(names[node_id], latents)
+                if record is None:
+                    raise ValueError("no latents record")
+                mapped[node_id] = self.coordinator.finetune_forward(
+                    names[node_id], arrays_of(record)
+                )
             except (KeyError, ValueError) as err:
                 federation.drop(node_id, "fine-tuning", f"bad latents: {err}")
         epochs = self.coordinator.cfg.training.finetune_epochs
-        request = ConfigRecord({"epoch": epoch, "epochs": epochs, "step": step})
+        pipeline = self.coordinator.cfg.training.finetune_pipeline
+
+        def backward_request(node_id: int) -> RecordDict:
+            request = {"epoch": epoch, "epochs": epochs, "step": step}
+            content = RecordDict({"mapped": to_record(mapped[node_id])})
+            if pipeline:  # this batch's decoding, the last one's encoder step, the next batch
+                if node_id in pending:
+                    grad_epoch, grad_step, grad = pending.pop(node_id)
+                    request.update({"grad_epoch": grad_epoch, "grad_step": grad_step})
+                    content["grad"] = to_record(grad)
+                if step + 1 < steps[node_id]:
+                    request["next_step"] = step + 1
+            content["request"] = ConfigRecord(request)
+            return content
+
         replies, failed = exchange(
-            grid,
-            list(mapped),
-            "train.finetune_backward",
-            lambda n: RecordDict({"mapped": to_record(mapped[n]), "request": request}),
-            self.timeout_s,
+            grid, list(mapped), "train.finetune_backward", backward_request, self.timeout_s
         )
         for node_id, reason in failed.items():
             federation.drop(node_id, "fine-tuning", reason)
@@ -261,9 +291,13 @@ class SplitFinetuning:
                 by_name[names[node_id]] = node_id
             except KeyError as err:
                 federation.drop(node_id, "fine-tuning", f"reply without {err}")
+                continue
+            if pipeline and step + 1 < steps[node_id]:
+                ahead[node_id] = reply.content.array_records.get("latents")
         answers, refused = self.coordinator.finetune_backward(grads, epoch, epochs)
         for name, reason in refused.items():
             federation.drop(by_name[name], "fine-tuning", f"bad gradient: {reason}")
+            ahead.pop(by_name[name], None)
         for name, grad in answers.items():
             pending[by_name[name]] = (epoch, step, grad)
         return losses

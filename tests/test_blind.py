@@ -253,3 +253,33 @@ def test_flower_blind_run_sends_no_readable_weights_and_stores_none(blind_run):
         state = torch.load(path, weights_only=False, map_location="cpu")
         text = repr(list(state)) + repr(list(state.get("umn", {})))
         assert "encoder" not in text and "decoder" not in text, path
+
+
+def test_pipelined_split_training_takes_one_exchange_a_step(tmp_path: Path):
+    """training.finetune_pipeline: each backward exchange brings the next batch's latents and
+    takes the last batch's encoder gradient, so a site gets one forward request per epoch to
+    start, one to share and one at the end, and one backward exchange a step."""
+    import json
+
+    from simulations.engine import simulate
+
+    epochs = 2
+    cfg = blind_config(tmp_path / "out", sites=2, epochs=epochs)
+    cfg.training.finetune_pipeline = True
+    cfg.privacy.audit_dir = str(tmp_path / "audit")
+    cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
+    simulate(cfg.validate())
+    metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+    assert not metrics["dropped"], metrics["dropped"]
+    assert all(np.isfinite(metrics["finetune_losses"]))
+    steps = cfg.data.synthetic_train // cfg.training.batch_size
+    audit = Path(cfg.privacy.audit_dir)
+    for site in ("hospital-1", "hospital-2"):
+        forward = sorted((audit / site).glob("*_train_finetune_forward.npz"))
+        backward = sorted((audit / site).glob("*_train_finetune_backward.npz"))
+        assert len(forward) == 2 * epochs + 1 and len(backward) == epochs * steps
+        carried = 0
+        for dump in backward:
+            with np.load(dump) as payload:
+                carried += any(n.startswith("latents.") for n in payload.files)
+        assert carried == epochs * (steps - 1)  # every step but an epoch's last sends the next

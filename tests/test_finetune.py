@@ -145,7 +145,7 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
     tuner.encoder_opt.step = record_then_step
     mapped = coord.finetune_forward(site.name, tuner.forward(0, 0))
     grad_out, _ = tuner.decode_and_backward(0, 0, 1, mapped)
-    assert tuner.local_grads is not None and tuner.local_grads[:2] == (0, 0)
+    assert set(tuner.local_grads) == {(0, 0)}
     assert (tuner._pass is not None) and tuner._pass[:2] == (0, 0)  # step 1's, kept
     if reload:  # the stash survives a save and reload between the two messages
         tuner.load_state(copy.deepcopy(tuner.state()))
@@ -153,7 +153,7 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
     answers, refused = coord.finetune_backward({site.name: grad_out}, 0, 1)
     assert not refused
     tuner.backward_encoder(0, 0, 1, answers[site.name])
-    assert tuner.local_grads is None and tuner._pass is None
+    assert not tuner.local_grads and tuner._pass is None
 
     x, y = tuner._batch(0, 0)
     joint.image_ae.encoder.train()
