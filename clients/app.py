@@ -18,7 +18,8 @@ Message types (the server's strategies send them in this order):
   (the default) only as a masked vector, and the server's masked sum comes back to be unmasked.
 - ``evaluate.segment``: decode the server's mapped latents; reply metrics only.
 The trained AEs stay on the site's own disk (0600, never in ``context.state``, which a
-simulation ships with every message); key material is never put in a reply, and a guard mod checks every reply for it before it leaves.
+simulation ships with every message); key material is never put in a reply, and a guard mod
+checks every reply for it before it leaves.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fedseg.deploy.runtime import resolve_scenario
 from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
 from fedseg.privacy.audit import guard_and_audit
 from fedseg.privacy.blind import mask_label
+from fedseg.privacy.redact import SiteError, public_error
 from fedseg.report import Examples, write_overlays
 from fedseg.site import (
     SiteModels,
@@ -84,8 +86,9 @@ def check_finetune_share(run_cfg: RunConfig, site: str) -> None:
         )
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """``cfg`` given: the CLI's scenario; otherwise read from the Flower run config."""
+def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp:
+    """``cfg`` given: the CLI's scenario; otherwise read from the Flower run config. ``mods``
+    run outside the site's own (a simulation's adversary: simulations/adversary.py)."""
 
     def resolve(context: Context) -> tuple[RunConfig, SiteSetup]:
         run_cfg = cfg or config_from_run_config(resolve_scenario(dict(context.run_config), APP_DIR))
@@ -107,6 +110,15 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             )
         return reply
 
+    def public_errors(msg: Message, context: Context, call_next) -> Message:
+        """A failure reaches the server as its kind and a short message without paths
+        (fedseg/privacy/redact.py); the full error stays in this site's log."""
+        try:
+            return call_next(msg, context)
+        except Exception as err:
+            log.error("%s failed", msg.metadata.message_type, exc_info=True)
+            raise SiteError(public_error(err)) from None
+
     def compute_speed(msg: Message, context: Context, call_next) -> Message:
         """A slow hospital (profile ``speed`` < 1) really takes longer to answer."""
         started = time.perf_counter()
@@ -114,7 +126,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         slow_down(resolve(context)[1].split.profile, time.perf_counter() - started)
         return reply
 
-    app = ClientApp(mods=[outgoing_guard, compute_speed])
+    app = ClientApp(mods=[*mods, public_errors, outgoing_guard, compute_speed])
 
     def load_models(run_cfg: RunConfig, setup: SiteSetup, which: str = "") -> SiteModels:
         """The site's current models, from its own disk. Not from ``context.state``: a

@@ -17,9 +17,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
-from fedseg.privacy.keys import KeyFileError, write_key_file
+from fedseg.privacy.keys import KeyFileError, key_fingerprint, read_key_file, write_key_file
 
-app = typer.Typer(add_completion=False, help="Federated segmentation that shares keyed latents.")
+# No locals in tracebacks: a secret in a local variable must never reach a terminal or a log.
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Federated segmentation that shares keyed latents.",
+)
 console = Console()
 
 
@@ -244,9 +249,10 @@ def keygen(
     """Create a hospital's 256-bit secret. Keep it at the hospital; back it up offline."""
     try:
         path = write_key_file(out, overwrite=force)
-    except KeyFileError as err:
-        raise typer.Exit(code=_fail(str(err))) from err
-    console.print(f"wrote {path} (mode 600)")
+    except (KeyFileError, OSError) as err:
+        raise typer.Exit(code=_fail(f"cannot create {out}: {err}")) from None
+    fingerprint = key_fingerprint(read_key_file(path))
+    console.print(f"wrote {path} (mode 600), fingerprint {fingerprint}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
 AeFederation = Literal["local", "fedavg"]
 FinetuneShare = Literal["none", "blind", "average", "cyclic"]
+TAMPERING = ("missing-record", "extra-items", "scaled", "huge", "forged-metrics")
 Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
 KeyScope = Literal["site", "federation"]
@@ -67,6 +68,9 @@ class FederationConfig:
     dirichlet_alpha: float = 0.0  # > 0: hospitals without explicit `samples` share a source
     #   by a Dirichlet(alpha) draw (quantity skew); 0 = equal shares
     round_timeout_s: float = 0.0  # per-UMN-round reply deadline (0 = message_timeout_s)
+    # A site's latents or gradients whose RMS exceeds this many times the running RMS of its
+    # own earlier payloads are refused for that step (fedseg/wire.py MagnitudeGuard); 0 = off.
+    magnitude_bound: float = 10.0
     round_items: int = -1  # fresh training latents a site sends per UMN round (-1 = one
     #   augmented pass of its training set, 0 = none: rounds are heartbeats only)
 
@@ -92,6 +96,10 @@ class HospitalConfig:
     speed: float = 1.0  # compute-speed factor: 0.5 = every reply takes twice as long
     dropout: float = 0.0  # probability that the site fails in a given UMN round
     failure: Literal["raise", "timeout"] = "raise"  # how a dropped-out round fails
+    # A malicious site (simulations/adversary.py): the attacks it makes on its replies, in turn:
+    # "missing-record", "extra-items" (10x the items asked), "scaled" (latents x100), "huge"
+    # (a 1 GiB reply), "forged-metrics" (evaluation). The server must refuse every one.
+    tamper: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -349,6 +357,10 @@ def _hospital_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
             (h.speed > 0, f"{where}: speed must be > 0"),
             (h.contrast > 0 and h.noise >= 0, f"{where}: contrast > 0 and noise >= 0"),
             (h.resolution == 0 or h.resolution >= 8, f"{where}: resolution 0 or >= 8 px"),
+            (
+                set(h.tamper) <= set(TAMPERING),
+                f"{where}: tamper: each of {', '.join(TAMPERING)}",
+            ),
         ]
     for name, src in cfg.sources.items():
         checks.append(

@@ -27,7 +27,7 @@ from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import keyed_transform
 from fedseg.training import Budget, SiteLatents, cosine_lr, map_latents, nhwc, train_umn
-from fedseg.wire import GRAD_DTYPE, pack, unpack
+from fedseg.wire import GRAD_DTYPE, MagnitudeGuard, check_fields, pack, unpack
 
 CHECKPOINT_NAME = "umn.pt"
 
@@ -57,6 +57,7 @@ class Coordinator:
         self._transforms = {s: LatentTransform(None) for s in self.sites}
         self._finetune_opt: torch.optim.Optimizer | None = None
         self._finetune_graphs: dict[str, tuple[list, list]] = {}
+        self._magnitudes = MagnitudeGuard(cfg.federation.magnitude_bound)
         self._finetune_average: AveragedModel | None = None
         self._last_epoch_umn: dict[str, torch.Tensor] | None = None  # once averaged
         if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
@@ -71,11 +72,16 @@ class Coordinator:
         if site not in self._transforms:
             raise UnknownSiteError(f"unknown site {site!r}; this server serves {self.sites}")
 
-    def add_chunk(self, site: str, arrays: dict[str, np.ndarray]) -> int:
-        """Validate one chunk of a site's training latents; returns its item count."""
+    def add_chunk(
+        self, site: str, arrays: dict[str, np.ndarray], max_items: int | None = None
+    ) -> int:
+        """Validate one chunk of a site's training latents (no more than ``max_items``, the
+        number asked for); returns its item count."""
         self._check_site(site)
-        image = unpack(arrays, "image", self.shapes)
-        mask = unpack(arrays, "mask", self.shapes)
+        check_fields(arrays, ("image", "mask"), len(self.shapes))
+        image = unpack(arrays, "image", self.shapes, max_items)
+        mask = unpack(arrays, "mask", self.shapes, max_items)
+        self._magnitudes.check(site, arrays)
         if image[0].shape[0] != mask[0].shape[0]:
             raise ValueError(
                 f"site {site}: {image[0].shape[0]} image vs {mask[0].shape[0]} mask latents"
@@ -167,10 +173,14 @@ class Coordinator:
         return pack(t.forward(mapped, "mask"), "mask")
 
     def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph."""
+        """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph. A
+        batch is exactly ``training.batch_size`` items (full batches only)."""
         self._check_site(site)
         t = self._transforms[site]
-        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes)]
+        check_fields(arrays, ("image",), len(self.shapes))
+        batch = self.cfg.training.batch_size
+        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes, items=batch)]
+        self._magnitudes.check(site, arrays)
         image = t.inverse(keyed, "image")
         if self.cfg.model.canonical_adapters and not self.umn.has_input_basis(site):
             self._start_input_bases(site, image)
@@ -194,13 +204,12 @@ class Coordinator:
                 refused[site] = "sent a gradient but mapped no batch this step"
                 continue
             try:
-                grad = unpack(arrays, "grad", self.shapes, dtype=GRAD_DTYPE)
+                check_fields(arrays, ("grad",), len(self.shapes))
+                expected = graphs[site][1][0].shape[0]
+                grad = unpack(arrays, "grad", self.shapes, dtype=GRAD_DTYPE, items=expected)
+                self._magnitudes.check(site, arrays)
             except ValueError as err:
                 refused[site] = str(err)
-                continue
-            expected = graphs[site][1][0].shape[0]
-            if grad[0].shape[0] != expected:
-                refused[site] = f"gradient for {grad[0].shape[0]} items, its batch had {expected}"
                 continue
             accepted[site] = grad
         params = list(self.umn.parameters())

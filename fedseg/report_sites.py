@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-KEYS = {"data_stats", "rounds", "dropped", "site_profiles"}
+KEYS = {"data_stats", "rounds", "dropped", "rejected", "site_profiles"}
 MAX_ROWS = 60  # longer tables are cut (the full data is in metrics.json)
 
 
@@ -106,6 +106,21 @@ def _round_lines(metrics: dict[str, Any]) -> list[str]:
             cells = [d.get("round", "-"), d.get("site"), d.get("phase"), d.get("reason")]
             lines.append(_row([_fmt(c) for c in cells]))
         lines += _cut(len(dropped), MAX_ROWS * 4) + [""]
+    rejected = metrics.get("rejected") or []
+    if rejected:
+        lines += [
+            "## Refused replies",
+            "",
+            "Each was refused for its own step only (malformed, oversized or extreme values); "
+            "the site went on with the next.",
+            "",
+            _row(["Epoch", "Step", "Site", "Phase", "Reason"]),
+            _row(["---"] * 5),
+        ]
+        for r in rejected[: MAX_ROWS * 4]:
+            cells = [r.get("epoch", "-"), r.get("step", "-"), r.get("site"), r.get("phase")]
+            lines.append(_row([_fmt(c) for c in [*cells, r.get("reason")]]))
+        lines += _cut(len(rejected), MAX_ROWS * 4) + [""]
     return lines
 
 

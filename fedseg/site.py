@@ -22,7 +22,7 @@ from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
-from fedseg.privacy.keys import load_or_create_key
+from fedseg.privacy.keys import KeyFileError, bind_key, load_or_create_key, read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.training import (
@@ -110,7 +110,7 @@ def site_transform(cfg: RunConfig, key_file: str | Path | None) -> Keyed:
             f"privacy.transform = {cfg.privacy.transform!r} needs a key file "
             "(node config 'key-file')"
         )
-    return keyed_transform(cfg, load_or_create_key(key_file))
+    return keyed_transform(cfg, read_key_file(key_file))
 
 
 def site_blinder(cfg: RunConfig, key_file: str | Path | None, site: str) -> BlindSite | None:
@@ -120,7 +120,7 @@ def site_blinder(cfg: RunConfig, key_file: str | Path | None, site: str) -> Blin
         return None
     if key_file is None:
         raise ValueError("training.finetune_share = 'blind' needs the federation key file")
-    return BlindSite(load_or_create_key(key_file), site)
+    return BlindSite(read_key_file(key_file), site)
 
 
 def train_site(
@@ -293,6 +293,12 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     key_file = node_config.get("key-file")
     needs_secret = cfg.privacy.transform != "none" or cfg.training.finetune_share == "blind"
     if key_file is None and needs_secret:
+        if "partition-id" not in node_config:
+            raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")
         owner = "federation" if cfg.privacy.key_scope == "federation" else split.name
         key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
+        # A simulated hospital's first start makes its secret; nothing else creates one.
+        load_or_create_key(key_file)
+    if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
+        bind_key(site_models_path(out_dir, split.name).parent, Path(str(key_file)))
     return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)

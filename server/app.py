@@ -173,6 +173,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         timing=timing,
         bytes_per_query=payload_bytes(shapes),
         dropped=federation.dropped,
+        rejected=federation.rejected,
         umn_parameters=coordinator.parameter_count(),
         rounds=[
             {**t, **(participation.history[i] if participation else {})}

@@ -36,10 +36,13 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> None:
 
     from clients.app import make_client_app
     from server.app import make_server_app
+    from simulations.adversary import tamper_mod
+
+    mods = (tamper_mod(cfg),) if any(h.tamper for h in cfg.hospitals) else ()
 
     run_simulation(
         server_app=make_server_app(cfg),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(cfg, mods),
         num_supernodes=cfg.federation.num_sites,
         backend_config=backend_config(cfg),
         verbose_logging=verbose,

@@ -13,6 +13,8 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedseg.wire import MAX_PAYLOAD_BYTES, WireError
+
 log = logging.getLogger("fedseg.server")
 # Replies are polled quickly at first, then every 20 ms: a pull is an in-memory lookup in
 # simulation and one small request to the SuperLink in deployment, while a split-training step
@@ -52,12 +54,20 @@ class Federation:
 
     sites: dict[int, SiteInfo] = field(default_factory=dict)
     dropped: list[dict] = field(default_factory=list)
+    # Replies refused for one step or round (malformed, extreme, oversized): the site stays.
+    rejected: list[dict] = field(default_factory=list)
 
     def drop(self, node_id: int, phase: str, reason: str) -> None:
         site = self.sites.pop(node_id, None)
         name = site.name if site else f"node {node_id}"
         log.warning("%s dropped out of %s: %s", name, phase, reason)
         self.dropped.append({"phase": phase, "site": name, "reason": reason})
+
+    def reject(self, node_id: int, phase: str, reason: str, **where: int) -> None:
+        """Refuse one reply: logged and recorded, the site takes part in the next step."""
+        name = self.sites[node_id].name if node_id in self.sites else f"node {node_id}"
+        log.warning("%s: reply refused in %s %s: %s", name, phase, where or "", reason)
+        self.rejected.append({"phase": phase, "site": name, **where, "reason": reason})
 
     def by_name(self) -> dict[str, SiteInfo]:
         return {s.name: s for s in self.sites.values()}
@@ -115,8 +125,18 @@ def exchange(
     return replies, failed
 
 
-def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+def arrays_of(record: ArrayRecord | None, name: str = "latents") -> dict[str, np.ndarray]:
+    """A reply's arrays, checked for presence and total size on the received bytes, before
+    anything is converted (a 1 GiB reply costs no fp32 copy)."""
+    if record is None:
+        raise WireError(f"no {name!r} record in the reply")
+    size = sum(len(a.data) for a in record.values())
+    if size > MAX_PAYLOAD_BYTES:
+        raise WireError(f"{name!r} record of {size} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        return {k: v.numpy() for k, v in record.items()}
+    except (TypeError, ValueError) as err:
+        raise WireError(f"{name!r} record does not decode: {err}") from err
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedseg.coordinator import Coordinator
+from fedseg.wire import check_fields, unpack
 from strategies.common import Federation, exchange, site_progress, to_record
 from strategies.latents import LatentCollection
 
@@ -37,7 +38,9 @@ class SegmentationEvaluation:
         """Per-site metrics, and the server's mapping time per query (seconds)."""
         queries: dict[str, list[dict[str, np.ndarray]]] = {}
 
-        def collect(site: str, arrays: dict[str, np.ndarray]) -> int:
+        def collect(site: str, arrays: dict[str, np.ndarray], asked: int) -> int:
+            check_fields(arrays, ("image",), len(self.coordinator.shapes))
+            unpack(arrays, "image", self.coordinator.shapes, max_items=asked)
             queries.setdefault(site, []).append(arrays)
             return len(next(iter(arrays.values())))
 
@@ -74,10 +77,37 @@ class SegmentationEvaluation:
             )
         for node_id, reason in failed.items():
             federation.drop(node_id, "evaluation", reason)
-        metrics = {
-            federation.sites[n].name: json.loads(
-                str(r.content.config_records["result"]["metrics_json"])
-            )
-            for n, r in replies.items()
-        }
+        metrics = {}
+        for node_id, reply in replies.items():
+            site = federation.sites[node_id]
+            try:
+                text = str(reply.content.config_records["result"]["metrics_json"])
+                metrics[site.name] = checked_metrics(text, site.n_test)
+            except (KeyError, ValueError) as err:  # forged or malformed: refused, the others stand
+                federation.drop(node_id, "evaluation", f"metrics refused: {err}")
         return metrics, map_seconds / max(n_items, 1)
+
+
+def checked_metrics(text: str, n_test: int) -> dict:
+    """A site's evaluation metrics, refused unless they are JSON, scores are scores (Dice in
+    [0, 1], distances >= 0) and the image count is the one the site registered."""
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"no metrics JSON ({err})") from err
+    if not isinstance(metrics, dict):
+        raise ValueError("metrics JSON is not an object")
+    for name in ("dice", "hd95", "asd"):
+        per_class = metrics.get(name, {})
+        values = [metrics.get(f"{name}_mean")]
+        values += list(per_class.values()) if isinstance(per_class, dict) else [per_class]
+        for value in values:
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} = {value!r} is not a score")
+            if name == "dice" and value > 1:
+                raise ValueError(f"dice = {value} is outside [0, 1]")
+    if metrics.get("n_test") != n_test:
+        raise ValueError(f"scored {metrics.get('n_test')} images, registered {n_test}")
+    return metrics

@@ -240,6 +240,7 @@ class SplitFinetuning:
         """One batch at every active site. ``ahead`` holds latents a site sent with its last
         gradient (``training.finetune_pipeline``); the others are asked for theirs first."""
         epoch, step = at
+        where = {"epoch": epoch + 1, "step": step + 1}  # 1-based, as the log says
         names = {n: federation.sites[n].name for n in active}
         asked = [n for n in active if n not in ahead]
         if asked:
@@ -254,14 +255,12 @@ class SplitFinetuning:
             record = ahead.pop(node_id, None)
             if node_id not in federation.sites:
                 continue
-            try:
-                if record is None:
-                    raise ValueError("no latents record")
+            try:  # a refused batch is skipped: the site goes on with the next step
                 mapped[node_id] = self.coordinator.finetune_forward(
                     names[node_id], arrays_of(record)
                 )
-            except (KeyError, ValueError) as err:
-                federation.drop(node_id, "fine-tuning", f"bad latents: {err}")
+            except ValueError as err:
+                federation.reject(node_id, "fine-tuning", f"latents: {err}", **where)
         epochs = self.coordinator.cfg.training.finetune_epochs
         pipeline = self.coordinator.cfg.training.finetune_pipeline
 
@@ -285,19 +284,21 @@ class SplitFinetuning:
             federation.drop(node_id, "fine-tuning", reason)
         grads, losses, by_name = {}, [], {}
         for node_id, reply in replies.items():
-            try:
-                grads[names[node_id]] = arrays_of(reply.content.array_records["grad"])
-                losses.append(float(reply.content.metric_records["metrics"]["loss"]))
-                by_name[names[node_id]] = node_id
-            except KeyError as err:
-                federation.drop(node_id, "fine-tuning", f"reply without {err}")
-                continue
             if pipeline and step + 1 < steps[node_id]:
                 ahead[node_id] = reply.content.array_records.get("latents")
+            try:
+                grad = arrays_of(reply.content.array_records.get("grad"), "grad")
+                loss = float(reply.content.metric_records["metrics"]["loss"])
+                if not np.isfinite(loss) or loss < 0:
+                    raise ValueError(f"loss {loss} is not a loss")
+            except (KeyError, TypeError, ValueError) as err:
+                federation.reject(node_id, "fine-tuning", f"gradient: {err}", **where)
+                continue
+            grads[names[node_id]], by_name[names[node_id]] = grad, node_id
+            losses.append(loss)
         answers, refused = self.coordinator.finetune_backward(grads, epoch, epochs)
         for name, reason in refused.items():
-            federation.drop(by_name[name], "fine-tuning", f"bad gradient: {reason}")
-            ahead.pop(by_name[name], None)
+            federation.reject(by_name[name], "fine-tuning", f"gradient: {reason}", **where)
         for name, grad in answers.items():
             pending[by_name[name]] = (epoch, step, grad)
         return losses

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from strategies.common import Federation, arrays_of, exchange, site_progress
 
-Sink = Callable[[str, dict[str, np.ndarray]], int]
+Sink = Callable[[str, dict[str, np.ndarray], int], int]  # (site, arrays, items asked)
 
 
 class LatentCollection:
@@ -49,9 +49,10 @@ class LatentCollection:
             for node_id, reason in failed.items():
                 federation.drop(node_id, f"latents/{self.split}", reason)
             for node_id, reply in replies.items():
-                arrays = arrays_of(reply.content.array_records["latents"])
+                asked = min(offset + self.chunk_size, totals[node_id]) - offset
                 try:
-                    sink(federation.sites[node_id].name, arrays)
+                    arrays = arrays_of(reply.content.array_records.get("latents"))
+                    sink(federation.sites[node_id].name, arrays, asked)
                 except ValueError as err:  # malformed payload: refuse it, keep the others
                     federation.drop(node_id, f"latents/{self.split}", f"bad payload: {err}")
                     continue

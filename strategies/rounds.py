@@ -57,9 +57,11 @@ class RoundParticipation:
         names = {n: self.federation.sites[n].name for n in roster}
         for node_id, reply in replies.items():
             if "latents" in reply.content.array_records:
-                arrays = arrays_of(reply.content.array_records["latents"])
                 try:
-                    self.next_item[node_id] += self.coordinator.add_chunk(names[node_id], arrays)
+                    arrays = arrays_of(reply.content.array_records["latents"])
+                    self.next_item[node_id] += self.coordinator.add_chunk(
+                        names[node_id], arrays, self.items.get(node_id, 0)
+                    )
                 except ValueError as err:  # malformed payload: refuse it, count as dropped
                     failed[node_id] = f"bad payload: {err}"
         for node_id, reason in failed.items():

@@ -17,9 +17,12 @@ from rich.console import Console
 
 from fedseg.deploy import runtime
 from fedseg.deploy.certs import supernode_keypair
+from fedseg.privacy.keys import KeyFileError, read_key_file
 
 app = typer.Typer(
-    add_completion=False, help="Run fedseg across machines (Flower SuperLink/SuperNodes)."
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # no secret from a local variable in a traceback
+    help="Run fedseg across machines (Flower SuperLink/SuperNodes).",
 )
 console = Console()
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +101,12 @@ def supernode(
     runtime_port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode)"),
 ) -> None:
     """At a hospital: start its SuperNode (TLS to the SuperLink, authenticated by its key)."""
+    try:  # before anything starts: a missing or mistyped key or data folder is a clear error
+        read_key_file(key_file)
+    except KeyFileError as err:
+        raise typer.BadParameter(str(err), param_hint="--key-file") from None
+    if not data_dir.is_dir():
+        raise typer.BadParameter(f"data folder not found: {data_dir}", param_hint="--data-dir")
     config = runtime.node_config(
         data_dir.resolve(), key_file.resolve(), site_name, out_dir.resolve()
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.config import RunConfig
-from fedseg.privacy.keys import KeyRing, load_or_create_key
+from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import KeyMaterial
 
 
@@ -41,7 +41,7 @@ def guard_and_audit(
 ) -> None:
     texts = list(texts)
     if cfg.privacy.transform != "none" and key_file is not None:
-        secret = load_or_create_key(key_file)
+        secret = read_key_file(key_file)
         material = _key_material(secret, cfg.model.latent_channels, cfg.privacy.bias_scale)
         findings = material.find(arrays, texts)
         if findings:

@@ -8,6 +8,8 @@ the secret ever needs to be stored. No object here prints its key material.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -83,6 +85,33 @@ def load_or_create_key(path: str | Path) -> bytes:
         finally:
             tmp.unlink()
     return read_key_file(path)
+
+
+FINGERPRINT_FILE = "key-fingerprint"
+
+
+def key_fingerprint(secret: bytes) -> str:
+    """A public name for a secret (HMAC of a fixed label): it tells keys apart, reveals none."""
+    return hmac.new(secret, b"fedseg/key-fingerprint/v1", hashlib.sha256).hexdigest()[:16]
+
+
+def bind_key(folder: str | Path, key_file: str | Path, record: bool = True) -> str:
+    """Check ``key_file`` against the fingerprint kept in ``folder`` (a site's models), and
+    record it there if none is yet (``record``). A wrong key gives Dice 0 with no other sign,
+    so it is refused here, before any work."""
+    fingerprint = key_fingerprint(read_key_file(key_file))
+    path = Path(folder) / FINGERPRINT_FILE
+    if path.is_file():
+        known = path.read_text().strip()
+        if known != fingerprint:
+            raise KeyFileError(
+                f"key file {key_file} (fingerprint {fingerprint}) is not the key the models in "
+                f"{folder} were trained with (fingerprint {known})"
+            )
+    elif record:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(fingerprint + "\n")
+    return fingerprint
 
 
 def derive_bytes(secret: bytes, label: str, length: int = 32) -> bytes:

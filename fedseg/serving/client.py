@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config, read_toml
+from fedseg.privacy.keys import bind_key
 from fedseg.serving import protocol
 from fedseg.serving.images import read_scan, write_mask
 from fedseg.site import SiteModels, site_transform
@@ -104,6 +105,8 @@ class SegmentationClient:
             raise ConfigError(
                 f"key-file {site_cfg.key_file} not found: the site's secret is needed"
             )
+        if site_cfg.key_file:  # the key these models were trained with, or a clear error
+            bind_key(Path(site_cfg.autoencoders).parent, site_cfg.key_file, record=False)
         self.models, self.class_names = SiteModels.load(cfg, site_cfg.autoencoders)
         self.transform = site_transform(cfg, site_cfg.key_file)
         self.shapes = [tuple(s) for s in _latent_shapes(cfg)]
