@@ -52,7 +52,7 @@ def make_run(root: Path, size: int, threads: int) -> RunConfig:
     cfg.validate()
     torch.manual_seed(0)
     SiteModels.build(cfg, 3).save(site_models_path(root, SITE), ["background", "a", "b"])
-    site_transform(cfg, root / "keys" / f"{SITE}.key")
+    site_transform(cfg, root / "keys" / f"{SITE}.key", create=True)
     Coordinator(cfg, [SITE]).save_checkpoint(checkpoint_dir(cfg))
     return cfg
 
@@ -140,7 +140,7 @@ def fp16_dice(run_dir: Path) -> None:
         assert test.name == name
         models, _ = SiteModels.load(cfg, site_models_path(run_dir, name))
         transform = site_transform(
-            cfg, Path(cfg.privacy.key_dir or run_dir / "keys") / f"{name}.key"
+            cfg, Path(cfg.privacy.key_dir or run_dir / "keys") / f"{name}.key", create=True
         )
         wire = coordinator.map_query(name, query_chunk(test, models, transform, 0, len(test)))
         pred16 = segment_mapped(cfg, models, transform, wire, test.images)

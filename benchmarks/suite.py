@@ -349,7 +349,7 @@ def dice_setup(args, cfg: RunConfig, work: Path, console: Console) -> dict:
             torch.save(models.state(), path)
             how = "trained"
         ae_s = time.perf_counter() - started
-        transform = site_transform(cfg, key_dir / f"{s.name}.key")
+        transform = site_transform(cfg, key_dir / f"{s.name}.key", create=True)
         started = time.perf_counter()
         n = stream_length(s.train, cfg.training.augment_copies)
         chunks[s.name] = [
@@ -403,7 +403,7 @@ def dice_worker(job: dict) -> dict:
     for s in sites:
         models = SiteModels.build(cfg, s.train.num_classes)
         models.load_state(torch.load(job["aes"][s.name], weights_only=True))
-        transform = site_transform(cfg, Path(job["key_dir"]) / f"{s.name}.key")
+        transform = site_transform(cfg, Path(job["key_dir"]) / f"{s.name}.key", create=True)
         query = query_chunk(s.test, models, transform, 0, len(s.test))
         pred = segment_mapped(cfg, models, transform, coord.map_query(s.name, query), s.test.images)
         m = evaluate_predictions(s.test, pred)

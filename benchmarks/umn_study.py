@@ -134,7 +134,9 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="fedseg-study-"))
     models = site_aes(cfg, sites, args)
     transforms = {
-        s.name: site_transform(cfg, key_path(work / "keys", s.name, cfg.privacy.key_scope))
+        s.name: site_transform(
+            cfg, key_path(work / "keys", s.name, cfg.privacy.key_scope), create=True
+        )
         for s in sites
     }
     coord = Coordinator(cfg, [s.name for s in sites], key_dir=work / "keys")

@@ -104,7 +104,11 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
                 for rk, rec in reply.content.array_records.items()
                 for ak, arr in rec.items()
             }
-            texts = [json.dumps(dict(rec)) for rec in reply.content.config_records.values()]
+            records = [
+                *reply.content.config_records.values(),
+                *reply.content.metric_records.values(),
+            ]
+            texts = [json.dumps(dict(rec)) for rec in records]
             guard_and_audit(
                 run_cfg, setup.split.name, setup.key_file, msg.metadata.message_type, arrays, texts
             )

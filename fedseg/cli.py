@@ -58,6 +58,12 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
         metrics = _train_baselines(cfg, minutes, {"federated_wall": wall})
     _summary(metrics)
     console.print(f"report: {(out / 'report.md').resolve()}")
+    keys = Path(cfg.privacy.key_dir or out / "keys")
+    if any(keys.glob("*.key")):
+        console.print(
+            f"[yellow]{keys.resolve()} holds the simulated hospitals' secrets (mode 600): "
+            "share metrics.json, report.md and figures/, never that folder or sites/."
+        )
     return metrics
 
 

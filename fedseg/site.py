@@ -101,8 +101,10 @@ def site_models_path(out_dir: str | Path, site: str) -> Path:
     return Path(out_dir) / "sites" / site / "autoencoders.pt"
 
 
-def site_transform(cfg: RunConfig, key_file: str | Path | None) -> Keyed:
-    """The site's keyed transform; the secret is read here and never returned."""
+def site_transform(cfg: RunConfig, key_file: str | Path | None, create: bool = False) -> Keyed:
+    """The site's keyed transform; the secret is read here and never returned. ``create``: a
+    simulated hospital's first start may make its secret; otherwise a missing file is an error
+    (only ``fedseg keygen`` makes a real hospital's)."""
     if cfg.privacy.transform == "none":
         return LatentTransform(None)
     if key_file is None:
@@ -110,17 +112,19 @@ def site_transform(cfg: RunConfig, key_file: str | Path | None) -> Keyed:
             f"privacy.transform = {cfg.privacy.transform!r} needs a key file "
             "(node config 'key-file')"
         )
-    return keyed_transform(cfg, read_key_file(key_file))
+    return keyed_transform(cfg, (load_or_create_key if create else read_key_file)(key_file))
 
 
-def site_blinder(cfg: RunConfig, key_file: str | Path | None, site: str) -> BlindSite | None:
+def site_blinder(
+    cfg: RunConfig, key_file: str | Path | None, site: str, create: bool = False
+) -> BlindSite | None:
     """The site's blind-aggregation masker (``finetune_share = "blind"``), keyed by the
     federation secret; None in the other modes."""
     if cfg.training.finetune_share != "blind":
         return None
     if key_file is None:
         raise ValueError("training.finetune_share = 'blind' needs the federation key file")
-    return BlindSite(read_key_file(key_file), site)
+    return BlindSite((load_or_create_key if create else read_key_file)(key_file), site)
 
 
 def train_site(

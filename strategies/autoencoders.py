@@ -8,6 +8,8 @@ averaged AEs: every site encodes into one latent space, which the UMN can pool.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
@@ -83,30 +85,57 @@ class LocalAutoencoderTraining:
             )
         for node_id, reason in failed.items():
             federation.drop(node_id, "autoencoders", reason)
-        for node_id, reply in replies.items():
-            metrics = reply.content.metric_records["metrics"]
-            info = reply.content.config_records["site"]
-            federation.sites[node_id] = SiteInfo(
-                node_id=node_id,
-                name=str(info["site"]),
-                n_train=int(metrics["n_train"]),
-                n_test=int(metrics["n_test"]),
-                class_names=[str(c) for c in info["class_names"]],
-                reused=bool(metrics.get("reused", 0)),
-                stats=json.loads(str(info.get("stats_json", "{}"))),
-            )
+        for node_id, reply in sorted(replies.items()):  # the first node to claim a name keeps it
+            metrics = reply.content.metric_records.get("metrics")
+            info = reply.content.config_records.get("site")
+            try:
+                site = registration(node_id, metrics, info, federation.by_name())
+            except (KeyError, TypeError, ValueError) as err:
+                federation.drop(node_id, "autoencoders", f"registration refused: {err}")
+                continue
+            federation.sites[node_id] = site
             if metrics.get("reused", 0):
-                log.info("%s: reloaded its saved AEs", info["site"])
-                continue
-            if metrics.get("federated", 0):
-                log.info("%s: adopted the federated-averaged AEs", info["site"])
-                continue
-            log.info(
-                "%s: AEs trained (%d images, %d epochs, %.0fs; image MSE %.4f, mask loss %.4f)",
-                info["site"],
-                metrics["n_train"],
-                metrics["epochs"],
-                metrics["seconds"],
-                metrics["image_loss"],
-                metrics["mask_loss"],
-            )
+                log.info("%s: reloaded its saved AEs", site.name)
+            elif metrics.get("federated", 0):
+                log.info("%s: adopted the federated-averaged AEs", site.name)
+            else:
+                log.info(
+                    "%s: AEs trained (%d images, %d epochs, %.0fs; image MSE %.4f, mask loss %.4f)",
+                    site.name,
+                    site.n_train,
+                    metrics.get("epochs", 0),
+                    metrics.get("seconds", 0.0),
+                    metrics.get("image_loss", float("nan")),
+                    metrics.get("mask_loss", float("nan")),
+                )
+
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def registration(
+    node_id: int, metrics: Mapping, info: Mapping, taken: dict[str, SiteInfo]
+) -> SiteInfo:
+    """A site's registration (its reply's metrics and site records), checked: a name no other
+    node holds (it names files and report rows), at least one training and one test image,
+    and parseable statistics."""
+    if metrics is None or info is None:
+        raise ValueError("no metrics or site record")
+    name = str(info["site"])
+    if not SITE_NAME.fullmatch(name):
+        raise ValueError(f"site name {name[:70]!r}: letters, digits, '.', '_', '-' (<= 64)")
+    if name in taken:
+        raise ValueError(f"site name {name!r} is already held by node {taken[name].node_id}")
+    n_train, n_test = int(metrics["n_train"]), int(metrics["n_test"])
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"{n_train} training and {n_test} test images")
+    stats = json.loads(str(info.get("stats_json", "{}")))
+    return SiteInfo(
+        node_id=node_id,
+        name=name,
+        n_train=n_train,
+        n_test=n_test,
+        class_names=[str(c) for c in info["class_names"]],
+        reused=bool(metrics.get("reused", 0)),
+        stats=stats if isinstance(stats, dict) else {},
+    )

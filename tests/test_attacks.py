@@ -35,7 +35,7 @@ def make_run(out: Path, transform: str) -> Path:
         write_key_file(key)
         models, _ = train_site(cfg, s.train)
         models.save(site_models_path(out, s.name), s.train.class_names)
-        transform_ = site_transform(cfg, key)
+        transform_ = site_transform(cfg, key, create=True)
         n = stream_length(s.train, cfg.training.augment_copies)
         coordinator.add_chunk(s.name, training_chunk(cfg, s.train, models, transform_, 0, n))
     coordinator.train_round()

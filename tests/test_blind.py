@@ -181,8 +181,10 @@ def test_blind_split_training_in_process_equals_plain_averaging(tmp_path: Path):
             torch.manual_seed(0)
             models, _ = train_site(cfg, s.train)
             key = tmp_path / "keys" / "federation.key"  # one secret for both runs
-            blinder = site_blinder(cfg, key, s.name)
-            tuners[s.name] = SiteFinetuner(cfg, s.train, models, site_transform(cfg, key), blinder)
+            blinder = site_blinder(cfg, key, s.name, create=True)
+            tuners[s.name] = SiteFinetuner(
+                cfg, s.train, models, site_transform(cfg, key, create=True), blinder
+            )
         losses = finetune_in_process(Coordinator(cfg, list(tuners)), tuners, 1, share=share)
         results[share] = (losses, [flatten(t.shared_state()) for t in tuners.values()])
     blind_losses, blind_states = results["blind"]

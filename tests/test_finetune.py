@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     models, transforms = {}, {}
     for s in sites:
         write_key_file(tmp / "keys" / f"{s.name}.key")
-        transforms[s.name] = site_transform(cfg, tmp / "keys" / f"{s.name}.key")
+        transforms[s.name] = site_transform(cfg, tmp / "keys" / f"{s.name}.key", create=True)
         models[s.name], _ = train_site(cfg, s.train)
     coord = Coordinator(cfg, [s.name for s in sites], key_dir=cfg.privacy.key_dir)
     for s in sites:
@@ -120,7 +120,7 @@ def _local_skip_tuner(setup):
     site = sites[0]
     torch.manual_seed(0)
     models = SiteModels.build(cfg, site.train.num_classes)
-    transform = site_transform(cfg, Path(cfg.privacy.key_dir) / f"{site.name}.key")
+    transform = site_transform(cfg, Path(cfg.privacy.key_dir) / f"{site.name}.key", create=True)
     return cfg, site, SiteFinetuner(cfg, site.train, models, transform), coord
 
 

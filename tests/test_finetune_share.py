@@ -38,7 +38,7 @@ def _tuners(cfg, keys: Path):
     for s in load_federation(cfg):
         models, stats = train_site(cfg, s.train)
         assert stats.epochs == 0  # no pre-training: the seeded initialisation
-        transform = site_transform(cfg, keys / f"{s.name}.key")
+        transform = site_transform(cfg, keys / f"{s.name}.key", create=True)
         tuners[s.name] = SiteFinetuner(cfg, s.train, models, transform)
     return tuners
 
@@ -322,7 +322,7 @@ def test_with_one_key_the_umn_maps_alike_in_either_custody(tmp_path):
     cfg.privacy.key_dir = str(keys)
     site = load_federation(cfg.validate())[0]
     models, _ = train_site(cfg, site.train)
-    transform = site_transform(cfg, key_path(keys, site.name, "federation"))
+    transform = site_transform(cfg, key_path(keys, site.name, "federation"), create=True)
     tuner = SiteFinetuner(cfg, site.train, models, transform)
     sent = tuner.forward(0, 0)
     shapes = tuner.shapes

@@ -120,3 +120,19 @@ def test_errors_reach_the_server_without_paths():
     assert "<path>: unreadable" in text
     assert len(public_error(ValueError("x" * 1000))) == MAX_CHARS
     assert "\n" not in public_error(ValueError("two\nlines  here"))
+
+
+def test_a_key_row_sent_as_a_list_of_numbers_in_a_metrics_record_is_refused(tmp_path):
+    from fedseg.privacy.audit import KeyLeakError, guard_and_audit, numeric_lists
+    from fedseg.privacy.keys import KeyRing
+
+    cfg = blind_config(tmp_path / "out")
+    key = write_key_file(tmp_path / "k.key")
+    ring = KeyRing.from_secret(read_key_file(key), cfg.model.latent_channels)
+    row = [float(v) for v in ring.keys["image"][1].rotation[3]]
+    honest = numeric_lists("metrics", {"loss": 0.3, "dice": [0.8, 0.7]})
+    guard_and_audit(cfg, "h1", key, "train.x", honest, [])
+    forged = numeric_lists("metrics", {"loss": 0.3, "calibration": row})
+    assert set(forged) == {"metrics.calibration"}
+    with pytest.raises(KeyLeakError, match="metrics.calibration"):
+        guard_and_audit(cfg, "h1", key, "train.x", forged, [])

@@ -168,7 +168,7 @@ def test_server_custody_unkeys_knt_and_client_custody_does_not(tmp_path):
     models = SiteModels.build(cfg, 3)
     models.image_ae.eval()
     models.mask_ae.eval()
-    transform = site_transform(cfg, tmp_path / "keys" / "a.key")
+    transform = site_transform(cfg, tmp_path / "keys" / "a.key", create=True)
     assert isinstance(transform, KntTransform)
     with torch.no_grad():
         plain = models.image_ae.encoder(torch.randn(4, 1, 64, 64))

@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 
 
 def _predict(cfg, site, models, coordinator) -> np.ndarray:
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     query = query_chunk(site.test, models, transform, 0, len(site.test))
     return segment_mapped(cfg, models, transform, coordinator.map_query(site.name, query))
 
@@ -44,7 +44,7 @@ def test_server_custody_klt_is_a_bijection(trained):
     """With the server holding the keys, KLT on or off gives the same segmentation."""
     cfg, site, models = trained
     keyed = Coordinator(cfg, [site.name], key_dir=cfg.privacy.key_dir)
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     n = len(site.train) * 2
     keyed.add_chunk(site.name, training_chunk(cfg, site.train, models, transform, 0, n))
     keyed.train_round()
@@ -65,7 +65,7 @@ def test_server_custody_trains_on_plain_latents(trained):
     cfg, site, models = trained
     keyed = Coordinator(cfg, [site.name], key_dir=cfg.privacy.key_dir)
     plain = Coordinator(small_config(Path(cfg.out_dir), transform="none"), [site.name])
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     none = site_transform(small_config(Path(cfg.out_dir), transform="none"), None)
     keyed.add_chunk(site.name, training_chunk(cfg, site.train, models, transform, 0, 8))
     plain.add_chunk(site.name, training_chunk(cfg, site.train, models, none, 0, 8))
@@ -77,7 +77,7 @@ def test_server_custody_trains_on_plain_latents(trained):
 
 def test_training_stream_is_deterministic(trained):
     cfg, site, models = trained
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     n = len(site.train)
     first = training_chunk(cfg, site.train, models, transform, n - 2, n + 4)  # spans a copy
     again = training_chunk(cfg, site.train, models, transform, n - 2, n + 4)
@@ -91,7 +91,7 @@ def test_client_custody_server_holds_no_keys_and_maps_keyed_space(trained, tmp_p
     client_cfg = small_config(Path(cfg.out_dir), custody="client")
     client_cfg.privacy.key_dir = str(tmp_path / "nowhere")  # the server has no key files
     coordinator = Coordinator(client_cfg, [site.name], key_dir=client_cfg.privacy.key_dir)
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     chunk = training_chunk(cfg, site.train, models, transform, 0, 8)
     assert coordinator.add_chunk(site.name, chunk) == 8
     with pytest.raises(ValueError, match="unknown site 'intruder'"):
@@ -146,7 +146,7 @@ def test_client_custody_trains_like_server_custody(trained):
     from fedseg.models.autoencoder import latent_shapes
 
     cfg, site, models = trained
-    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key")
+    transform = site_transform(cfg, f"{cfg.privacy.key_dir}/{site.name}.key", create=True)
     chunk = training_chunk(cfg, site.train, models, transform, 0, len(site.train) * 2)
     query = query_chunk(site.test, models, transform, 0, len(site.test))
     shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)

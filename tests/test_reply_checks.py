@@ -116,3 +116,17 @@ def test_a_malicious_site_is_refused_step_by_step_and_the_run_completes(tmp_path
     assert "metrics refused" in metrics["dropped"][0]["reason"]
     assert set(metrics["sites"]) == {"synthetic-1", "synthetic-2"}
     assert all(0 <= s["dice_mean"] <= 1 for s in metrics["sites"].values())
+
+
+def test_two_nodes_cannot_hold_one_site_and_registrations_are_checked():
+    from strategies.autoencoders import registration
+
+    info = {"site": "h1", "class_names": ["bg", "fg"], "stats_json": "{}"}
+    first = registration(7, {"n_train": 8, "n_test": 4}, info, {})
+    assert first.name == "h1" and first.node_id == 7
+    with pytest.raises(ValueError, match="already held by node 7"):
+        registration(8, {"n_train": 8, "n_test": 4}, info, {"h1": first})
+    with pytest.raises(ValueError, match="site name"):
+        registration(9, {"n_train": 8, "n_test": 4}, {**info, "site": "../../etc"}, {})
+    with pytest.raises(ValueError, match="0 training"):
+        registration(9, {"n_train": 0, "n_test": 4}, info, {})

@@ -62,7 +62,10 @@ def split_run(tmp_path_factory) -> Path:
     key = out / "keys" / "federation.key"
     for s in load_federation(cfg):
         models, _ = train_site(cfg, s.train)
-        transform, blinder = site_transform(cfg, key), site_blinder(cfg, key, s.name)
+        transform, blinder = (
+            site_transform(cfg, key, create=True),
+            site_blinder(cfg, key, s.name, create=True),
+        )
         tuners[s.name] = SiteFinetuner(cfg, s.train, models, transform, blinder)
     coordinator = Coordinator(cfg, list(tuners))
     finetune_in_process(coordinator, tuners, 2, share="average")

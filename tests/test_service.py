@@ -39,7 +39,13 @@ from fedseg.serving.client import (
     segment_file,
 )
 from fedseg.serving.images import read_scan, resize_nearest
-from fedseg.serving.server import create_app, load_service
+from fedseg.serving.server import (
+    IDLE_TIMEOUT_S,
+    create_app,
+    load_service,
+    prepare_tls,
+    uvicorn_config,
+)
 from fedseg.site import (
     query_chunk,
     segment_mapped,
@@ -69,7 +75,7 @@ def run_dir(tmp_path_factory) -> Path:
     assert split.name == SITE
     models, _ = train_site(cfg, split.train)
     models.save(site_models_path(cfg.out_dir, SITE), split.train.class_names)
-    transform = site_transform(cfg, root / "run" / "keys" / f"{SITE}.key")
+    transform = site_transform(cfg, root / "run" / "keys" / f"{SITE}.key", create=True)
     coordinator = Coordinator(cfg, [SITE])
     n = len(split.train) * 2
     coordinator.add_chunk(SITE, training_chunk(cfg, split.train, models, transform, 0, n))
@@ -83,10 +89,10 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    """The app on a real uvicorn HTTPS server in a thread; records every request body."""
-    tls = issue_server_cert(
-        run_dir / "service-tls", run_dir / "service-tls", "service", ["127.0.0.1"]
-    )
+    """The app on a real uvicorn HTTPS server (mutual TLS, as ``fedseg serve`` runs it) in a
+    thread; records every request body."""
+    tls_dir = run_dir / "service-tls"
+    prepare_tls(tls_dir, ["127.0.0.1"], [SITE, "hospital-2"])
     bodies: list[bytes] = []
     app = create_app(load_service(run_dir), max_items=8)
 
@@ -100,15 +106,7 @@ def server(run_dir):
         await app(scope, receive_and_record, send)
 
     port = free_port()
-    config = uvicorn.Config(
-        recording,
-        host="127.0.0.1",
-        port=port,
-        ssl_certfile=str(tls.cert),
-        ssl_keyfile=str(tls.key),
-        log_level="warning",
-    )
-    uv = uvicorn.Server(config)
+    uv = uvicorn.Server(uvicorn_config(recording, "127.0.0.1", port, tls_dir))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -116,10 +114,22 @@ def server(run_dir):
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        yield {"url": f"https://127.0.0.1:{port}", "ca": tls.ca, "bodies": bodies, "port": port}
+        yield {
+            "url": f"https://127.0.0.1:{port}",
+            "ca": tls_dir / "ca.pem",
+            "clients": tls_dir / "clients",
+            "bodies": bodies,
+            "port": port,
+        }
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+def client_context(server, site: str = SITE) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(server["ca"]))
+    context.load_cert_chain(server["clients"] / f"{site}.pem", server["clients"] / f"{site}.key")
+    return context
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +144,8 @@ def site_config(run_dir, server) -> Path:
                 "autoencoders": f"run/sites/{SITE}/autoencoders.pt",
                 "service": server["url"],
                 "ca-cert": str(server["ca"]),
+                "client-cert": str(server["clients"] / f"{SITE}.pem"),
+                "client-key": str(server["clients"] / f"{SITE}.key"),
             }
         )
     )
@@ -227,11 +239,11 @@ def test_nifti_keeps_affine_header_and_shape(site_config, server, tmp_path):
     assert timing.images == 11 and len(timing.calls) == 2  # chunked by the service's limit
 
 
-def post(server, site: str, body: bytes, **headers) -> httpx.Response:
+def post(server, site: str, body: bytes, as_site: str = SITE, **headers) -> httpx.Response:
     shapes = [(16, 8, 8), (16, 4, 4), (16, 2, 2)]
     sent = protocol.headers(shapes, int(headers.pop("items", 1)))
     sent.update({k.replace("_", "-"): v for k, v in headers.items()})
-    context = ssl.create_default_context(cafile=str(server["ca"]))
+    context = client_context(server, as_site)
     return httpx.post(f"{server['url']}/v1/map/{site}", content=body, headers=sent, verify=context)
 
 
@@ -240,8 +252,8 @@ def test_bad_requests_are_refused_with_a_clear_error(server):
     good = np.zeros(one // 2, np.float16).tobytes()
     assert post(server, SITE, good).status_code == 200
 
-    r = post(server, "hospital-9", good)
-    assert r.status_code == 404 and "unknown site 'hospital-9'" in r.json()["detail"]
+    r = post(server, "hospital-9", good)  # a certificate speaks for its own site only
+    assert r.status_code == 403 and "cannot query as 'hospital-9'" in r.json()["detail"]
     r = post(server, SITE, good, x_fedseg_dtype="float32")
     assert r.status_code == 415 and "float16" in r.json()["detail"]
     r = post(server, SITE, good, x_fedseg_shapes="16x16x16,16x8x8,16x4x4")
@@ -257,6 +269,30 @@ def test_bad_requests_are_refused_with_a_clear_error(server):
     assert r.status_code == 422 and "NaN" in r.json()["detail"]
     r = post(server, SITE, good, x_fedseg_items="two")
     assert r.status_code == 422 and "integer" in r.json()["detail"]
+
+
+def test_only_a_hospital_with_its_certificate_is_served_and_only_as_itself(server):
+    one = protocol.item_bytes([(16, 8, 8), (16, 4, 4), (16, 2, 2)])
+    good = np.zeros(one // 2, np.float16).tobytes()
+    anonymous = ssl.create_default_context(cafile=str(server["ca"]))  # verifies, no cert
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{server['url']}/v1/info", verify=anonymous, timeout=5)
+    r = post(server, SITE, good, as_site="hospital-2")  # another hospital's certificate
+    assert r.status_code == 403 and "'hospital-2''s" in r.json()["detail"]
+    info = httpx.get(f"{server['url']}/v1/info", verify=client_context(server), timeout=5)
+    assert info.status_code == 200 and info.json()["sites"] == [SITE]
+    schema = httpx.get(f"{server['url']}/openapi.json", verify=client_context(server), timeout=5)
+    assert schema.status_code == 404
+
+
+def test_an_idle_connection_is_closed(server):
+    """A client that connects and sends nothing is dropped after the idle timeout."""
+    raw = socket.create_connection(("127.0.0.1", server["port"]), timeout=IDLE_TIMEOUT_S + 10)
+    with client_context(server).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        started = time.monotonic()
+        assert tls.recv(1) == b""  # closed by the server, not by our timeout
+        waited = time.monotonic() - started
+    assert IDLE_TIMEOUT_S - 1 < waited < IDLE_TIMEOUT_S + 5, waited
 
 
 def test_tls_is_required_and_verified(server, tmp_path):
@@ -287,7 +323,14 @@ def test_serve_and_segment_commands(run_dir, site_config, tmp_path):
     try:
         config = site_config.parent / "site-cli.toml"
         values = tomllib.loads(site_config.read_text())
-        values.update({"service": f"https://127.0.0.1:{port}", "ca-cert": str(tls_dir / "ca.pem")})
+        values.update(
+            {
+                "service": f"https://127.0.0.1:{port}",
+                "ca-cert": str(tls_dir / "ca.pem"),
+                "client-cert": str(tls_dir / "clients" / f"{SITE}.pem"),
+                "client-key": str(tls_dir / "clients" / f"{SITE}.key"),
+            }
+        )
         config.write_text(tomli_w.dumps(values))
         Image.fromarray(np.full((33, 47), 128, np.uint8)).save(tmp_path / "in.png")
         segment = [*command, "segment", "--site-config", str(config), str(tmp_path / "in.png")]

@@ -81,7 +81,7 @@ def build_run(cfg: RunConfig, mode: str, aes: dict[str, Path], run: Path, log=pr
     coordinator = Coordinator(cfg, names, key_dir=run / "keys")
     started = time.perf_counter()
     for split in sites:
-        transform = site_transform(cfg, keys[split.name])
+        transform = site_transform(cfg, keys[split.name], create=True)
         n = stream_length(split.train, cfg.training.augment_copies)
         for start in range(0, n, CHUNK):
             chunk = training_chunk(
@@ -97,7 +97,7 @@ def build_run(cfg: RunConfig, mode: str, aes: dict[str, Path], run: Path, log=pr
     umn_s = time.perf_counter() - started
     results, per_image = {}, []
     for split in sites:
-        transform = site_transform(cfg, keys[split.name])
+        transform = site_transform(cfg, keys[split.name], create=True)
         t0 = time.perf_counter()
         query = query_chunk(split.test, models[split.name], transform, 0, len(split.test))
         mapped = coordinator.map_query(split.name, query)

@@ -116,11 +116,27 @@ def issue_server_cert(
     """A TLS server certificate for ``hosts`` (IP addresses or DNS names), signed by the CA."""
     if not hosts:
         raise ValueError("a server certificate needs at least one host name or IP address")
+    return _issue(ca_dir, out_dir, name, ExtendedKeyUsageOID.SERVER_AUTH, _san(hosts))
+
+
+def issue_client_cert(ca_dir: str | Path, out_dir: str | Path, site: str) -> ServerCert:
+    """A TLS client certificate naming ``site`` (its common name), signed by the CA: what a
+    hospital presents to the segmentation service, which serves it as that site only."""
+    return _issue(ca_dir, out_dir, site, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+
+
+def _issue(
+    ca_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    usage: x509.ObjectIdentifier,
+    san: x509.SubjectAlternativeName | None,
+) -> ServerCert:
     ca_cert_path, ca_key_path = ensure_ca(ca_dir)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
         .issuer_name(ca_cert.subject)
@@ -129,14 +145,15 @@ def issue_server_cert(
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     out_dir = Path(out_dir)
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
     write_private(key_path, _pem_key(key))

@@ -39,7 +39,7 @@ def write_key_file(path: str | Path, secret: bytes | None = None, overwrite: boo
     secret = generate_secret() if secret is None else secret
     if len(secret) != SECRET_BYTES:
         raise KeyFileError(f"a secret has {SECRET_BYTES} bytes, got {len(secret)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder: owner only
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)

@@ -21,12 +21,16 @@ def serve(
         None, help="CA and certificate (default <run>/service-tls)"
     ),
     max_items: int = typer.Option(64, help="most images per request"),
+    hostname: list[str] = typer.Option(
+        [], help="a host name or address clients use (repeat; needed with --host 0.0.0.0)"
+    ),
 ) -> None:
-    """Host a trained UMN over HTTPS for on-demand segmentation."""
+    """Host a trained UMN over HTTPS for on-demand segmentation. Clients authenticate with
+    their site's certificate (written to <tls-dir>/clients/ on first start)."""
     from fedseg.serving.server import serve as run_server
 
     try:
-        run_server(run, host, port, tls_dir, max_items)
+        run_server(run, host, port, tls_dir, max_items, hostname)
     except (
         ConfigError,
         ValueError,

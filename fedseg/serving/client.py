@@ -34,7 +34,16 @@ from fedseg.site import SiteModels, site_transform
 from fedseg.training import decode_masks, encode
 from fedseg.wire import pack, unpack
 
-FIELDS = ("scenario", "site-name", "key-file", "autoencoders", "service", "ca-cert")
+FIELDS = (
+    "scenario",
+    "site-name",
+    "key-file",
+    "autoencoders",
+    "service",
+    "ca-cert",
+    "client-cert",  # the site's certificate for the service (fedseg serve: <tls>/clients/)
+    "client-key",
+)
 
 
 class ServiceError(RuntimeError):
@@ -49,6 +58,8 @@ class SiteClientConfig:
     autoencoders: Path
     service: str
     ca_cert: Path
+    client_cert: Path
+    client_key: Path
 
 
 def load_site_config(path: str | Path) -> SiteClientConfig:
@@ -80,6 +91,8 @@ def load_site_config(path: str | Path) -> SiteClientConfig:
         local("autoencoders"),
         service,
         local("ca-cert"),
+        local("client-cert"),
+        local("client-key"),
     )
 
 
@@ -111,6 +124,12 @@ class SegmentationClient:
         self.transform = site_transform(cfg, site_cfg.key_file)
         self.shapes = [tuple(s) for s in _latent_shapes(cfg)]
         context = ssl.create_default_context(cafile=str(site_cfg.ca_cert))
+        try:
+            context.load_cert_chain(str(site_cfg.client_cert), str(site_cfg.client_key))
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"client certificate {site_cfg.client_cert} / key {site_cfg.client_key}: {err}"
+            ) from err
         self.http = httpx.Client(base_url=site_cfg.service, verify=context, timeout=timeout_s)
         info = self._check(self.http.get("/v1/info")).json()
         if info["latent_shapes"] != protocol.shapes_text(self.shapes):

@@ -3,11 +3,18 @@
 The server sees what it saw during training and nothing more: keyed fp16 image latents in,
 keyed fp16 mask latents out. Every request is checked (site, dtype, shapes, size, values)
 before it reaches the network, and refused with an HTTP error that says what was expected.
+
+Mutual TLS: a client must present a certificate from the run's CA, issued to one site
+(``fedseg serve`` writes one per site under ``<tls-dir>/clients/``), and may query only as
+that site. A connection that sends no request within ``IDLE_TIMEOUT_S`` is closed, and a
+request must be answered within ``REQUEST_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +22,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedseg.checkpoint import UMN_NAME
 from fedseg.config import ConfigError, config_from_dict
@@ -24,6 +32,9 @@ from fedseg.wire import WIRE_DTYPE, WireError
 
 log = logging.getLogger("fedseg.serve")
 DEFAULT_MAX_ITEMS = 64  # images per request; a NIfTI volume is sent in several requests
+IDLE_TIMEOUT_S = 10.0  # a connection with no request in flight is closed after this
+REQUEST_TIMEOUT_S = 60.0  # reading, mapping and answering one request
+CLIENT_SITE = "fedseg.client_site"  # the scope key under which the caller's site travels
 
 
 @dataclass
@@ -71,17 +82,34 @@ def load_service(run_dir: str | Path) -> MappingService:
     return MappingService(coordinator, run_dir)
 
 
-def create_app(service: MappingService, max_items: int = DEFAULT_MAX_ITEMS) -> FastAPI:
-    app = FastAPI(title="fedseg mapping service", docs_url=None, redoc_url=None)
+def create_app(
+    service: MappingService, max_items: int = DEFAULT_MAX_ITEMS, authenticate: bool = True
+) -> FastAPI:
+    """The HTTP routes; with ``authenticate`` every request must come with the site its TLS
+    client certificate names (put in the scope by :class:`ClientIdentity`)."""
+    app = FastAPI(title="fedseg mapping service", openapi_url=None, docs_url=None, redoc_url=None)
     shapes = service.shapes
     limit = max_items * protocol.item_bytes(shapes)
 
+    def caller(request: Request) -> str | None:
+        site = request.scope.get(CLIENT_SITE)
+        if authenticate and not site:
+            raise HTTPException(401, "a client certificate issued by this service's CA is needed")
+        return site
+
     @app.get("/v1/info")
-    def info() -> dict:
-        return service.info(max_items)
+    def info(request: Request) -> dict:
+        site = caller(request)
+        details = service.info(max_items)
+        if site is not None:  # a hospital learns about its own site only
+            details["sites"] = [s for s in details["sites"] if s == site]
+        return details
 
     @app.post("/v1/map/{site}")
     async def map_latents(site: str, request: Request) -> Response:
+        who = caller(request)
+        if who is not None and who != site:
+            raise HTTPException(403, f"this certificate is {who!r}'s; it cannot query as {site!r}")
         if site not in service.coordinator.sites:
             raise HTTPException(
                 404, f"unknown site {site!r}; this service serves {service.coordinator.sites}"
@@ -144,29 +172,91 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class ClientIdentity(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus: the site named by the client's certificate goes into
+    every request's scope, and a connection that never sends a request is closed after the
+    idle timeout (uvicorn starts that timer only after a first response)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        site = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
+        app = self.app
+
+        async def with_identity(scope, receive, send):
+            scope = {**scope, CLIENT_SITE: site}
+            try:
+                await asyncio.wait_for(app(scope, receive, send), REQUEST_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("request from %s took over %.0f s: closed", site, REQUEST_TIMEOUT_S)
+                transport.close()
+
+        self.app = with_identity
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+
+def _common_name(cert: dict | None) -> str | None:
+    for field in (cert or {}).get("subject", ()):
+        for key, value in field:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def uvicorn_config(app, host: str, port: int, tls_dir: Path):
+    """The server's settings: mutual TLS against the CA in ``tls_dir``, the idle timeout."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=ClientIdentity,
+        ssl_certfile=str(tls_dir / "service.pem"),
+        ssl_keyfile=str(tls_dir / "service.key"),
+        ssl_ca_certs=str(tls_dir / "ca.pem"),
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        timeout_keep_alive=int(IDLE_TIMEOUT_S),
+        log_level="warning",
+    )
+
+
+def prepare_tls(tls_dir: Path, hosts: list[str], sites: list[str]) -> None:
+    """On first start: the CA, the service's certificate for ``hosts`` and one client
+    certificate per site (for the operator to hand to each hospital)."""
+    from fedseg.deploy.certs import issue_client_cert, issue_server_cert
+
+    if not (tls_dir / "service.pem").is_file() or not (tls_dir / "service.key").is_file():
+        issue_server_cert(tls_dir, tls_dir, "service", hosts)
+    for site in sites:
+        if not (tls_dir / "clients" / f"{site}.pem").is_file():
+            issue_client_cert(tls_dir, tls_dir / "clients", site)
+
+
 def serve(
     run_dir: str | Path,
     host: str,
     port: int,
     tls_dir: str | Path | None = None,
     max_items: int = DEFAULT_MAX_ITEMS,
+    hostnames: list[str] | None = None,
 ) -> None:
-    """Blocking: HTTPS with a certificate from the run's own CA (created on first use)."""
+    """Blocking: HTTPS with mutual TLS, certificates from the run's own CA (made on first use;
+    the service's certificate names ``hostnames``, or ``host`` and loopback)."""
     import uvicorn
-
-    from fedseg.deploy.certs import issue_server_cert
 
     service = load_service(run_dir)
     tls_dir = Path(tls_dir or Path(run_dir) / "service-tls")
-    cert_path, key_path = tls_dir / "service.pem", tls_dir / "service.key"
-    if not (cert_path.is_file() and key_path.is_file()):
-        issue_server_cert(tls_dir, tls_dir, "service", [host, "127.0.0.1", "localhost"])
-    log.warning("clients verify the service with %s", tls_dir / "ca.pem")
-    uvicorn.run(
-        create_app(service, max_items),
-        host=host,
-        port=port,
-        ssl_certfile=str(cert_path),
-        ssl_keyfile=str(key_path),
-        log_level="warning",
+    if host in ("0.0.0.0", "::") and not hostnames:
+        raise ValueError(
+            f"--host {host} listens on every address: name the ones clients use (--hostname)"
+        )
+    prepare_tls(tls_dir, hostnames or [host, "127.0.0.1", "localhost"], service.coordinator.sites)
+    log.warning(
+        "clients verify the service with %s and present their site's certificate from %s",
+        tls_dir / "ca.pem",
+        tls_dir / "clients",
     )
+    uvicorn.Server(uvicorn_config(create_app(service, max_items), host, port, tls_dir)).run()
