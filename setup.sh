@@ -11,4 +11,15 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[dev]"
+# A deployment's coordinator fronts its SuperLink with nginx (fedseg deploy superlink); the
+# deployment test needs it too. Installed from Debian's packages when we may, else say so.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q nginx-light >/dev/null 2>&1 \
+      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx-light >/dev/null 2>&1) \
+      || echo "note: could not install nginx; the deployment test will be skipped"
+  else
+    echo "note: nginx not found (the coordinator of a deployment needs it: apt-get install nginx-light)"
+  fi
+fi
 echo "fedseg is set up: .venv/bin/fedseg --help"

@@ -47,7 +47,7 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
     console.rule(f"[bold]fedseg: {cfg.name}")
     console.print(f"results -> {out.resolve()}")
     started = time.perf_counter()
-    simulate(cfg, verbose=verbose)
+    simulate(cfg)
     if not (out / "metrics.json").exists():
         raise typer.Exit(code=_fail("the federated run wrote no metrics.json; see the log above"))
     metrics = load_metrics(out)

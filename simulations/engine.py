@@ -26,12 +26,14 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-def simulate(cfg: RunConfig, verbose: bool = False) -> None:
+def simulate(cfg: RunConfig) -> None:
     """The same ClientApp/ServerApp as ``flwr run .``, with the scenario passed in directly."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts its workers at nice 15; the simulated hospitals are the run's real work, and at
     # nice 15 any other job on the machine starves them (FedAvg rounds went from 52 s to 4-6 min).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # No GPU is asked for: Ray's warning about a future default for that case is noise here.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
     from clients.app import make_client_app
@@ -45,5 +47,5 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> None:
         client_app=make_client_app(cfg, mods),
         num_supernodes=cfg.federation.num_sites,
         backend_config=backend_config(cfg),
-        verbose_logging=verbose,
+        verbose_logging=False,  # Flower's DEBUG lines (backend config, ids) help no user
     )

@@ -1,22 +1,28 @@
-"""A real deployment on loopback: SuperLink with TLS and SuperNode authentication, two
-authenticated SuperNodes with their own data folders, and ``flwr run`` of the real pipeline.
+"""A real deployment across network namespaces: the coordinator (this namespace) runs the
+SuperLink on loopback behind nginx, as ``fedseg deploy superlink`` does; the hospitals'
+SuperNodes run in one namespace, an outside attacker holding only ``ca.pem`` in another.
 
-Tiny on purpose (8 PNG pairs per site, 64 px, one AE epoch): it checks that the deployment
-commands work together, not accuracy. An unregistered SuperNode must be refused.
+The attacker's ``flwr ls``, ``flwr supernode register`` and ``flwr run``, a raw request to the
+Control API through the public port, and any try of the SuperLink's own port all fail; an
+unregistered SuperNode is refused; the two registered hospitals complete a short federation in
+the default mode (blind split training). Tiny on purpose (8 PNG pairs per site, 64 px): it
+checks that the deployment works and lets no one else in, not accuracy. Needs root (``ip
+netns``) and nginx (``setup.sh`` installs it when run as root).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import tomli_w
@@ -31,10 +37,11 @@ from fedseg.deploy.runtime import (
     node_config,
     register_command,
     run_command,
-    superlink_command,
     supernode_command,
+    write_flwr_config,
 )
-from tests.helpers import small_config
+from fedseg.privacy.keys import write_key_file
+from tests.helpers import blind_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["hospital-a", "hospital-b"]
@@ -50,9 +57,20 @@ def _missing_binaries() -> list[str]:
     return missing
 
 
-pytestmark = pytest.mark.skipif(
-    bool(_missing_binaries()), reason=f"Flower binaries not installed: {_missing_binaries()}"
-)
+def _cannot_isolate() -> str:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None or shutil.which("nginx") is None:
+        return "needs iproute2 and nginx (setup.sh installs nginx as root)"
+    return ""
+
+
+pytestmark = [
+    pytest.mark.skipif(
+        bool(_missing_binaries()), reason=f"Flower binaries not installed: {_missing_binaries()}"
+    ),
+    pytest.mark.skipif(bool(_cannot_isolate()), reason=_cannot_isolate() or "-"),
+]
 
 
 def free_port() -> int:
@@ -102,18 +120,48 @@ def stop(processes: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def test_federation_over_tls_with_authenticated_supernodes(tmp_path):
+class Namespaces:
+    """Two network namespaces, each joined to this one by a veth pair on its own subnet."""
+
+    def __init__(self, tag: str) -> None:
+        self.names = {"outside": f"fs-out-{tag}", "hospitals": f"fs-hosp-{tag}"}
+        self.coordinator = {"outside": "10.231.1.1", "hospitals": "10.231.2.1"}
+        for i, ns in enumerate(self.names.values(), start=1):
+            here, there = f"fs{tag}h{i}", f"fs{tag}n{i}"
+            for command in (
+                ["ip", "netns", "add", ns],
+                ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+                ["ip", "link", "set", there, "netns", ns],
+                ["ip", "addr", "add", f"10.231.{i}.1/24", "dev", here],
+                ["ip", "link", "set", here, "up"],
+                ["ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.{i}.2/24", "dev", there],
+                ["ip", "netns", "exec", ns, "ip", "link", "set", there, "up"],
+                ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+            ):
+                subprocess.run(command, check=True, capture_output=True)
+
+    def run(self, role: str, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.names[role], *command]
+
+    def close(self) -> None:
+        for ns in self.names.values():  # deleting a namespace deletes its end of the veth
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_only_registered_hospitals_get_in(tmp_path):
     started = time.perf_counter()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    coordinator = init_coordinator(tmp_path / "coordinator", ["127.0.0.1", "localhost"], address)
+    port, internal = free_port(), free_port()
+    nets = Namespaces(str(os.getpid() % 10000))
+    coordinator = init_coordinator(
+        tmp_path / "coordinator", list(nets.coordinator.values()), internal
+    )
     env = environment(coordinator.flwr_home)
 
-    cfg = small_config(tmp_path / "results", 2, [8, 8, 16, 16, 16], 16, ae_epochs=1)
-    cfg.training.umn_epochs_per_round = 2
+    cfg = blind_config(tmp_path / "results", sites=2, epochs=2)
     cfg.data.kind = "pairs"
     cfg.data.path = str(tmp_path / SITES[0] / "data")  # each SuperNode names its own data-dir
     cfg.federation.node_wait_s = 120
+    cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
     values = cfg.validate().to_dict()
     del values["out_dir"], values["resume"]
     scenario = tmp_path / "scenario.toml"
@@ -122,45 +170,91 @@ def test_federation_over_tls_with_authenticated_supernodes(tmp_path):
     processes: list[subprocess.Popen] = []
     try:
         link_log = tmp_path / "superlink.log"
-        processes.append(
-            start(superlink_command(coordinator, "127.0.0.1", port, None), link_log, env)
-        )
+        deploy = [sys.executable, "-m", "fedseg.cli", "deploy", "superlink"]
+        deploy += ["--dir", str(coordinator.root), "--port", str(port)]
+        processes.append(start([*deploy, "--internal-port", str(internal)], link_log, env))
         wait_for(lambda: "Uvicorn running on https" in link_log.read_text(), 60, "the SuperLink")
-        with pytest.raises(httpx.HTTPError):  # the SuperLink speaks TLS only
-            httpx.get(f"http://{address}/", timeout=5)
+        wait_for(lambda: (coordinator.proxy_dir / "nginx.pid").is_file(), 30, "nginx")
 
+        # The outside host: only ca.pem, the public address, and its own SuperNode key.
+        outside_home = tmp_path / "outside-home"
+        write_flwr_config(outside_home, f"{nets.coordinator['outside']}:{port}", coordinator.ca)
+        write_site_data(tmp_path / "intruder" / "data", 2)
+        intruder_key = supernode_keypair(tmp_path / "intruder", "intruder")
+        outside_env = {**env, "FLWR_HOME": str(outside_home)}
+        attempts = {
+            "flwr ls": [binary("flwr"), "ls", "fedseg"],
+            "flwr supernode register": [*register_command(intruder_key[1])],
+            "flwr run": run_command(ROOT, {"scenario": str(scenario)}),
+        }
+        for what, command in attempts.items():
+            tried = subprocess.run(
+                nets.run("outside", command),
+                env=outside_env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            print(f"outside: {what}: rc {tried.returncode}: {(tried.stdout + tried.stderr)[-300:]}")
+            assert tried.returncode != 0, f"{what} succeeded from outside: {tried.stdout}"
+        probe = """
+import httpx, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+for url in sys.argv[2:]:
+    try:
+        print(url, httpx.post(url, json={}, verify=ctx, timeout=10).status_code)
+    except httpx.HTTPError as err:
+        print(url, "refused:", type(err).__name__)
+"""
+        public = f"https://{nets.coordinator['outside']}:{port}"
+        internal_url = f"https://{nets.coordinator['outside']}:{internal}"
+        urls = [
+            f"{public}/v1/control/list-runs",
+            f"{public}/health",
+            f"{internal_url}/v1/control/list-runs",
+        ]
+        probed = subprocess.run(
+            nets.run("outside", [sys.executable, "-c", probe, str(coordinator.ca), *urls]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        print("outside probes:", probed.stdout, probed.stderr[-500:])
+        lines = probed.stdout.splitlines()
+        assert lines[0].endswith(" 403") and lines[1].endswith(" 403"), probed.stdout
+        assert "refused" in lines[2], probed.stdout  # the SuperLink listens on loopback only
+
+        # The operator, on the coordinator: registers the two hospitals (loopback Control API).
         keys = {}
-        for i, site in enumerate([*SITES, "intruder"]):
+        secret = write_key_file(tmp_path / "federation.key")  # fedseg keygen, shared by hand
+        for i, site in enumerate(SITES):
             write_site_data(tmp_path / site / "data", i)
             keys[site] = supernode_keypair(tmp_path / site, site)
-        for site in SITES:  # the coordinator admits the two hospitals' public keys, not the third
             registered = subprocess.run(
                 register_command(keys[site][1]), env=env, capture_output=True, text=True
             )
             assert registered.returncode == 0, registered.stdout + registered.stderr
 
-        def supernode(site: str, runtime_port: int) -> list[str]:
-            config = node_config(
-                tmp_path / site / "data",
-                tmp_path / site / "secret.key",
-                site,
-                tmp_path / site / "out",
-            )
-            return supernode_command(address, coordinator.ca, keys[site][0], config, runtime_port)
+        hospital_home = tmp_path / "hospital-home"
+        hospital_env = {**env, "FLWR_HOME": str(hospital_home)}
+        address = f"{nets.coordinator['hospitals']}:{port}"
 
-        node_env = {**env, "FLWR_HOME": str(tmp_path / "supernode-home")}
+        def supernode(site: str, key: Path) -> list[str]:
+            config = node_config(tmp_path / site / "data", secret, site, tmp_path / site / "out")
+            command = supernode_command(address, coordinator.ca, key, config, free_port())
+            return nets.run("hospitals", command)
+
         intruder_log = tmp_path / "intruder.log"
-        intruder = start(supernode("intruder", free_port()), intruder_log, node_env)
-        processes.append(intruder)  # its SuperExec child is stopped with its process group
+        intruder = start(supernode("intruder", intruder_key[0]), intruder_log, hospital_env)
+        processes.append(intruder)
         intruder.wait(timeout=120)
         assert intruder.returncode != 0
         assert "Failed to activate SuperNode" in intruder_log.read_text()
-        assert "No SuperNode found with the given public key" in link_log.read_text()
 
         for site in SITES:
-            processes.append(
-                start(supernode(site, free_port()), tmp_path / f"{site}.log", node_env)
-            )
+            log = tmp_path / f"{site}.log"
+            processes.append(start(supernode(site, keys[site][0]), log, hospital_env))
 
         out = tmp_path / "results"
         run_config = {"scenario": str(scenario), "out-dir": str(out), "quick": False}
@@ -176,18 +270,17 @@ def test_federation_over_tls_with_authenticated_supernodes(tmp_path):
         assert (out / "metrics.json").is_file(), run.stdout[-3000:] + link_log.read_text()[-3000:]
     finally:
         stop(processes)
+        nets.close()
     wall = time.perf_counter() - started
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == set(SITES) and metrics["dropped"] == []
+    assert len(metrics["share_bytes"]) == 2  # blind aggregation over the real SuperLink
     for site in metrics["sites"].values():
         assert 0.0 <= site["dice_mean"] <= 1.0 and site["n_test"] == 4
     assert (out / "report.md").is_file() and (out / "checkpoints" / "umn.pt").is_file()
-    assert not (out / "keys").exists()  # client custody: no key at the coordinator
+    assert not (out / "keys").exists()  # no key at the coordinator
     for site in SITES:
-        for private in (
-            tmp_path / site / "secret.key",
-            tmp_path / site / "out" / "sites" / site / "autoencoders.pt",
-        ):
-            assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
-    print(f"deployment integration test: {wall:.0f} s wall")
+        private = tmp_path / site / "out" / "sites" / site / "autoencoders.pt"
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    print(f"deployment lock-down test: {wall:.0f} s wall")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import typer
@@ -36,14 +37,17 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
 @app.command()
 def init(
     folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder to create"),
-    address: str = typer.Option(..., help="host:port where hospitals reach the SuperLink"),
+    address: str = typer.Option(..., help="host:port where hospitals reach the coordinator"),
     host: list[str] = typer.Option(
         [], help="extra name or IP in the SuperLink certificate (repeatable)"
+    ),
+    internal_port: int = typer.Option(
+        runtime.INTERNAL_PORT, help="the SuperLink's own port, on loopback only"
     ),
 ) -> None:
     """Create the federation's CA, the SuperLink certificate and the Flower CLI connection."""
     name = address.rsplit(":", 1)[0].strip("[]")
-    layout = runtime.init_coordinator(folder, [name, *host], address)
+    layout = runtime.init_coordinator(folder, [name, *host], internal_port)
     console.print(
         f"CA certificate for the hospitals: {layout.ca}  (keep {layout.ca.parent / 'ca.key'} here)"
     )
@@ -55,14 +59,38 @@ def init(
 @app.command()
 def superlink(
     folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder (init)"),
-    host: str = typer.Option("0.0.0.0", help="listen address"),
-    port: int = typer.Option(9093, help="HTTPS port (Fleet, Control and Runtime APIs)"),
+    host: str = typer.Option("0.0.0.0", help="public listen address (nginx)"),
+    port: int = typer.Option(9093, help="public HTTPS port: the Fleet API only"),
+    internal_port: int = typer.Option(
+        runtime.INTERNAL_PORT, help="the SuperLink's own port, on loopback only"
+    ),
     database: Path | None = typer.Option(None, help="SQLite file; registrations survive restarts"),
 ) -> None:
-    """Start the SuperLink (TLS, SuperNode authentication, no runtime dependency installation)."""
+    """Start the SuperLink on loopback (TLS, SuperNode authentication, no runtime dependency
+    installation) and nginx in front of it, forwarding only the Fleet API. Keeps running."""
     layout = runtime.Coordinator(folder.resolve())
-    command = runtime.superlink_command(layout, host, port, database)
-    _exec(command, runtime.environment(layout.flwr_home))
+    runtime.proxy_config(layout, host, port, internal_port)
+    env = runtime.environment(layout.flwr_home)
+    commands = [
+        runtime.superlink_command(layout, "127.0.0.1", internal_port, database),
+        runtime.proxy_command(layout),
+    ]
+    processes = []
+    for command in commands:
+        console.print(f"$ {shlex.join(command)}")
+        processes.append(subprocess.Popen(command, env=env))
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+    raise typer.Exit(max(abs(p.returncode or 0) for p in processes))
 
 
 @app.command("node-key")

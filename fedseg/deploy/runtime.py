@@ -2,14 +2,22 @@
 
 Everything runs under TLS with certificates from the federation's own CA (``certs.py``), and the
 SuperLink admits only SuperNodes whose public key was registered (``--enable-supernode-auth``).
+
+The SuperLink serves its Fleet, Control and Runtime APIs on one port, and open-source Flower has
+no authentication on the Control API (list runs, register SuperNodes, submit apps). So the
+SuperLink listens on loopback only, and the hospitals reach it through nginx, which terminates
+TLS on the public port and forwards ``/v1/fleet/`` and nothing else (``proxy_config``). An
+operator submits runs and registers SuperNodes on the coordinator itself (the Flower CLI's
+connection is the loopback port), or through an SSH tunnel to it.
 Flower's runtime dependency installation (``uv sync`` of the app's dependencies on every run)
 is turned off everywhere: hospitals install fedseg once, like any other software.
 
 Files on the coordinator, under one folder::
 
     ca/ca.pem, ca/ca.key                  the CA (ca.pem goes to every hospital; ca.key stays)
-    superlink/superlink.pem, .key         the SuperLink's TLS certificate
-    flwr/config.toml                      the Flower CLI's connection to the SuperLink
+    superlink/superlink.pem, .key         the SuperLink's TLS certificate (also nginx's)
+    flwr/config.toml                      the Flower CLI's connection to the SuperLink (loopback)
+    proxy/nginx.conf, proxy/*.log         the public face: TLS, the Fleet API only
 
 Files at a hospital: ca.pem (from the coordinator), its SuperNode key pair (made there; only
 the ``.pub`` file goes to the coordinator), its data, and its fedseg secret.
@@ -26,6 +34,8 @@ from pathlib import Path
 from fedseg.deploy.certs import ensure_ca, issue_server_cert
 
 CONNECTION = "fedseg"
+INTERNAL_PORT = 9091  # the SuperLink's own port, on loopback only
+FLEET_PREFIX = "/v1/fleet/"  # the only routes the hospitals need
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,21 @@ class Coordinator:
     def flwr_home(self) -> Path:
         return self.root / "flwr"
 
+    @property
+    def proxy_dir(self) -> Path:
+        return self.root / "proxy"
 
-def init_coordinator(root: str | Path, hosts: list[str], address: str) -> Coordinator:
-    """CA, SuperLink certificate for ``hosts``, and the Flower CLI's connection to ``address``."""
+
+def init_coordinator(
+    root: str | Path, hosts: list[str], internal_port: int = INTERNAL_PORT
+) -> Coordinator:
+    """CA, the SuperLink certificate for ``hosts`` (the names hospitals use) and loopback, and
+    the Flower CLI's connection to the SuperLink's loopback port."""
     layout = Coordinator(Path(root).resolve())
     ensure_ca(layout.ca.parent)
-    issue_server_cert(layout.ca.parent, layout.cert.parent, "superlink", hosts)
-    write_flwr_config(layout.flwr_home, address, layout.ca)
+    names = [*hosts, "127.0.0.1", "localhost"]
+    issue_server_cert(layout.ca.parent, layout.cert.parent, "superlink", names)
+    write_flwr_config(layout.flwr_home, f"127.0.0.1:{internal_port}", layout.ca)
     return layout
 
 
@@ -114,6 +132,72 @@ def superlink_command(
         str(port),
         "--database",
         str(database) if database else ":flwr-in-memory:",
+    ]
+
+
+def proxy_config(layout: Coordinator, host: str, port: int, internal_port: int) -> Path:
+    """nginx's configuration: TLS on ``host:port`` with the SuperLink's certificate, the Fleet
+    API forwarded to the loopback SuperLink (verified against the CA), every other path 403."""
+    folder = layout.proxy_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    path = folder / "nginx.conf"
+    path.write_text(
+        f"""daemon off;
+worker_processes 1;
+pid {folder / "nginx.pid"};
+error_log {folder / "error.log"} warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {folder / "access.log"};
+    client_body_temp_path {folder / "body"};
+    proxy_temp_path {folder / "proxy"};
+    fastcgi_temp_path {folder / "fastcgi"};
+    uwsgi_temp_path {folder / "uwsgi"};
+    scgi_temp_path {folder / "scgi"};
+    server_tokens off;
+    client_max_body_size 300m;  # fedseg refuses replies over 256 MiB itself
+    client_body_timeout 60s;
+    client_header_timeout 30s;
+    keepalive_timeout 30s;
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {layout.cert};
+        ssl_certificate_key {layout.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location {FLEET_PREFIX} {{
+            proxy_pass https://127.0.0.1:{internal_port};
+            proxy_ssl_trusted_certificate {layout.ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;  # nginx checks DNS names only, not IP SANs
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+        location / {{ return 403; }}
+    }}
+}}
+"""
+    )
+    return path
+
+
+def proxy_command(layout: Coordinator) -> list[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).is_file():
+        raise FileNotFoundError("nginx not found: install it (Debian: apt-get install nginx-light)")
+    conf = layout.proxy_dir / "nginx.conf"
+    return [
+        nginx,
+        "-p",
+        str(layout.proxy_dir),
+        "-e",
+        str(layout.proxy_dir / "error.log"),
+        "-c",
+        str(conf),
     ]
 
 
