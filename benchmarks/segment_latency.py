@@ -31,8 +31,8 @@ import torch
 from fedseg.checkpoint import checkpoint_dir, load_checkpoint
 from fedseg.config import RunConfig, config_from_dict
 from fedseg.coordinator import Coordinator
-from fedseg.deploy.certs import issue_server_cert
 from fedseg.serving.client import SegmentationClient, SiteClientConfig
+from fedseg.serving.server import prepare_tls
 from fedseg.site import SiteModels, site_models_path, site_transform
 
 REFERENCE_BYTES = 0.875 * 2**20  # both ways, fp32, 256 px
@@ -84,7 +84,7 @@ def latency(size: int, n: int, threads: int, warmup: int = 5) -> None:
         root = Path(tmp)
         cfg = make_run(root / "run", size, threads)
         tls = root / "tls"
-        issue_server_cert(tls, tls, "service", ["127.0.0.1", "localhost"])
+        prepare_tls(tls, ["127.0.0.1", "localhost"], [SITE])  # mutual TLS, as fedseg serve
         port = free_port()
         service = start_service(root / "run", port, tls)
         try:
@@ -95,6 +95,8 @@ def latency(size: int, n: int, threads: int, warmup: int = 5) -> None:
                 site_models_path(root / "run", SITE),
                 f"https://127.0.0.1:{port}",
                 tls / "ca.pem",
+                tls / "clients" / f"{SITE}.pem",
+                tls / "clients" / f"{SITE}.key",
             )
             images = np.random.default_rng(0).standard_normal((n + warmup, 1, 1, size, size))
             with connect(site_cfg, service) as client:

@@ -10,10 +10,21 @@ Two checks, both cheap enough to run on every reply:
 KNT parameters are covered too: its HKDF outputs (for up to ``knt.MAX_LAYERS`` layers) and every
 row and column of its mixings, its biases, amplitudes, slopes and shifts. They depend only on
 the secret and the channel count, so the guard derives them itself whichever transform is on.
+
+Near-copies too (issue 24's audit slipped six past the exact checks): the secret in base64,
+base32, upper-case hex or as a list of numbers, in text or in an integer or float array; and any
+run of numbers, in an array or a text, whose correlation with a key vector is at least
+``NEAR_COPY_CORRELATION`` (a row plus noise, -Q, 2Q, Q as int8 or float16, a shifted bias, a
+column). The correlation check reads every array up to ``NEAR_COPY_MAX_SIZE`` values and every
+text; the protocol's bulk payloads (latents, gradients, blinded sums) get the exact checks only,
+since a keyed latent is a key-mixed vector by design (a zero latent keys to the bias itself).
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -23,10 +34,37 @@ from fedseg.privacy.keys import ROLES, KeyRing, derive_bytes
 from fedseg.privacy.knt import MAX_LAYERS, KntKeyRing, knt_label
 
 INT_TYPES = (np.int32, np.int64)
+NEAR_COPY_CORRELATION = 0.995
+NEAR_COPY_MAX_SIZE = 4096
+BULK_FIELDS = ("latents.", "grad.", "mapped.", "blinded.")  # the protocol's payloads
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _secret_encodings(secret: bytes) -> list[tuple[str, bytes]]:
+    """The secret as it might be written by mistake: text encodings and number lists."""
+    out = [
+        ("secret (HEX)", secret.hex().upper().encode()),
+        ("secret (base32)", base64.b32encode(secret).rstrip(b"=")),
+    ]
+    for name, encoded in (
+        ("base64", base64.b64encode(secret)),
+        ("base64url", base64.urlsafe_b64encode(secret)),
+    ):
+        out.append((f"secret ({name})", encoded.rstrip(b"=")))
+    numbers = list(secret)
+    out += [
+        ("secret (JSON list)", json.dumps(numbers)[1:-1].encode()),
+        ("secret (number list)", ",".join(map(str, numbers)).encode()),
+    ]
+    as_uint8 = np.frombuffer(secret, dtype=np.uint8)
+    for dtype in (np.int16, np.int32, np.int64, np.float32, np.float64):
+        out.append((f"secret as {np.dtype(dtype)}", as_uint8.astype(dtype).tobytes()))
+    return out
 
 
 def _byte_patterns(secret: bytes, ring: KeyRing | None) -> list[tuple[str, bytes]]:
     patterns = [("secret", secret), ("secret (hex)", secret.hex().encode())]
+    patterns += _secret_encodings(secret)
     for role, keys in ring.keys.items() if ring else []:
         for s, key in enumerate(keys):
             label = f"klt/{role}/scale{s}"
@@ -114,6 +152,38 @@ class KeyMaterial:
         self.patterns = _byte_patterns(secret, ring)
         self.vectors = _key_vectors(secret, ring) if ring is not None else []
         self._tables: dict[np.dtype, _VectorTable] = {}
+        # Centred unit key vectors by length, for the correlation check.
+        self._units: dict[int, np.ndarray] = {}
+        for length in {len(v) for v in self.vectors}:
+            rows = [_unit(v) for v in self.vectors if len(v) == length]
+            kept = [r for r in rows if r is not None]
+            if kept:
+                self._units[length] = np.stack(kept)
+
+    def _near_copy(self, values: np.ndarray) -> bool:
+        """Whether any run of ``values`` (in memory order, or along any axis of a key
+        vector's length) correlates with a key vector at ``NEAR_COPY_CORRELATION`` or more."""
+        values = np.asarray(values, dtype=np.float64)
+        for length, units in self._units.items():
+            runs = []
+            flat = values.ravel()
+            if flat.size >= length:
+                runs.append(sliding_window_view(flat, length))
+            for axis, size in enumerate(values.shape):
+                if values.ndim >= 2 and size == length:
+                    runs.append(np.moveaxis(values, axis, -1).reshape(-1, length))
+            if not runs:
+                continue
+            windows = np.concatenate(runs)
+            windows = windows - windows.mean(axis=1, keepdims=True)
+            norms = np.linalg.norm(windows, axis=1, keepdims=True)
+            usable = norms[:, 0] > 1e-12
+            if not usable.any():
+                continue
+            corr = (windows[usable] / norms[usable]) @ units.T
+            if np.abs(corr).max() >= NEAR_COPY_CORRELATION:
+                return True
+        return False
 
     def __repr__(self) -> str:
         return "KeyMaterial(<secret>)"
@@ -141,7 +211,24 @@ class KeyMaterial:
             for name, arr in arrays.items():
                 if np.issubdtype(arr.dtype, np.floating) and self._contains_vector(arr.ravel()):
                     findings.append(f"a key row, column or parameter vector in {name}")
+                elif (
+                    arr.dtype.kind in "iuf"
+                    and arr.size <= NEAR_COPY_MAX_SIZE
+                    and not name.startswith(BULK_FIELDS)
+                    and self._near_copy(arr)
+                ):
+                    findings.append(f"a near-copy of a key vector in {name}")
+            for i, text in enumerate(strings):
+                numbers = [float(n) for n in _NUMBER.findall(text)]
+                if numbers and self._near_copy(np.asarray(numbers)):
+                    findings.append(f"a near-copy of a key vector in text[{i}]")
         return findings
+
+
+def _unit(vector: np.ndarray) -> np.ndarray | None:
+    centred = np.asarray(vector, dtype=np.float64) - np.mean(vector)
+    norm = np.linalg.norm(centred)
+    return centred / norm if norm > 1e-12 else None
 
 
 def find_key_material(
