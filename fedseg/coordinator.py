@@ -174,12 +174,12 @@ class Coordinator:
 
     def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph. A
-        batch is exactly ``training.batch_size`` items (full batches only)."""
+        batch is at most ``training.batch_size`` items."""
         self._check_site(site)
         t = self._transforms[site]
         check_fields(arrays, ("image",), len(self.shapes))
         batch = self.cfg.training.batch_size
-        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes, items=batch)]
+        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes, batch)]
         self._magnitudes.check(site, arrays)
         image = t.inverse(keyed, "image")
         if self.cfg.model.canonical_adapters and not self.umn.has_input_basis(site):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fedseg.cli import app
 from fedseg.config import ConfigError, config_from_run_config, demo_config, load_config
+from fedseg.privacy.keys import KeyFileError
 from fedseg.site import resolve_site
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
@@ -68,8 +69,14 @@ def test_node_config_selects_site_and_key(tmp_path):
     setup = resolve_site(cfg, {"partition-id": 1})
     assert setup.split.name == "hospital-2"
     assert setup.key_file == tmp_path / "keys" / "federation.key"  # the default: one secret
+    # Another key for the same site's models is refused (its fingerprint is recorded there),
+    # so the per-site-key run gets its own folder.
     cfg.privacy.key_scope, cfg.training.finetune_share = "site", "none"
-    assert resolve_site(cfg, {"partition-id": 1}).key_file == tmp_path / "keys" / "hospital-2.key"
+    with pytest.raises(KeyFileError, match="is not the key the models"):
+        resolve_site(cfg, {"partition-id": 1})
+    cfg.out_dir = str(tmp_path / "per-site")
+    expected = tmp_path / "per-site" / "keys" / "hospital-2.key"
+    assert resolve_site(cfg, {"partition-id": 1}).key_file == expected
     with pytest.raises(ValueError, match="data-dir"):
         resolve_site(cfg, {})
 

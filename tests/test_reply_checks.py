@@ -109,7 +109,7 @@ def test_a_malicious_site_is_refused_step_by_step_and_the_run_completes(tmp_path
     assert {r["site"] for r in metrics["rejected"]} == {"mallory"}, metrics["rejected"]
     assert len(reasons) == 4, reasons
     assert "no 'latents' record" in reasons[0]
-    assert "were asked for" in reasons[1]
+    assert "the limit is" in reasons[1]  # 10x the batch asked for
     assert "running" in reasons[2]  # the magnitude guard
     assert "exceeds" in reasons[3]
     assert [d["site"] for d in metrics["dropped"]] == ["mallory"]
