@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -35,6 +36,10 @@ def simulate(cfg: RunConfig) -> None:
     # No GPU is asked for: Ray's warning about a future default for that case is noise here.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
+
+    # Flower prints through its own handler (INFO and up); passed on to ours as well, each of
+    # its lines came twice and its DEBUG records (backend config, run ids) reached the user.
+    logging.getLogger("flwr").propagate = False
 
     from clients.app import make_client_app
     from server.app import make_server_app

@@ -1,0 +1,53 @@
+"""Seconds per epoch of split training through Flower and Ray, on the embedded demo config.
+
+    .venv/bin/python benchmarks/split_epoch.py --epochs 10 --pipeline on
+    .venv/bin/python benchmarks/split_epoch.py --epochs 10 --pipeline off
+
+Run one at a time with nothing else heavy on the machine; the load is printed beside the
+figure. No baselines are trained; the Dice after so few epochs is a sanity check, not a score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedseg.config import demo_config  # noqa: E402
+from simulations.engine import simulate  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--pipeline", choices=("on", "off"), default="on")
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = demo_config(str(Path(tmp) / "run"))
+        cfg.training.finetune_epochs = args.epochs
+        cfg.training.finetune_pipeline = args.pipeline == "on"
+        cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
+        simulate(cfg.validate())
+        metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+    result = {
+        "epochs": args.epochs,
+        "pipeline": args.pipeline == "on",
+        "seconds_per_epoch": metrics["timing_s"]["finetuning"] / args.epochs,
+        "dice": metrics["mean"]["dice"],
+        "load_before": load,
+    }
+    print(json.dumps(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
