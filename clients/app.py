@@ -39,7 +39,7 @@ from fedseg.config import RunConfig, config_from_run_config
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
-from fedseg.privacy.audit import guard_and_audit
+from fedseg.privacy.audit import guard_and_audit, numeric_lists
 from fedseg.privacy.blind import mask_label
 from fedseg.privacy.redact import SiteError, public_error
 from fedseg.report import Examples, write_overlays
@@ -104,11 +104,13 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
                 for rk, rec in reply.content.array_records.items()
                 for ak, arr in rec.items()
             }
-            records = [
-                *reply.content.config_records.values(),
-                *reply.content.metric_records.values(),
-            ]
-            texts = [json.dumps(dict(rec)) for rec in records]
+            records = {
+                **{f"config.{k}": v for k, v in reply.content.config_records.items()},
+                **{f"metrics.{k}": v for k, v in reply.content.metric_records.items()},
+            }
+            texts = [json.dumps(dict(rec)) for rec in records.values()]
+            for name, rec in records.items():  # a key row sent as a list of numbers
+                arrays.update(numeric_lists(name, rec))
             guard_and_audit(
                 run_cfg, setup.split.name, setup.key_file, msg.metadata.message_type, arrays, texts
             )

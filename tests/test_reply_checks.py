@@ -130,3 +130,12 @@ def test_two_nodes_cannot_hold_one_site_and_registrations_are_checked():
         registration(9, {"n_train": 8, "n_test": 4}, {**info, "site": "../../etc"}, {})
     with pytest.raises(ValueError, match="0 training"):
         registration(9, {"n_train": 0, "n_test": 4}, info, {})
+
+
+def test_the_shipped_malicious_scenario_makes_every_attack():
+    from fedseg.config import TAMPERING, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "simulations" / "scenarios" / "demo-malicious.toml")
+    assert [h.tamper for h in cfg.hospitals if h.tamper] == [list(TAMPERING)]
+    assert cfg.federation.num_sites == 3 and cfg.training.finetune_share == "blind"
