@@ -22,7 +22,13 @@ from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
-from fedseg.privacy.keys import KeyFileError, bind_key, load_or_create_key, read_key_file
+from fedseg.privacy.keys import (
+    FINGERPRINT_FILE,
+    KeyFileError,
+    bind_key,
+    load_or_create_key,
+    read_key_file,
+)
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.training import (
@@ -304,5 +310,19 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
         # A simulated hospital's first start makes its secret; nothing else creates one.
         load_or_create_key(key_file)
     if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
-        bind_key(site_models_path(out_dir, split.name).parent, Path(str(key_file)))
+        _bind_once(site_models_path(out_dir, split.name).parent, Path(str(key_file)))
     return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)
+
+
+_BOUND: set[tuple] = set()
+
+
+def _bind_once(folder: Path, key_file: Path) -> None:
+    """``bind_key`` once per key file version and models folder in a process: resolve_site runs
+    for every message, and reading and hashing the secret each time was I/O in the hot loop."""
+    st = key_file.stat() if key_file.is_file() else None
+    stamp = (folder, key_file, st.st_ino, st.st_mtime_ns) if st else None
+    if stamp is None or stamp not in _BOUND or not (folder / FINGERPRINT_FILE).is_file():
+        bind_key(folder, key_file)
+        if stamp is not None:
+            _BOUND.add(stamp)
