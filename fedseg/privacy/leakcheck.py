@@ -36,7 +36,9 @@ from fedseg.privacy.knt import MAX_LAYERS, KntKeyRing, knt_label
 INT_TYPES = (np.int32, np.int64)
 NEAR_COPY_CORRELATION = 0.9995  # 0.995 flagged honest UMN weights and latents in CI
 NEAR_COPY_MAX_SIZE = 4096
-BULK_FIELDS = ("latents.", "grad.", "mapped.", "blinded.")  # the protocol's payloads
+# The protocol's bulk payloads: Flower records (latents, gradients, mapped latents, blinded
+# sums) and the segmentation service's per-scale latents (image0, mask2, ...).
+BULK_FIELDS = re.compile(r"^(latents|grad|mapped|blinded)\.|^(image|mask)\d+$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
@@ -197,8 +199,14 @@ class KeyMaterial:
             self._tables[flat.dtype] = _VectorTable(self.vectors, flat.dtype)
         return self._tables[flat.dtype].found_in(flat)
 
-    def find(self, arrays: dict[str, np.ndarray], strings: Iterable[str]) -> list[str]:
-        """Descriptions of key material found in the payload (empty list: clean)."""
+    def find(
+        self, arrays: dict[str, np.ndarray], strings: Iterable[str], near_copies: bool = True
+    ) -> list[str]:
+        """Descriptions of key material found in the payload (empty list: clean).
+
+        ``near_copies=False`` keeps the exact checks only: for state the server derived from
+        keyed latents (a UMN's output offset is the mean of a site's keyed mask latents, which
+        is close to the key's bias whenever the plain latents average near zero)."""
         blobs = {name: np.ascontiguousarray(a).tobytes() for name, a in arrays.items()}
         blobs.update({f"text[{i}]": s.encode() for i, s in enumerate(strings)})
         findings = [
@@ -212,13 +220,14 @@ class KeyMaterial:
                 if np.issubdtype(arr.dtype, np.floating) and self._contains_vector(arr.ravel()):
                     findings.append(f"a key row, column or parameter vector in {name}")
                 elif (
-                    arr.dtype.kind in "iuf"
+                    near_copies
+                    and arr.dtype.kind in "iuf"
                     and arr.size <= NEAR_COPY_MAX_SIZE
-                    and not name.startswith(BULK_FIELDS)
+                    and not BULK_FIELDS.match(name)
                     and self._near_copy(arr)
                 ):
                     findings.append(f"a near-copy of a key vector in {name}")
-            for i, text in enumerate(strings):
+            for i, text in enumerate(strings if near_copies else []):
                 numbers = [float(n) for n in _NUMBER.findall(text)]
                 if numbers and self._near_copy(np.asarray(numbers)):
                     findings.append(f"a near-copy of a key vector in text[{i}]")
@@ -232,7 +241,11 @@ def _unit(vector: np.ndarray) -> np.ndarray | None:
 
 
 def find_key_material(
-    arrays: dict[str, np.ndarray], strings: Iterable[str], secret: bytes, ring: KeyRing | None
+    arrays: dict[str, np.ndarray],
+    strings: Iterable[str],
+    secret: bytes,
+    ring: KeyRing | None,
+    near_copies: bool = True,
 ) -> list[str]:
     """Descriptions of key material found in the payload (empty list: clean)."""
-    return KeyMaterial(secret, ring).find(arrays, strings)
+    return KeyMaterial(secret, ring).find(arrays, strings, near_copies)
