@@ -73,6 +73,8 @@ class FederationConfig:
     magnitude_bound: float = 10.0
     round_items: int = -1  # fresh training latents a site sends per UMN round (-1 = one
     #   augmented pass of its training set, 0 = none: rounds are heartbeats only)
+    registry: str = ""  # node id -> site name file (fedseg deploy register); "" = trust the
+    #   names nodes report, as in a simulation
 
 
 @dataclass
@@ -533,8 +535,9 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     """A Flower run config (``[tool.flwr.app.config]``, flattened) -> RunConfig.
 
     ``scenario`` names a TOML file ("" = the embedded synthetic demo), ``quick`` shrinks it, and
-    any ``section.field`` key (hyphens or underscores) overrides one value, e.g.
-    ``flwr run . --run-config "privacy.custody='server'"``.
+    any ``section.field`` key (hyphens or underscores) overrides one value. A SuperLink accepts
+    only the keys ``pyproject.toml`` declares (``federation.registry``); the simulation engine
+    passes others.
     """
     scenario = str(run_config.get("scenario", ""))
     cfg = load_config(scenario) if scenario else demo_config()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedseg import report_sites
+from fedseg.atomic import write_text_atomic
 from fedseg.evaluation import dice_per_image, mean_over_sites
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def write_results(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = to_jsonable(metrics)
-    _atomic_write(out_dir / "metrics.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
     figures = _write_figures(out_dir / "figures", clean, examples or {}, baseline_examples or {})
     drawn = {link for _, link in figures}
     for path in sorted((out_dir / "figures").glob("overlays_*.png")):  # drawn by the sites
@@ -68,7 +67,7 @@ def write_results(
             figures.append(
                 (f"Example overlays: {path.stem[len('overlays_') :]}", f"figures/{path.name}")
             )
-    _atomic_write(out_dir / "report.md", render_report(clean, figures, out_dir.name))
+    write_text_atomic(out_dir / "report.md", render_report(clean, figures, out_dir.name))
     return out_dir
 
 
@@ -125,21 +124,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- report.md

@@ -19,6 +19,7 @@ from fedseg.checkpoint import (
 )
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
+from fedseg.deploy.registry import load_registry
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.evaluation import mean_over_sites
 from fedseg.models.autoencoder import latent_shapes
@@ -61,9 +62,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         log.info("nothing collected yet in %s: starting from the beginning", out_dir)
     timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}
 
+    registry = load_registry(cfg.federation.registry) if cfg.federation.registry else None
     nodes = wait_for_nodes(grid, cfg.federation.num_sites, cfg.federation.node_wait_s)
     log.info("%d hospitals registered", len(nodes))
-    federation = Federation()
+    federation = Federation(registry=registry)
 
     started = time.perf_counter()
     averaged = None

@@ -8,7 +8,6 @@ averaged AEs: every site encodes into one latent space, which the UMN can pool.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -16,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedseg.deploy.registry import check_site_name
 from strategies.common import Federation, SiteInfo, exchange, log, site_progress
 
 
@@ -89,7 +89,9 @@ class LocalAutoencoderTraining:
             metrics = reply.content.metric_records.get("metrics")
             info = reply.content.config_records.get("site")
             try:
-                site = registration(node_id, metrics, info, federation.by_name())
+                site = registration(
+                    node_id, metrics, info, federation.by_name(), federation.registry
+                )
             except (KeyError, TypeError, ValueError) as err:
                 federation.drop(node_id, "autoencoders", f"registration refused: {err}")
                 continue
@@ -110,20 +112,25 @@ class LocalAutoencoderTraining:
                 )
 
 
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
 def registration(
-    node_id: int, metrics: Mapping, info: Mapping, taken: dict[str, SiteInfo]
+    node_id: int,
+    metrics: Mapping,
+    info: Mapping,
+    taken: dict[str, SiteInfo],
+    registry: Mapping[int, str] | None = None,
 ) -> SiteInfo:
     """A site's registration (its reply's metrics and site records), checked: a name no other
-    node holds (it names files and report rows), at least one training and one test image,
-    and parseable statistics."""
+    node holds (it names files and report rows), the name the operator recorded for this node
+    where there is a registry (``fedseg/deploy/registry.py``), at least one training and one
+    test image, and parseable statistics."""
     if metrics is None or info is None:
         raise ValueError("no metrics or site record")
-    name = str(info["site"])
-    if not SITE_NAME.fullmatch(name):
-        raise ValueError(f"site name {name[:70]!r}: letters, digits, '.', '_', '-' (<= 64)")
+    name = check_site_name(str(info["site"]))
+    if registry is not None:
+        if node_id not in registry:
+            raise ValueError(f"node {node_id} is not in the coordinator's registry")
+        if registry[node_id] != name:
+            raise ValueError(f"node {node_id} is registered as {registry[node_id]!r}, not {name!r}")
     if name in taken:
         raise ValueError(f"site name {name!r} is already held by node {taken[name].node_id}")
     n_train, n_test = int(metrics["n_train"]), int(metrics["n_test"])

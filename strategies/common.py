@@ -56,6 +56,9 @@ class Federation:
     dropped: list[dict] = field(default_factory=list)
     # Replies refused for one step or round (malformed, extreme, oversized): the site stays.
     rejected: list[dict] = field(default_factory=list)
+    # node id -> site name as the operator registered it (deployment); None: trust the names
+    # the nodes report (a simulation's nodes are the run's own).
+    registry: dict[int, str] | None = None
 
     def drop(self, node_id: int, phase: str, reason: str) -> None:
         site = self.sites.pop(node_id, None)

@@ -231,10 +231,19 @@ for url in sys.argv[2:]:
         for i, site in enumerate(SITES):
             write_site_data(tmp_path / site / "data", i)
             keys[site] = supernode_keypair(tmp_path / site, site)
-            registered = subprocess.run(
-                register_command(keys[site][1]), env=env, capture_output=True, text=True
-            )
+            register = [
+                sys.executable,
+                "-m",
+                "fedseg.cli",
+                "deploy",
+                "register",
+                str(keys[site][1]),
+            ]
+            register += ["--site", site, "--dir", str(coordinator.root)]
+            registered = subprocess.run(register, env=env, capture_output=True, text=True)
             assert registered.returncode == 0, registered.stdout + registered.stderr
+        registry = json.loads(coordinator.registry.read_text())
+        assert sorted(registry.values()) == SITES, registry
 
         hospital_home = tmp_path / "hospital-home"
         hospital_env = {**env, "FLWR_HOME": str(hospital_home)}
@@ -257,9 +266,9 @@ for url in sys.argv[2:]:
             processes.append(start(supernode(site, keys[site][0]), log, hospital_env))
 
         out = tmp_path / "results"
-        run_config = {"scenario": str(scenario), "out-dir": str(out), "quick": False}
-        run = subprocess.run(
-            run_command(ROOT, run_config),
+        run = subprocess.run(  # fedseg deploy run hands the ServerApp the operator's registry
+            [sys.executable, "-m", "fedseg.cli", "deploy", "run", "--dir", str(coordinator.root)]
+            + ["--scenario", str(scenario), "--out", str(out)],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -275,6 +284,7 @@ for url in sys.argv[2:]:
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == set(SITES) and metrics["dropped"] == []
+    assert metrics["config"]["federation"]["registry"] == str(coordinator.registry)
     assert len(metrics["share_bytes"]) == 2  # blind aggregation over the real SuperLink
     for site in metrics["sites"].values():
         assert 0.0 <= site["dice_mean"] <= 1.0 and site["n_test"] == 4

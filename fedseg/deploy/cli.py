@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedseg.deploy import runtime
 from fedseg.deploy.certs import supernode_keypair
@@ -106,13 +107,20 @@ def node_key(
 @app.command()
 def register(
     public_key: Path = typer.Argument(..., help="a hospital's SuperNode public key (.pub)"),
+    site: str = typer.Option(..., help="the hospital's site name, as its SuperNode reports it"),
     folder: Path = typer.Option(Path("deployment"), "--dir", help="coordinator folder (init)"),
 ) -> None:
-    """On the coordinator: admit one hospital's SuperNode."""
+    """On the coordinator: admit one hospital's SuperNode and record which site it is."""
     layout = runtime.Coordinator(folder.resolve())
-    command = runtime.register_command(public_key)
-    console.print(f"$ FLWR_HOME={layout.flwr_home} {shlex.join(command)}")
-    raise typer.Exit(subprocess.run(command, env=runtime.environment(layout.flwr_home)).returncode)
+    console.print(
+        f"$ FLWR_HOME={layout.flwr_home} {shlex.join(runtime.register_command(public_key))}"
+    )
+    try:
+        node_id = runtime.register_site(layout, public_key, site)
+    except ValueError as err:  # RegistryError, or a bad site name
+        console.print(f"[red]not registered:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    console.print(f"node {node_id} registered as {site!r} in {layout.registry}")
 
 
 @app.command()
@@ -154,6 +162,10 @@ def run(
     """On the coordinator: run the federation on the registered SuperNodes."""
     layout = runtime.Coordinator(folder.resolve())
     values: dict[str, object] = {"out-dir": str(out.resolve()), "quick": False, "resume": resume}
+    if layout.registry.is_file():  # sites are who the operator registered, not who they say
+        values["federation.registry"] = str(layout.registry)
+    else:
+        console.print(f"[yellow]no {layout.registry}: site names are as the nodes report them")
     if scenario:
         values["scenario"] = str(scenario.resolve())
     command = runtime.run_command(REPO, values)

@@ -18,6 +18,7 @@ Files on the coordinator, under one folder::
     superlink/superlink.pem, .key         the SuperLink's TLS certificate (also nginx's)
     flwr/config.toml                      the Flower CLI's connection to the SuperLink (loopback)
     proxy/nginx.conf, proxy/*.log         the public face: TLS, the Fleet API only
+    sites.json                            node id -> site name, one entry per ``register``
 
 Files at a hospital: ca.pem (from the coordinator), its SuperNode key pair (made there; only
 the ``.pub`` file goes to the coordinator), its data, and its fedseg secret.
@@ -25,13 +26,16 @@ the ``.pub`` file goes to the coordinator), its data, and its fedseg secret.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.deploy.certs import ensure_ca, issue_server_cert
+from fedseg.deploy.registry import RegistryError, check_free, record_node
 
 CONNECTION = "fedseg"
 INTERNAL_PORT = 9091  # the SuperLink's own port, on loopback only
@@ -63,6 +67,11 @@ class Coordinator:
     @property
     def proxy_dir(self) -> Path:
         return self.root / "proxy"
+
+    @property
+    def registry(self) -> Path:
+        """node id -> site name, written by ``register`` (``fedseg/deploy/registry.py``)."""
+        return self.root / "sites.json"
 
 
 def init_coordinator(
@@ -244,6 +253,29 @@ def supernode_command(
 def register_command(public_key: Path) -> list[str]:
     """Admit a hospital's SuperNode (run on the coordinator, with ``environment(flwr_home)``)."""
     return [binary("flwr"), "supernode", "register", str(public_key), CONNECTION]
+
+
+def register_site(layout: Coordinator, public_key: Path, site: str) -> int:
+    """Admit a hospital's SuperNode with Flower and record its node id as ``site``."""
+    check_free(layout.registry, site)  # before Flower admits the key
+    if not public_key.is_file():
+        raise RegistryError(f"{public_key}: no such public key (fedseg deploy node-key)")
+    done = subprocess.run(
+        [*register_command(public_key), "--format", "json"],  # prints the node id
+        env=environment(layout.flwr_home),
+        capture_output=True,
+        text=True,
+    )
+    try:
+        reply = json.loads(done.stdout)
+        node_id = int(reply["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # also {"success": false}
+        said = (done.stdout + done.stderr).strip()[-500:]
+        raise RegistryError(
+            f"flwr supernode register did not register {public_key}: {said}"
+        ) from None
+    record_node(layout.registry, node_id, site)
+    return node_id
 
 
 def run_command(app_dir: Path, run_config: dict[str, object]) -> list[str]:
