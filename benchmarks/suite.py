@@ -318,9 +318,6 @@ def ae_tag(cfg: RunConfig) -> str:
         if not k.startswith(("umn", "finetune"))  # what happens after the AEs are trained
         and k not in ("augment_copies", "adapter_lr_scale", "threads")
     }
-    if training.get("ae_federation", "local") == "local":  # keeps caches made before fedavg
-        training.pop("ae_federation", None)
-        training.pop("ae_local_epochs", None)
     data = {"data": cfg.to_dict()["data"], "federation": cfg.to_dict()["federation"]}
     blob = json.dumps([model, training, data], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -1,10 +1,8 @@
 """Flower ClientApp: one hospital. Each handler decodes a message, calls fedseg, encodes a reply.
 
 Message types (the server's strategies send them in this order):
-- ``train`` (opt-in, ``training.ae_federation = "fedavg"``): one round of Flower's FedAvg over
-  the AEs: train ``ae_local_epochs`` from the averaged weights, reply the weights.
-- ``train.autoencoders``: train the image and mask AEs on local data (or adopt the final averaged
-  ones); reply sizes and losses.
+- ``train.autoencoders``: register (sizes, class names, aggregate statistics); with the paper
+  preset also train the image and mask AEs on local data and reply their losses.
 - ``query.latents``: keyed fp16 latents for a chunk of the training stream or the test split.
 - ``query.round``: one UMN round's participation (simulated hospitals): fresh keyed latents of
   the next items of the training stream, or a heartbeat; a profile's dropout fails it here.
@@ -35,7 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedseg.checkpoint import fingerprint, save_private
-from fedseg.config import RunConfig, config_from_run_config
+from fedseg.config import RunConfig, config_from_run_config, method_name
 from fedseg.data.stats import site_statistics
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, SiteFinetuner, kept_finetuners
@@ -55,26 +53,13 @@ from fedseg.site import (
     site_models_path,
     site_transform,
     train_site,
-    train_site_round,
     training_chunk,
 )
 from simulations.profiles import fails_in_round, round_deadline, simulate_outage, slow_down
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
-# training.finetune_average_epochs: the last epoch's models beside the averaged ones, so one run
-# scores both (the request's "models" = "last-epoch").
-LAST_EPOCH_FILE = "autoencoders-last-epoch.pt"
 FINETUNED = "+finetuned"  # appended to a site's AE tag: not the AEs its kept latents came from
-
-
-def check_weights_may_leave(run_cfg: RunConfig, site: str) -> None:
-    """The site's own config decides whether its AE weights may leave, not the server."""
-    if run_cfg.training.ae_federation != "fedavg":
-        raise PermissionError(
-            f"site {site}: refusing to exchange autoencoder weights: this site's "
-            f"training.ae_federation is {run_cfg.training.ae_federation!r}, not 'fedavg'"
-        )
 
 
 def check_finetune_share(run_cfg: RunConfig, site: str) -> None:
@@ -134,41 +119,14 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
 
     app = ClientApp(mods=[*mods, public_errors, outgoing_guard, compute_speed])
 
-    def load_models(run_cfg: RunConfig, setup: SiteSetup, which: str = "") -> SiteModels:
+    def load_models(run_cfg: RunConfig, setup: SiteSetup) -> SiteModels:
         """The site's current models, from its own disk. Not from ``context.state``: a
         simulation ships a node's context to its Ray actor and back with every message, and
         4.7 MB of weights each way was most of a split-training step's messaging."""
-        if which not in ("", "last-epoch"):
-            raise ValueError(f"request.models must be '' or 'last-epoch', got {which!r}")
         path = site_models_path(setup.out_dir, setup.split.name)
-        if which == "last-epoch":
-            path = path.with_name(LAST_EPOCH_FILE)
         if not path.is_file():
             raise RuntimeError(f"site {setup.split.name}: no trained models yet ({path.name})")
         return SiteModels.load(run_cfg, path)[0]
-
-    @app.train()
-    def fedavg_round(msg: Message, context: Context) -> Message:
-        run_cfg, setup = resolve(context)
-        site = setup.split
-        check_weights_may_leave(run_cfg, site.name)
-        config = msg.content.config_records["config"]
-        arrays = msg.content.array_records.get("arrays")
-        state = arrays.to_torch_state_dict() if arrays is not None and len(arrays) else None
-        server_round, rounds = int(config["server-round"]), int(config["rounds"])
-        models, stats = train_site_round(
-            run_cfg, site.train, state, server_round, rounds, site.name
-        )
-        log.info("%s: FedAvg round %d/%d of the AEs", site.name, server_round, rounds)
-        metrics = MetricRecord(
-            {
-                "num-examples": len(site.train),
-                "image_loss": stats.image_loss,
-                "mask_loss": stats.mask_loss,
-            }
-        )
-        reply = RecordDict({"arrays": ArrayRecord(models.state()), "metrics": metrics})
-        return Message(reply, reply_to=msg)
 
     @app.train("autoencoders")
     def train_autoencoders(msg: Message, context: Context) -> Message:
@@ -177,23 +135,9 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
         site_transform(run_cfg, setup.key_file)  # creates the site's key on first use
         saved = site_models_path(setup.out_dir, site.name)
         reuse = bool(msg.content.config_records["config"].get("reuse", False))
-        averaged = msg.content.array_records.get("arrays")
         sizes = {"n_train": len(site.train), "n_test": len(site.test)}
         tag = saved.with_suffix(".config")
-        if averaged is not None and len(averaged):
-            # The end of the FedAvg phase: every site adopts the averaged AEs as its own.
-            check_weights_may_leave(run_cfg, site.name)
-            models = SiteModels.build(run_cfg, site.train.num_classes)
-            try:
-                models.load_state(averaged.to_torch_state_dict())
-            except RuntimeError as err:
-                raise ValueError(
-                    f"site {site.name}: the averaged autoencoders do not fit this site: {err}"
-                ) from err
-            models.save(saved, site.train.class_names)
-            tag.write_text(fingerprint(run_cfg))
-            metrics = MetricRecord({**sizes, "federated": 1})
-        elif (
+        if (
             # Fine-tuned AEs (tag + FINETUNED) no longer match the latents the server kept.
             reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(run_cfg)
         ):
@@ -232,7 +176,7 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
         run_cfg, setup = resolve(context)
         request = msg.content.config_records["request"]
         split, start, stop = str(request["split"]), int(request["start"]), int(request["stop"])
-        models = load_models(run_cfg, setup, str(request.get("models", "")))
+        models = load_models(run_cfg, setup)
         transform = site_transform(run_cfg, setup.key_file)
         if split == "train":
             arrays = training_chunk(run_cfg, setup.split.train, models, transform, start, stop)
@@ -296,12 +240,7 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
             tuner.backward_encoder(
                 int(request["grad_epoch"]), int(request["grad_step"]), epochs, grad
             )
-        if "last_epoch" in msg.content.array_records:  # the end, with weight averaging
-            check_finetune_share(run_cfg, setup.split.name)
-            tuner.adopt(msg.content.array_records["last_epoch"].to_torch_state_dict())
-            last = site_models_path(setup.out_dir, setup.split.name).with_name(LAST_EPOCH_FILE)
-            tuner.models.save(last, setup.split.train.class_names)
-        if "weights" in msg.content.array_records:  # the shared model (average or last site's)
+        if "weights" in msg.content.array_records:  # the shared model (average)
             check_finetune_share(run_cfg, setup.split.name)
             tuner.adopt(msg.content.array_records["weights"].to_torch_state_dict())
         if BLINDED in msg.content.array_records:  # the masked sum of the sites' weights
@@ -362,23 +301,21 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
     def segment(msg: Message, context: Context) -> Message:
         run_cfg, setup = resolve(context)
         started = time.perf_counter()
-        request = msg.content.config_records.get("request")
-        which = str(request.get("models", "")) if request is not None else ""
-        models = load_models(run_cfg, setup, which)
+        models = load_models(run_cfg, setup)
         transform = site_transform(run_cfg, setup.key_file)
         mapped = arrays_of(msg.content.array_records["mapped"])
         pred = segment_mapped(run_cfg, models, transform, mapped, setup.split.test.images)
         test = setup.split.test
         metrics = evaluate_predictions(test, pred)
-        if not which:  # the overlays show the run's own models
-            pick = pick_examples(test, run_cfg.overlays_per_site)
-            # Overlays show patient images: they are written locally, never sent.
-            write_overlays(
-                setup.out_dir,
-                setup.split.name,
-                Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
-                test.class_names,
-            )
+        pick = pick_examples(test, run_cfg.overlays_per_site)
+        # Overlays show patient images: they are written locally, never sent.
+        write_overlays(
+            setup.out_dir,
+            setup.split.name,
+            Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
+            test.class_names,
+            method=method_name(run_cfg),
+        )
         metrics["decode_seconds"] = time.perf_counter() - started
         reply = ConfigRecord({"metrics_json": json.dumps(metrics)})
         return Message(RecordDict({"result": reply}), reply_to=msg)

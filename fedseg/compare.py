@@ -1,9 +1,9 @@
 """Finished runs side by side, grouped by one config value and summarised over their repeats.
 
 One run scored on a few dozen test images cannot separate a 1 pp difference from run-to-run
-spread: us-nerve's client custody scored 0.719 and 0.707 with training seeds 0 and 1 (README,
-release 9). ``fedseg compare`` puts the repeats of each setting together, with their spread,
-and pairs runs that share a training seed.
+spread: us-nerve's client custody scored 0.719 and 0.707 with training seeds 0 and 1
+(docs/history.md, release 9). ``fedseg compare`` puts the repeats of each setting together,
+with their spread, and pairs runs that share a training seed.
 """
 
 from __future__ import annotations
@@ -45,16 +45,7 @@ class Group:
     dice: list[float] = field(default_factory=list)
     hd95: list[float | None] = field(default_factory=list)
     asd: list[float | None] = field(default_factory=list)
-    # training.finetune_average_epochs: each run's Dice with its last epoch's weights (None for
-    # a run without weight averaging), scored in the same run beside the average
-    last_epoch: list[float | None] = field(default_factory=list)
     units: str = ""
-
-    def averaging_gains(self) -> list[float]:
-        """Averaged minus last-epoch Dice within each run that scored both: free of the
-        run-to-run spread, which the difference between two groups is not."""
-        pairs = zip(self.dice, self.last_epoch, strict=True)
-        return [d - last for d, last in pairs if last is not None]
 
     def mean(self, metric: str) -> float | None:
         values = [v for v in getattr(self, metric) if v is not None]
@@ -101,16 +92,6 @@ class Comparison:
                 if pairs:
                     text += "; by seed " + ", ".join(f"{s}: {100 * d:+.1f}" for s, d in pairs)
                 lines.append(text)
-        for g in self.groups:
-            gains = g.averaging_gains()
-            if gains:
-                sd = f", sd {100 * statistics.stdev(gains):.1f} pp" if len(gains) > 1 else ""
-                lines.append(
-                    f"- {g.value}: weight averaging {100 * statistics.fmean(gains):+.1f} pp over "
-                    f"the last epoch's weights within each run ({len(gains)} runs{sd}; "
-                    + ", ".join(f"{100 * d:+.1f}" for d in gains)
-                    + ")"
-                )
         return lines
 
     def to_markdown(self) -> str:
@@ -181,8 +162,6 @@ def compare_runs(run_dirs: list[Path], by: str = "privacy.custody") -> Compariso
         group.dice.append(float(mean["dice"]))
         group.hd95.append(mean.get("hd95"))
         group.asd.append(mean.get("asd"))
-        last = (metrics.get("finetune_last_epoch") or {}).get("mean") or {}
-        group.last_epoch.append(last.get("dice"))
         group.units = mean.get("units", "")
     first, *rest = configs
     for key in SAME_TEST_SET:

@@ -18,8 +18,7 @@ DataKind = Literal["synthetic", "pairs", "nifti"]
 Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference"]
-AeFederation = Literal["local", "fedavg"]
-FinetuneShare = Literal["none", "blind", "average", "cyclic"]
+FinetuneShare = Literal["none", "blind", "average"]
 TAMPERING = ("missing-record", "extra-items", "scaled", "huge", "forged-metrics")
 Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
@@ -112,17 +111,19 @@ class ModelConfig:
     ae_widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])
     latent_channels: int = 32  # channels of each of the three latent scales
     umn_arch: UmnArch = "fast"  # "reference": the paper's ~59 M-parameter UMN (width/blocks unused)
-    umn_width: int = 64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (README)
+    umn_width: int = (
+        64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (docs/performance.md)
+    )
     umn_blocks: int = 2  # residual context blocks per scale
     canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes
     # "shared": one adapter set for every site, for sites that encode into one space (a shared
-    # encoder, finetune_share or ae_federation, and one key: privacy.key_scope = "federation",
+    # encoder through finetune_share, and one key: privacy.key_scope = "federation",
     # server custody, or no transform). "site": one UMN adapter per site (the paper preset: each
-    # site's own AEs and key, so different latent spaces). us-nerve split training: README.
+    # site's own AEs and key, so different latent spaces). us-nerve split training: docs/results.md.
     umn_adapters: AdapterScope = "shared"
     # The mask decoder also takes the site's own image encoder's 1/2 and 1/4 scale features
     # (fedseg/models/autoencoder.py). They never leave the site; only split training
-    # (training.finetune_epochs > 0) teaches the decoder to use them. us-nerve: README.
+    # (training.finetune_epochs > 0) teaches the decoder to use them. us-nerve: docs/results.md.
     local_skips: bool = True
     # The mask decoder standardises each latent channel first (batch norm without affine). In
     # client custody its input is the server's output un-keyed, R^T (out - b): the key's bias
@@ -134,15 +135,12 @@ class ModelConfig:
 class TrainingConfig:
     """Epochs, learning rates and time budgets (a budget of 0 means epochs only)."""
 
-    batch_size: int = 8  # twice the optimiser steps of 16 for the same images (us-nerve: README)
+    batch_size: int = (
+        8  # twice the optimiser steps of 16 for the same images (us-nerve: docs/results.md)
+    )
     ae_epochs: int = 0  # 0: no reconstruction pre-training (split training from the seeded init)
     ae_lr: float = 2e-3
     ae_minutes: float = 0.0
-    # "fedavg" (opt-in): the sites' AEs are federated-averaged, so every site encodes into the
-    # same latent space and the UMN learns from all sites' data at once (us-nerve: README). The
-    # AE weights then leave the sites every round: see the README's privacy section.
-    ae_federation: AeFederation = "local"
-    ae_local_epochs: int = 2  # fedavg: epochs each site trains between two averagings
     mask_latent_noise: float = 0.3  # noise (x latent std) the mask decoder learns to ignore
     cross_decoding_weight: float = 1.0  # 0 = the paper's reconstruction-only image AE
     augment_copies: int = 2  # augmented encodings per training image sent for the UMN
@@ -158,19 +156,13 @@ class TrainingConfig:
     finetune_lr: float = 2e-3
     # Whether the sites' encoders and mask decoders are one model during split training:
     # "blind" (the default: averaged after every epoch as masked fixed-point sums the server
-    # adds but cannot read, fedseg/privacy/blind.py), "none" (each site keeps its own), and two
-    # modes in which the weights reach the server: "average" (it averages them: SplitFed) and
-    # "cyclic" (they pass from site to site through it). A site's own config must say so.
+    # adds but cannot read, fedseg/privacy/blind.py), "none" (each site keeps its own), and
+    # "average" (the server averages them: SplitFed, the reference blind aggregation is measured
+    # against; the weights reach the server, so a site's own config must say so).
     finetune_share: FinetuneShare = "blind"
-    # Stochastic weight averaging over the last N epochs of split training: the server keeps the
-    # running mean of the shared encoder/decoder it already receives (finetune_share) and of its
-    # UMN at the end of each of those epochs, and the sites end with that mean instead of the
-    # last epoch's weights; a run also scores its last epoch's weights (finetune_last_epoch in
-    # metrics.json). us-nerve, N = 40: +0.4 pp over four runs (README, release 10). 0 = off.
-    finetune_average_epochs: int = 0
     # One message each way per step instead of two: a site sends its next batch's latents with
     # this batch's gradient, so its encoder runs one step behind. Fewer round trips is what
-    # split training over Flower waits on (README, "Performance").
+    # split training over Flower waits on (docs/performance.md).
     finetune_pipeline: bool = False
     threads: int = 2
     seed: int = 0
@@ -186,7 +178,7 @@ class PrivacyConfig:
     # "federation": the hospitals share one secret (agreed out of band, never sent to the
     # server; simulation: <key_dir>/federation.key), so their keyed latents are in one space,
     # the UMN needs no per-site adapters, and blind aggregation derives its masks from it.
-    # "site": every hospital its own secret (the paper preset) (README, privacy).
+    # "site": every hospital its own secret (the paper preset) (docs/privacy.md).
     key_scope: KeyScope = "federation"
     bias_scale: float = 1.0
     audit_dir: str = ""  # keep a copy of every payload each site sends (for audits and tests)
@@ -256,15 +248,10 @@ class RunConfig:
             (self.data.kind in ("synthetic", "pairs", "nifti"), "data.kind: synthetic/pairs/nifti"),
             (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
-            (
-                self.training.ae_federation in ("local", "fedavg"),
-                "training.ae_federation: 'local' or 'fedavg'",
-            ),
-            (self.training.ae_local_epochs >= 1, "training.ae_local_epochs must be >= 1"),
             (self.training.finetune_epochs >= 0, "training.finetune_epochs must be >= 0"),
             (
-                self.training.finetune_share in ("none", "blind", "average", "cyclic"),
-                "training.finetune_share: 'blind', 'none', 'average' or 'cyclic'",
+                self.training.finetune_share in ("none", "blind", "average"),
+                "training.finetune_share: 'blind', 'none' or 'average'",
             ),
             (
                 self.training.finetune_share != "blind" or self.privacy.key_scope == "federation",
@@ -275,17 +262,6 @@ class RunConfig:
                 self.training.finetune_share != "blind" or self.privacy.custody == "client",
                 "training.finetune_share = 'blind' needs privacy.custody = 'client': with server "
                 "custody the server holds the shared secret, so it could remove the masks",
-            ),
-            (
-                0 <= self.training.finetune_average_epochs <= self.training.finetune_epochs,
-                "training.finetune_average_epochs must be in 0..training.finetune_epochs",
-            ),
-            (
-                self.training.finetune_average_epochs == 0
-                or self.training.finetune_share in ("average", "cyclic"),
-                "training.finetune_average_epochs needs training.finetune_share 'average' or "
-                "'cyclic': the server averages the shared weights it receives, and with 'none' "
-                "or 'blind' it has none it can read",
             ),
             (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
             (self.model.umn_adapters in ("site", "shared"), "model.umn_adapters: site/shared"),
@@ -311,12 +287,6 @@ class RunConfig:
             (
                 self.training.umn_rounds > 0 or self.training.finetune_epochs > 0,
                 "training.umn_rounds = 0 (no latent training) needs training.finetune_epochs > 0",
-            ),
-            (
-                self.training.ae_federation == "local"
-                or self.training.ae_epochs > 0
-                or self.training.ae_minutes > 0,
-                "training.ae_federation = 'fedavg' needs training.ae_epochs > 0",
             ),
             (self.training.finetune_lr > 0, "training.finetune_lr must be > 0"),
             (
@@ -424,7 +394,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 # then override the preset's. "blind-split" is the dataclass defaults. "paper" is PPCMI-SF as
 # published, for reproduction: each site pre-trains its own image and mask autoencoders under
 # its own key, sends keyed latents of its training set, and the server trains the UMN on
-# latent MSE (README, "The paper's pipeline").
+# latent MSE (docs/results.md).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "blind-split": {},
     "paper": {
@@ -491,6 +461,17 @@ def load_config(path: str | Path) -> RunConfig:
     values = read_toml(path, "config file")
     values.setdefault("name", path.stem)
     return config_from_dict(values, base_dir=path.parent.resolve())
+
+
+def method_name(cfg: RunConfig) -> str:
+    """The method's display name in reports and figures, from what the run does."""
+    if not cfg.training.finetune_epochs:
+        return "PPCMI-SF"  # the paper preset's pipeline
+    return {
+        "blind": "blind split training",
+        "average": "SplitFed",
+        "none": "split training (per-site weights)",
+    }[cfg.training.finetune_share]
 
 
 def demo_config(out_dir: str = "results/demo", quick_run: bool = False) -> RunConfig:

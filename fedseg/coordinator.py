@@ -9,17 +9,13 @@ answers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
-from fedseg.finetune import in_average_window
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import build_umn
@@ -58,8 +54,6 @@ class Coordinator:
         self._finetune_opt: torch.optim.Optimizer | None = None
         self._finetune_graphs: dict[str, tuple[list, list]] = {}
         self._magnitudes = MagnitudeGuard(cfg.federation.magnitude_bound)
-        self._finetune_average: AveragedModel | None = None
-        self._last_epoch_umn: dict[str, torch.Tensor] | None = None  # once averaged
         if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
@@ -230,40 +224,6 @@ class Coordinator:
         self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
         return answers, refused
-
-    def average_finetuned(self, epoch: int, epochs: int) -> None:
-        """Call at the end of each split-training epoch: from the first of the last
-        ``training.finetune_average_epochs`` on, the UMN's weights join their running mean."""
-        if not in_average_window(self.cfg, epoch, epochs):
-            return
-        if self._finetune_average is None:
-            self._finetune_average = AveragedModel(self.umn)  # buffers (bases) follow the UMN
-        self._finetune_average.update_parameters(self.umn)
-
-    def take_finetuned_average(self) -> None:
-        """The end of split training: the UMN becomes the mean of its averaged epochs (the last
-        epoch's weights are kept for :meth:`last_epoch_umn`)."""
-        if self._finetune_average is not None:
-            self._last_epoch_umn = {k: v.clone() for k, v in self.umn.state_dict().items()}
-            self.umn.load_state_dict(self._finetune_average.module.state_dict())
-            self._finetune_average = None
-
-    @property
-    def has_last_epoch_umn(self) -> bool:
-        return self._last_epoch_umn is not None
-
-    @contextmanager
-    def last_epoch_umn(self) -> Iterator[None]:
-        """Map with the last epoch's UMN instead of the averaged one (to score both in one run;
-        their difference is what the averaging bought, free of the run-to-run spread)."""
-        if self._last_epoch_umn is None:
-            raise RuntimeError("no weight averaging in this run: the UMN is the last epoch's")
-        averaged = {k: v.clone() for k, v in self.umn.state_dict().items()}
-        self.umn.load_state_dict(self._last_epoch_umn)
-        try:
-            yield
-        finally:
-            self.umn.load_state_dict(averaged)
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""

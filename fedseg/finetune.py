@@ -15,7 +15,7 @@ ever trained on the task itself. This phase does that, as U-shaped split learnin
 
 Images, masks, weights and keys stay at the site. What the server newly sees are gradients in
 keyed space for latents it already holds (it keeps every site's keyed mask latents for the UMN
-anyway); the site newly sees gradients of the server's network. README: privacy section.
+anyway); the site newly sees gradients of the server's network. docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -57,13 +57,6 @@ def average_states(
             mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
         )
     return out
-
-
-def in_average_window(cfg: RunConfig, epoch: int, epochs: int) -> bool:
-    """Whether split-training epoch ``epoch`` (0-based) of ``epochs`` is one of the last
-    ``training.finetune_average_epochs``, whose weights are averaged."""
-    n = cfg.training.finetune_average_epochs
-    return n > 0 and epoch >= epochs - n
 
 
 def finetune_steps(n_train: int, batch_size: int) -> int:
@@ -291,15 +284,6 @@ def kept_finetuners() -> KeptFinetuners:
     return _KEPT
 
 
-def share_groups(sites: list[str], share: str, epoch: int) -> list[list[str]]:
-    """Who trains together in an epoch: every site at once, or (``cyclic``) one site after
-    another, the order rotating each epoch so no site always has the last word."""
-    if share != "cyclic":
-        return [list(sites)]
-    k = epoch % len(sites)
-    return [[s] for s in sites[k:] + sites[:k]]
-
-
 def finetune_in_process(
     coordinator,
     finetuners: dict[str, SiteFinetuner],
@@ -324,68 +308,46 @@ def finetune_in_process(
                 e, k, g = pending.pop(s)
                 finetuners[s].backward_encoder(e, k, epochs, g)
 
-    carried = None  # cyclic: the shared weights on their way to the next site
-    average, averaged = None, 0  # training.finetune_average_epochs: the shared weights' mean
     losses = []
+    sites = list(finetuners)
     for epoch in range(epochs):
         epoch_losses = []
-        for group in share_groups(list(finetuners), share, epoch):
-            if carried is not None:
-                finetuners[group[0]].adopt(carried)
-            latents = {}  # pipelined: the next step's latents, sent with this step's gradient
-            for step in range(max(finetuners[s].steps for s in group)):
-                active = [s for s in group if step < finetuners[s].steps]
-                mapped = {}
-                for s in active:
-                    if s not in latents:
-                        flush([s])
-                        latents[s] = finetuners[s].forward(epoch, step)
-                    mapped[s] = coordinator.finetune_forward(s, latents.pop(s))
-                grads = {}
-                for s in active:
-                    grads[s], loss = finetuners[s].decode_and_backward(
-                        epoch, step, epochs, mapped[s]
-                    )
-                    epoch_losses.append(loss)
-                    if pipeline and step + 1 < finetuners[s].steps:
-                        flush([s])
-                        latents[s] = finetuners[s].forward(epoch, step + 1)
-                answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
-                if refused:
-                    raise ValueError(f"fine-tuning gradients refused: {refused}")
-                for s, g in answers.items():
-                    pending[s] = (epoch, step, g)
-            if share == "cyclic":
-                flush(group)
-                carried = finetuners[group[0]].shared_state()
+        latents = {}  # pipelined: the next step's latents, sent with this step's gradient
+        for step in range(max(finetuners[s].steps for s in sites)):
+            active = [s for s in sites if step < finetuners[s].steps]
+            mapped = {}
+            for s in active:
+                if s not in latents:
+                    flush([s])
+                    latents[s] = finetuners[s].forward(epoch, step)
+                mapped[s] = coordinator.finetune_forward(s, latents.pop(s))
+            grads = {}
+            for s in active:
+                grads[s], loss = finetuners[s].decode_and_backward(epoch, step, epochs, mapped[s])
+                epoch_losses.append(loss)
+                if pipeline and step + 1 < finetuners[s].steps:
+                    flush([s])
+                    latents[s] = finetuners[s].forward(epoch, step + 1)
+            answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
+            if refused:
+                raise ValueError(f"fine-tuning gradients refused: {refused}")
+            for s, g in answers.items():
+                pending[s] = (epoch, step, g)
         if share == "average":
-            flush(list(finetuners))
-            names = list(finetuners)
+            flush(sites)
             mean = average_states(
-                [finetuners[s].shared_state() for s in names], [weights[s] for s in names]
+                [finetuners[s].shared_state() for s in sites], [weights[s] for s in sites]
             )
-            for s in names:
+            for s in sites:
                 finetuners[s].adopt(mean)
         elif share == "blind":
-            flush(list(finetuners))
+            flush(sites)
             label = mask_label(run_nonce, epoch)
             total = add_blinded(f.blinded_state(label) for f in finetuners.values())
             for f in finetuners.values():
-                f.adopt_blinded(total, label, list(finetuners))
-        if share != "none" and in_average_window(coordinator.cfg, epoch, epochs):
-            latest = carried if share == "cyclic" else mean
-            average = (
-                latest if average is None else average_states([average, latest], [averaged, 1])
-            )
-            averaged += 1
-        coordinator.average_finetuned(epoch, epochs)
+                f.adopt_blinded(total, label, sites)
         losses.append(float(np.mean(epoch_losses)))
         if on_epoch:
             on_epoch(epoch + 1, epochs, losses[-1])
-    flush(list(finetuners))
-    final = average if average is not None else carried
-    if final is not None:  # every site ends with the one model
-        for f in finetuners.values():
-            f.adopt(final)
-    coordinator.take_finetuned_average()
+    flush(sites)
     return losses

@@ -27,11 +27,10 @@ from fedseg.evaluation import dice_per_image, mean_over_sites
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "PPCMI-SF"
+DEFAULT_METHOD = "fedseg"  # a metrics.json without a method (config.method_name names it)
 BASELINE_LABELS = {"centralized_unet": "centralized UNet", "local_unet": "local UNets"}
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4"]
 _KNOWN_KEYS = {"config", "method", "sites", "mean", "baselines", "timing_s", "bytes_per_query"}
-_KNOWN_KEYS |= {"finetune_last_epoch"}
 _KNOWN_KEYS |= report_sites.KEYS  # rendered by fedseg.report_sites
 
 
@@ -135,10 +134,6 @@ def render_report(metrics: dict[str, Any], figures: list[tuple[str, str]], fallb
     name = (metrics.get("config") or {}).get("name") or fallback
     lines = [f"# Results: {name}", "", _summary(metrics, method), "", _UNITS_NOTE, ""]
     lines += _method_section(method, metrics.get("sites") or {}, _mean_of(metrics))
-    last = metrics.get("finetune_last_epoch") or {}
-    if last.get("sites"):  # training.finetune_average_epochs: the same run without the average
-        title = f"{method} with the last epoch's weights (not averaged)"
-        lines += _method_section(title, last["sites"], _mean_of(last))
     for key, block in _baselines(metrics):
         lines += _method_section(_baseline_label(key), block.get("sites") or {}, _mean_of(block))
     lines += _comparison_section(metrics, method)

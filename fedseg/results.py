@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, method_name
 from fedseg.evaluation import mean_over_sites
 from fedseg.report import load_metrics, write_results
-
-METHOD = "PPCMI-SF"
 
 
 def federated_metrics(
@@ -23,7 +21,7 @@ def federated_metrics(
     """metrics.json of a federated run; baselines are added later by :func:`add_baselines`."""
     metrics = {
         "config": cfg.to_dict(),
-        "method": METHOD,
+        "method": method_name(cfg),
         "sites": site_metrics,
         "mean": mean_over_sites(site_metrics),
         "baselines": {},

@@ -8,9 +8,7 @@ by chunk and a retried chunk is identical.
 
 from __future__ import annotations
 
-import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,44 +169,6 @@ def _train_local(
         latent_noise=t.mask_latent_noise,
         cross_weight=t.cross_decoding_weight,
     )
-
-
-def fedavg_rounds(cfg: RunConfig) -> int:
-    """Rounds of the federated-averaged AE phase: ``ae_epochs`` in steps of ``ae_local_epochs``."""
-    t = cfg.training
-    return max(1, math.ceil(t.ae_epochs / t.ae_local_epochs))
-
-
-def train_site_round(
-    cfg: RunConfig,
-    data: SiteData,
-    state: dict[str, torch.Tensor] | None,
-    server_round: int,
-    rounds: int,
-    site: str,
-) -> tuple[SiteModels, AutoencoderStats]:
-    """One FedAvg round at a site: ``ae_local_epochs`` of local training from the averaged AEs.
-
-    Round 1 starts from the seeded initialisation every site shares (``state`` None). The
-    learning rate follows one cosine schedule over all rounds, so the federation trains like
-    one run of ``ae_epochs`` rather than restarting every round.
-    """
-    if not 1 <= server_round <= rounds:
-        raise ValueError(f"server round {server_round} is outside 1..{rounds}")
-    torch.manual_seed(cfg.training.seed)
-    models = SiteModels.build(cfg, data.num_classes)
-    if state:
-        try:
-            models.load_state(state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"site {site}: the averaged autoencoders do not fit this site's "
-                f"{data.num_classes} classes and model config: {err}"
-            ) from err
-    t = cfg.training
-    lr = 0.5 * t.ae_lr * (1 + math.cos(math.pi * (server_round - 1) / rounds))
-    seed = t.seed + 1000 * server_round + zlib.crc32(site.encode()) % 1000
-    return models, _train_local(cfg, data, models, Budget(t.ae_local_epochs, 0.0), lr, seed)
 
 
 def stream_length(data: SiteData, augment_copies: int) -> int:

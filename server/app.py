@@ -21,13 +21,11 @@ from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
 from fedseg.deploy.registry import load_registry
 from fedseg.deploy.runtime import resolve_scenario
-from fedseg.evaluation import mean_over_sites
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.results import federated_metrics
-from fedseg.site import fedavg_rounds
 from fedseg.wire import payload_bytes
 from simulations.profiles import describe, round_deadline
-from strategies.autoencoders import FederatedAutoencoders, LocalAutoencoderTraining
+from strategies.autoencoders import LocalAutoencoderTraining
 from strategies.common import Federation, log, wait_for_nodes
 from strategies.evaluation import SegmentationEvaluation
 from strategies.finetune import SplitFinetuning
@@ -68,15 +66,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     federation = Federation(registry=registry)
 
     started = time.perf_counter()
-    averaged = None
-    if cfg.training.ae_federation == "fedavg" and saved_latents is None:
-        log.warning(
-            "training.ae_federation = 'fedavg': the sites' AE weights go to the server each round"
-        )
-        averaged = FederatedAutoencoders(fedavg_rounds(cfg), timeout).run(grid, nodes)
-    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None, averaged=averaged).run(
-        grid, nodes, federation
-    )
+    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
     if saved_latents is None:
         timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
@@ -159,15 +149,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     timing["server_map_per_image"] = map_s
     if not site_metrics:
         raise RuntimeError(f"no hospital was evaluated; dropped: {federation.dropped}")
-    last_epoch = {}
-    if coordinator.has_last_epoch_umn:  # weight averaging: score the last epoch's too
-        with coordinator.last_epoch_umn():
-            last_sites, _ = SegmentationEvaluation(
-                coordinator, CHUNK_SIZE, timeout, models="last-epoch"
-            ).run(grid, federation)
-        if last_sites:
-            last_epoch = {"sites": last_sites, "mean": mean_over_sites(last_sites)}
-
     shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
     metrics = federated_metrics(
         cfg,
@@ -186,7 +167,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         train_latent_bytes=train_bytes,
         finetune_losses=finetune_losses,
         **share,
-        finetune_last_epoch=last_epoch,
         resumed={
             "latents": saved_latents is not None,
             "from_round": int(saved_round["round"]) if saved_round else 0,

@@ -10,7 +10,7 @@ import json
 import time
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedseg.coordinator import Coordinator
@@ -25,14 +25,10 @@ class SegmentationEvaluation:
         coordinator: Coordinator,
         chunk_size: int,
         timeout_s: float | None,
-        models: str = "",
     ) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
-        # "last-epoch": the sites' and the server's last split-training epoch instead of their
-        # weight average (the caller swaps the UMN: Coordinator.last_epoch_umn).
-        self.models = models
 
     def run(self, grid: Grid, federation: Federation) -> tuple[dict[str, dict], float]:
         """Per-site metrics, and the server's mapping time per query (seconds)."""
@@ -45,7 +41,7 @@ class SegmentationEvaluation:
             return len(next(iter(arrays.values())))
 
         totals = {n: s.n_test for n, s in federation.sites.items()}
-        LatentCollection("test", self.chunk_size, self.timeout_s, self.models).run(
+        LatentCollection("test", self.chunk_size, self.timeout_s).run(
             grid, federation, totals, collect
         )
 
@@ -65,13 +61,12 @@ class SegmentationEvaluation:
             n_items += site.n_test
             mapped[node_id] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-        request = ConfigRecord({"models": self.models})
-        with site_progress(f"evaluation {self.models}".strip()) as on_reply:
+        with site_progress("evaluation") as on_reply:
             replies, failed = exchange(
                 grid,
                 list(mapped),
                 "evaluate.segment",
-                lambda n: RecordDict({"mapped": to_record(mapped[n]), "request": request}),
+                lambda n: RecordDict({"mapped": to_record(mapped[n])}),
                 self.timeout_s,
                 on_reply,
             )

@@ -11,9 +11,9 @@ With ``training.finetune_share`` the sites' encoders and decoders are one model.
 default) collects them after every epoch (a forward request at ``SHARE_STEP``) as masked uint64
 vectors, adds them modulo 2^64 (fedseg/privacy/blind.py) and sends the masked sum, with the names
 of the sites in it, with each site's next request: the server never holds a readable weight.
-``average`` collects the weights themselves and sends Flower's weighted average; ``cyclic``
-trains one site at a time and hands its weights to the next. A site that fails a training step
-or sends a bad payload drops out; the others go on. A site that fails a blind aggregation round
+``average`` (SplitFed, the reference) collects the weights themselves and sends Flower's
+weighted average. A site that fails a training step or sends a bad payload drops out; the
+others go on. A site that fails a blind aggregation round
 is only absent from that sum: it keeps its own weights and joins the next one.
 """
 
@@ -23,20 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedseg.coordinator import Coordinator
-from fedseg.finetune import (
-    BLINDED,
-    FINAL_STEP,
-    SHARE_STEP,
-    finetune_steps,
-    in_average_window,
-    share_groups,
-)
+from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, finetune_steps
 from fedseg.privacy.blind import add_blinded
 from strategies.common import Federation, arrays_of, exchange, log, to_record
 
@@ -58,11 +51,6 @@ class SplitFinetuning:
         self.share_bytes: list[int] = []  # bytes in + out of each epoch's aggregation
         self.share_seconds: list[float] = []  # its wall-clock (the sites' work included)
         self.absent: list[list[str]] = []  # blind: sites missing from each aggregation round
-        # training.finetune_average_epochs: the running mean of the shared weights, and of how
-        # many epochs' weights.
-        self._average: ArrayRecord | None = None
-        self._averaged = 0
-        self._last_epoch: ArrayRecord | None = None  # sent beside the average at the end
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
@@ -72,26 +60,19 @@ class SplitFinetuning:
         steps = {n: finetune_steps(s.n_train, batch) for n, s in federation.sites.items()}
         pending: dict[int, tuple[int, int, dict[str, np.ndarray]]] = {}
         losses: list[float] = []
-        carried: ArrayRecord | None = None  # cyclic: the weights on their way to the next site
         columns = (TextColumn("fine-tuning"), BarColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, TimeElapsedColumn(), transient=True) as progress:
             task = progress.add_task("finetune", total=epochs, status="")
             for epoch in range(epochs):
+                if not federation.sites:
+                    break
                 epoch_losses: list[float] = []
-                for group in share_groups(sorted(federation.sites), self.share, epoch):
-                    group = [n for n in group if n in federation.sites]
-                    if not group:
-                        continue
-                    if carried is not None:
-                        self._adopt[group[0]] = carried
-                    ahead: dict[int, dict[str, np.ndarray]] = {}  # finetune_pipeline
-                    for step in range(max(steps[n] for n in group)):
-                        active = [n for n in group if n in federation.sites and step < steps[n]]
-                        epoch_losses += self._step(
-                            grid, federation, active, (epoch, step), pending, ahead, steps
-                        )
-                    if self.share == "cyclic":
-                        carried = self._collect(grid, federation, group, pending) or carried
+                ahead: dict[int, dict[str, np.ndarray]] = {}  # finetune_pipeline
+                for step in range(max(steps[n] for n in federation.sites)):
+                    active = [n for n in federation.sites if step < steps[n]]
+                    epoch_losses += self._step(
+                        grid, federation, active, (epoch, step), pending, ahead, steps
+                    )
                 share_started = time.perf_counter()
                 if self.share == "average":
                     mean = self._collect(grid, federation, list(federation.sites), pending)
@@ -100,17 +81,9 @@ class SplitFinetuning:
                     self._collect_blind(grid, federation, epoch, pending)
                 if self.share in ("average", "blind"):
                     self.share_seconds.append(time.perf_counter() - share_started)
-                if in_average_window(self.coordinator.cfg, epoch, epochs):
-                    self._last_epoch = mean if self.share == "average" else carried
-                    self._add_to_average(self._last_epoch)
-                self.coordinator.average_finetuned(epoch, epochs)
                 losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
                 progress.update(task, completed=epoch + 1, status=f"loss {losses[-1]:.4f}")
                 log.info("fine-tuning epoch %d/%d: Dice+CE %.4f", epoch + 1, epochs, losses[-1])
-            ending = self._average if self._average is not None else carried
-            if ending is not None:  # every site ends with the one model
-                self._adopt = dict.fromkeys(federation.sites, ending)
-            self.coordinator.take_finetuned_average()
             final = [
                 n
                 for n in federation.sites
@@ -121,21 +94,6 @@ class SplitFinetuning:
         self.seconds = time.perf_counter() - started
         log.info("fine-tuned UMN saved to %s (%.0f s)", path, self.seconds)
         return losses
-
-    def _add_to_average(self, latest: ArrayRecord | None) -> None:
-        """One more epoch's shared weights into their running mean (Flower's weighted
-        aggregation, the mean so far weighted by the epochs it holds)."""
-        if latest is None:  # no site answered this epoch: nothing to add
-            return
-        if self._average is not None:
-            latest = aggregate_arrayrecords(
-                [
-                    RecordDict({"w": self._average, "m": MetricRecord({"n": self._averaged})}),
-                    RecordDict({"w": latest, "m": MetricRecord({"n": 1})}),
-                ],
-                "n",
-            )
-        self._average, self._averaged = latest, self._averaged + 1
 
     def _collect(self, grid, federation, nodes, pending) -> ArrayRecord | None:
         """The sites' shared weights (after the gradient each is owed), averaged by Flower's
@@ -214,8 +172,6 @@ class SplitFinetuning:
             request.update({"blind_epoch": sum_epoch, "blind_sites": names})
         if node_id in self._adopt:
             content["weights"] = self._adopt.pop(node_id)
-            if step == FINAL_STEP and self._average is not None and self._last_epoch is not None:
-                content["last_epoch"] = self._last_epoch  # scored beside the average
         if node_id in pending:
             prev_epoch, prev_step, grad = pending.pop(node_id)
             request.update({"grad_epoch": prev_epoch, "grad_step": prev_step})

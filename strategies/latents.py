@@ -18,13 +18,10 @@ Sink = Callable[[str, dict[str, np.ndarray], int], int]  # (site, arrays, items 
 
 
 class LatentCollection:
-    def __init__(
-        self, split: str, chunk_size: int, timeout_s: float | None, models: str = ""
-    ) -> None:
+    def __init__(self, split: str, chunk_size: int, timeout_s: float | None) -> None:
         self.split = split
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
-        self.models = models  # "last-epoch": the site encodes with its last epoch's encoder
 
     def run(self, grid: Grid, federation: Federation, totals: dict[int, int], sink: Sink) -> int:
         """Ask each node for items [0, totals[node]); hand each chunk to ``sink``. Returns bytes."""
@@ -37,8 +34,6 @@ class LatentCollection:
             def request(node_id: int, start: int = offset) -> RecordDict:
                 stop = min(start + self.chunk_size, totals[node_id])
                 request = {"split": self.split, "start": start, "stop": stop}
-                if self.models:
-                    request["models"] = self.models
                 return RecordDict({"request": ConfigRecord(request)})
 
             label = f"latents/{self.split} from {offset}"

@@ -81,7 +81,7 @@ def test_klt_key_recovered_exactly_from_c_plus_1_vectors_knt_not():
     """Least squares recovers KLT's mixing from C + 1 generic vectors (not from C); the same
     estimator leaves KNT far off, and so does the suite's fit of KNT's own form: over random
     keys it lands within 1% of the affine fit (0.99-1.003 of it), better for some keys and
-    worse for others. That is a weak attacker, and the README says so."""
+    worse for others. That is a weak attacker, and docs/privacy.md says so."""
     from fedseg.privacy.keys import KeyRing, generate_secret
     from fedseg.privacy.klt import LatentTransform
     from fedseg.privacy.knt import KntKeyRing, KntTransform

@@ -13,9 +13,7 @@ from fedseg.compare import compare_runs
 from fedseg.config import RunConfig
 
 
-def _run(
-    root: Path, name: str, custody: str, seed: int, dice: float, last: float = 0.0, **data
-) -> Path:
+def _run(root: Path, name: str, custody: str, seed: int, dice: float, **data) -> Path:
     cfg = RunConfig()
     cfg.privacy.custody = custody
     cfg.training.seed = seed
@@ -26,28 +24,8 @@ def _run(
     folder = root / name
     folder.mkdir()
     metrics = {"config": cfg.to_dict(), "mean": mean}
-    if last:  # a run with weight averaging also scored its last epoch's weights
-        metrics["finetune_last_epoch"] = {"mean": {**mean, "dice": last}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
-
-
-def test_weight_averaging_is_measured_within_each_run(tmp_path):
-    runs = [
-        _run(tmp_path, "a0", "server", 0, 0.72, last=0.70),
-        _run(tmp_path, "a1", "server", 1, 0.69, last=0.68),
-        _run(tmp_path, "b0", "client", 0, 0.71),  # no averaging: nothing to pair within
-    ]
-    comparison = compare_runs(runs)
-    server, client = comparison.groups
-    assert server.averaging_gains() == pytest.approx([0.02, 0.01])
-    assert client.averaging_gains() == []
-    lines = comparison.differences()
-    assert lines[-1] == (
-        "- server: weight averaging +1.5 pp over the last epoch's weights within each run "
-        "(2 runs, sd 0.7 pp; +2.0, +1.0)"
-    )
-    assert not any(line.startswith("- client: weight averaging") for line in lines)
 
 
 def test_groups_runs_and_pairs_them_by_seed(tmp_path):
@@ -130,11 +108,11 @@ def test_cli_prints_the_groups_and_writes_markdown(tmp_path):
 def test_a_run_made_before_a_config_field_existed_counts_with_its_default(tmp_path):
     old = _run(tmp_path, "old", "client", 0, 0.71)
     metrics = json.loads((old / "metrics.json").read_text())
-    del metrics["config"]["training"]["finetune_average_epochs"]  # an older fedseg's run
+    del metrics["config"]["training"]["finetune_pipeline"]  # an older fedseg's run
     (old / "metrics.json").write_text(json.dumps(metrics))
-    new = _run(tmp_path, "new", "client", 0, 0.72, last=0.71)
+    new = _run(tmp_path, "new", "client", 0, 0.72)
     metrics = json.loads((new / "metrics.json").read_text())
-    metrics["config"]["training"]["finetune_average_epochs"] = 40
+    metrics["config"]["training"]["finetune_pipeline"] = True
     (new / "metrics.json").write_text(json.dumps(metrics))
-    groups = compare_runs([old, new], by="training.finetune_average_epochs").groups
-    assert [(g.value, g.dice) for g in groups] == [("0", [0.71]), ("40", [0.72])]
+    groups = compare_runs([old, new], by="training.finetune_pipeline").groups
+    assert [(g.value, g.dice) for g in groups] == [("False", [0.71]), ("True", [0.72])]

@@ -92,7 +92,7 @@ def test_checkpoint_holds_no_key_material(client_custody_run):
     for site in ("hospital-1", "hospital-2"):
         secret, ring = _ring(cfg, site)
         # Exact checks only: the UMN's output offset is the mean of the site's keyed mask
-        # latents, which the server computes from what it receives (README, threat model).
+        # latents, which the server computes from what it receives (docs/privacy.md).
         texts = [json.dumps(state["config"])]
         assert find_key_material(arrays, texts, secret, ring, near_copies=False) == []
 

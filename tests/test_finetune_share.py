@@ -16,7 +16,7 @@ from fedseg.checkpoint import LATENTS_NAME, checkpoint_dir
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process, share_groups
+from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import SiteModels, site_models_path, site_transform, train_site
@@ -43,8 +43,8 @@ def _tuners(cfg, keys: Path):
     return tuners
 
 
-@pytest.mark.parametrize("share", ["average", "cyclic"])
-def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_path, share):
+def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_path):
+    share = "average"
     cfg = _split_config(tmp_path, share)
     tuners = _tuners(cfg, tmp_path / "keys")
     first = {k: v.clone() for k, v in next(iter(tuners.values())).shared_state().items()}
@@ -56,63 +56,6 @@ def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_p
         assert all(torch.equal(value, other[name]) for other in states[1:]), name
         if value.is_floating_point() and value.numel() > 1 and "running" not in name:
             assert not torch.equal(value, first[name]), f"{name} never trained"
-
-
-def test_weight_averaging_ends_with_the_mean_of_the_last_epochs(tmp_path):
-    """training.finetune_average_epochs: the sites end with the mean of the last epochs' shared
-    weights, and the UMN with the mean of its own weights at those epochs' ends."""
-    cfg = _split_config(tmp_path, "average", sites=2)
-    cfg.training.finetune_average_epochs = 3
-    tuners = _tuners(cfg.validate(), tmp_path / "keys")
-    coord = Coordinator(cfg, list(tuners))
-    site_snaps, umn_snaps = [], []
-
-    def snapshot(epoch: int, epochs: int, loss: float) -> None:
-        site_snaps.append({k: v.clone() for k, v in tuners["hospital-1"].shared_state().items()})
-        umn_snaps.append({k: v.clone() for k, v in coord.umn.named_parameters()})
-
-    finetune_in_process(coord, tuners, 6, on_epoch=snapshot, share="average")
-    for tuner in tuners.values():
-        final = tuner.shared_state()
-        for name, value in final.items():
-            if value.is_floating_point():
-                mean = torch.stack([snap[name] for snap in site_snaps[-3:]]).mean(0)
-                assert torch.allclose(value, mean, atol=1e-6), name
-    name = next(k for k, v in final.items() if v.is_floating_point() and v.numel() > 1)
-    assert not torch.allclose(final[name], site_snaps[-1][name])  # not the last epoch's
-    for name, param in coord.umn.named_parameters():
-        mean = torch.stack([snap[name] for snap in umn_snaps[-3:]]).mean(0)
-        assert torch.allclose(param.detach(), mean, atol=1e-6), name
-    # The last epoch's UMN stays at hand for scoring beside the average, and goes back after.
-    with coord.last_epoch_umn():
-        for name, param in coord.umn.named_parameters():
-            assert torch.equal(param.detach(), umn_snaps[-1][name]), name
-    for name, param in coord.umn.named_parameters():
-        mean = torch.stack([snap[name] for snap in umn_snaps[-3:]]).mean(0)
-        assert torch.allclose(param.detach(), mean, atol=1e-6), name
-
-
-def test_without_weight_averaging_there_is_no_last_epoch_umn_to_swap_in(tmp_path):
-    cfg = _split_config(tmp_path, "average", sites=1)
-    coord = Coordinator(cfg, ["hospital-1"])
-    coord.take_finetuned_average()
-    assert not coord.has_last_epoch_umn
-    with pytest.raises(RuntimeError, match="no weight averaging"), coord.last_epoch_umn():
-        pass
-
-
-def test_the_flower_strategy_keeps_the_running_mean_of_shared_weights(tmp_path):
-    from flwr.app import ArrayRecord
-
-    from strategies.finetune import SplitFinetuning
-
-    cfg = _split_config(tmp_path, "average", sites=1)
-    strategy = SplitFinetuning(Coordinator(cfg, ["hospital-1"]), tmp_path, None)
-    for i in range(1, 4):  # the shared weights of three epochs: w = [1, 2], [1, 4], [1, 6]
-        strategy._add_to_average(ArrayRecord({"w": torch.tensor([1.0, 2.0 * i])}))
-    strategy._add_to_average(None)  # an epoch no site answered adds nothing
-    assert strategy._averaged == 3
-    np.testing.assert_allclose(strategy._average["w"].numpy(), [1.0, 4.0], rtol=1e-6)
 
 
 def test_without_sharing_each_site_keeps_its_own_model(tmp_path):
@@ -133,13 +76,6 @@ def test_average_is_weighted_and_keeps_integer_counters():
     assert mean["n"].dtype == torch.int64 and int(mean["n"]) == 13
 
 
-def test_cyclic_order_rotates_so_no_site_always_trains_last():
-    sites = ["a", "b", "c"]
-    assert share_groups(sites, "average", 5) == [sites]
-    lasts = {share_groups(sites, "cyclic", e)[-1][0] for e in range(3)}
-    assert lasts == set(sites)
-
-
 def test_bad_shared_weights_are_refused_by_name(tmp_path):
     cfg = _split_config(tmp_path, "average", sites=1)
     tuner = next(iter(_tuners(cfg, tmp_path / "keys").values()))
@@ -156,21 +92,11 @@ def test_bad_shared_weights_are_refused_by_name(tmp_path):
     assert torch.equal(tuner.shared_state()[name], good[name])  # nothing half-adopted
 
 
-def test_weight_averaging_needs_shared_weights(tmp_path):
-    cfg = _split_config(tmp_path, "none", sites=1)
-    cfg.training.finetune_average_epochs = 2
-    with pytest.raises(ConfigError, match="with 'none' or 'blind' it has none it can read"):
-        cfg.validate()
-    cfg.training.finetune_share, cfg.privacy.key_scope = "blind", "federation"
-    with pytest.raises(ConfigError, match="it has none it can read"):
-        cfg.validate()
-
-
 def test_a_site_that_did_not_opt_in_refuses_to_share(tmp_path):
     cfg = _split_config(tmp_path, "none", sites=1)
     with pytest.raises(PermissionError, match="finetune_share is 'none'"):
         check_finetune_share(cfg, "hospital-1")
-    check_finetune_share(_split_config(tmp_path, "cyclic", sites=1), "hospital-1")
+    check_finetune_share(_split_config(tmp_path, "average", sites=1), "hospital-1")
 
 
 @pytest.mark.parametrize(
@@ -178,9 +104,7 @@ def test_a_site_that_did_not_opt_in_refuses_to_share(tmp_path):
     [
         ("finetune_share", "ring", "finetune_share"),
         ("finetune_epochs", 0, "ae_epochs = 0"),
-        ("ae_federation", "fedavg", "needs training.ae_epochs > 0"),
-        ("finetune_average_epochs", 7, "finetune_average_epochs must be in 0..training"),
-        ("finetune_average_epochs", -1, "finetune_average_epochs must be in 0..training"),
+        ("finetune_share", "cyclic", "'blind', 'none' or 'average'"),  # removed
     ],
 )
 def test_split_settings_are_checked(tmp_path, field, value, message):
@@ -198,7 +122,6 @@ def averaged_run(tmp_path_factory):
     cfg.training.umn_rounds = 0
     cfg.training.finetune_epochs = 2
     cfg.training.finetune_share = "average"
-    cfg.training.finetune_average_epochs = 2  # the sites end with the mean of both epochs
     cfg.privacy.audit_dir = str(tmp / "audit")
     cfg.validate()
     simulate(cfg)
@@ -219,11 +142,6 @@ def test_flower_split_training_shares_one_model_and_keeps_no_latents(averaged_ru
         for m in saved
     ]
     assert all(torch.equal(v, shared[1][k]) for k, v in shared[0].items())
-    # finetune_average_epochs: the same run scored with the last epoch's weights as well
-    last = metrics["finetune_last_epoch"]
-    assert set(last["sites"]) == set(metrics["sites"])
-    assert 0.0 <= last["mean"]["dice"] <= 1.0
-    assert "with the last epoch's weights (not averaged)" in (out / "report.md").read_text()
 
 
 def test_flower_weight_exchanges_carry_no_key_material(averaged_run):
@@ -289,12 +207,13 @@ def test_federation_key_is_one_file_made_once_even_by_sites_starting_together(tm
     assert [p.name for p in target.parent.iterdir()] == ["federation.key"]  # no leftovers
 
 
-def test_flower_cyclic_sharing_after_pre_training_ends_with_one_model(tmp_path):
-    """The other combination: pre-trained AEs and a latent-MSE round, then cyclic sharing."""
+def test_flower_sharing_after_pre_training_ends_with_one_model(tmp_path):
+    """The other combination: pre-trained AEs and a latent-MSE round, then shared split
+    training (the paper preset's hippocampus scenario fine-tunes after its UMN)."""
     cfg = small_config(tmp_path / "out", 2, [8, 8, 16, 16, 16], 16, ae_epochs=1, batch_size=4)
     cfg.training.umn_epochs_per_round = 1
     cfg.training.finetune_epochs = 2
-    cfg.training.finetune_share = "cyclic"
+    cfg.training.finetune_share = "average"
     cfg.validate()
     simulate(cfg)
     out = Path(cfg.out_dir)
