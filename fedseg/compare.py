@@ -73,7 +73,10 @@ class Comparison:
 
     def difference(self, a: Group, b: Group) -> tuple[float, float | None]:
         """Mean Dice of a minus b, and its standard error (None unless both repeat)."""
-        diff = a.mean("dice") - b.mean("dice")
+        mean_a, mean_b = a.mean("dice"), b.mean("dice")
+        if mean_a is None or mean_b is None:  # compare_runs refuses runs without a mean Dice
+            raise ValueError(f"{a.value} or {b.value} has no mean Dice")
+        diff = mean_a - mean_b
         sa, sb = a.sd("dice"), b.sd("dice")
         if sa is None or sb is None:
             return diff, None

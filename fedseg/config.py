@@ -355,11 +355,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for name, value in values.items():
         hint = hints[name]
         args = typing.get_args(hint)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}.{name}] must be a table")
             kwargs[name] = _build(hint, value, f"{where}.{name}".strip("."))
-        elif args and dataclasses.is_dataclass(args[-1]):  # list[...] or dict[str, ...] of tables
+        elif args and isinstance(args[-1], type) and dataclasses.is_dataclass(args[-1]):
+            # list[...] or dict[str, ...] of tables
             kwargs[name] = _build_many(args[-1], value, f"{where}.{name}".strip("."))
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}".strip("."))

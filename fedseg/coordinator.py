@@ -21,7 +21,7 @@ from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import build_umn
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
-from fedseg.privacy.transforms import keyed_transform
+from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.training import Budget, SiteLatents, cosine_lr, map_latents, nhwc, train_umn
 from fedseg.wire import GRAD_DTYPE, MagnitudeGuard, check_fields, pack, unpack
 
@@ -50,7 +50,7 @@ class Coordinator:
         self.epoch = 0
         self.round = 0
         self._chunks: dict[str, list[tuple[list, list]]] = {s: [] for s in self.sites}
-        self._transforms = {s: LatentTransform(None) for s in self.sites}
+        self._transforms: dict[str, Keyed] = {s: LatentTransform(None) for s in self.sites}
         self._finetune_opt: torch.optim.Optimizer | None = None
         self._finetune_graphs: dict[str, tuple[list, list]] = {}
         self._magnitudes = MagnitudeGuard(cfg.federation.magnitude_bound)
@@ -215,7 +215,7 @@ class Coordinator:
         for site, grad in accepted.items():
             keyed, mapped = graphs[site]
             out = torch.autograd.grad(mapped, [*keyed, *params], grad, allow_unused=True)
-            answers[site] = pack(out[: len(keyed)], "grad", GRAD_DTYPE)
+            answers[site] = pack(list(out[: len(keyed)]), "grad", GRAD_DTYPE)
             steps.append(out[len(keyed) :])
         for step in steps:  # other sites' adapters get None: AdamW leaves them alone
             for p, g in zip(params, step, strict=True):

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,9 @@ def dice_per_image(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     for start in range(0, len(pred), _CHUNK):
         p, t = pred[start : start + _CHUNK], truth[start : start + _CHUNK]
         with _quiet_monai():
-            parts.append(metric(_one_hot(p, num_classes), _one_hot(t, num_classes)).cpu().numpy())
+            # MONAI's metrics return a tensor for tensor inputs (typed as tensor or sequence)
+            scores = cast(torch.Tensor, metric(_one_hot(p, num_classes), _one_hot(t, num_classes)))
+            parts.append(scores.cpu().numpy())
     dice = np.concatenate(parts, axis=0).astype(np.float64)
     union = _presence(truth, num_classes) | _presence(pred, num_classes)
     scored = np.where(union, dice, 0.0).sum(axis=1)
@@ -164,10 +166,10 @@ def _monai_chunk(
     dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     hd_metric = HausdorffDistanceMetric(percentile=95, include_background=False, reduction="none")
     asd_metric = SurfaceDistanceMetric(symmetric=True, include_background=False, reduction="none")
-    with _quiet_monai():
-        dice = dice_metric(y_pred, y)
-        hd95 = hd_metric(y_pred, y, spacing=monai_spacing)
-        asd = asd_metric(y_pred, y, spacing=monai_spacing)
+    with _quiet_monai():  # tensors in, so tensors out (MONAI types them as tensor or sequence)
+        dice = cast(torch.Tensor, dice_metric(y_pred, y))
+        hd95 = cast(torch.Tensor, hd_metric(y_pred, y, spacing=monai_spacing))
+        asd = cast(torch.Tensor, asd_metric(y_pred, y, spacing=monai_spacing))
     return tuple(t.cpu().numpy().astype(np.float64) for t in (dice, hd95, asd))  # type: ignore[return-value]
 
 

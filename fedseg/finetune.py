@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Hashable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,10 +39,6 @@ from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
-# Protocol steps beyond a batch index: the site applies the gradient it is owed, then
-FINAL_STEP = -1  # saves its fine-tuned models (the end of the phase)
-SHARE_STEP = -2  # sends its shared weights (training.finetune_share)
-BLINDED = "blinded"  # the record of a site's masked weights, and of the server's masked sum
 
 
 def average_states(
@@ -52,7 +49,8 @@ def average_states(
     total = float(sum(weights))
     out = {}
     for name, first in states[0].items():
-        mean = sum(st[name].double() * (w / total) for st, w in zip(states, weights, strict=True))
+        parts = [st[name].double() * (w / total) for st, w in zip(states, weights, strict=True)]
+        mean = torch.stack(parts).sum(0)
         out[name] = (
             mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
         )
@@ -175,7 +173,8 @@ class SiteFinetuner:
             self.local_grads[(epoch, step)] = grads
             encoder.zero_grad(set_to_none=True)
             encoder.eval()
-        return pack([z.grad for z in keyed], "grad", GRAD_DTYPE), float(loss.item())
+        keyed_grads = [cast(torch.Tensor, z.grad) for z in keyed]  # leaves of this graph: set
+        return pack(keyed_grads, "grad", GRAD_DTYPE), float(loss.item())
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The weights that ``training.finetune_share`` makes one model across sites: the

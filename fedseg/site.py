@@ -180,7 +180,7 @@ def training_chunk(
     cfg: RunConfig,
     data: SiteData,
     models: SiteModels,
-    transform: LatentTransform,
+    transform: Keyed,
     start: int,
     stop: int,
 ) -> dict[str, np.ndarray]:
@@ -202,7 +202,7 @@ def training_chunk(
 
 
 def query_chunk(
-    data: SiteData, models: SiteModels, transform: LatentTransform, start: int, stop: int
+    data: SiteData, models: SiteModels, transform: Keyed, start: int, stop: int
 ) -> dict[str, np.ndarray]:
     """Keyed image latents of test images [start, stop): the inference query."""
     images = torch.from_numpy(data.images[start:stop])
@@ -212,7 +212,7 @@ def query_chunk(
 def segment_mapped(
     cfg: RunConfig,
     models: SiteModels,
-    transform: LatentTransform,
+    transform: Keyed,
     arrays: dict[str, np.ndarray],
     images: np.ndarray | None = None,
 ) -> np.ndarray:

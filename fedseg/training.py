@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 
 def to_nhwc(*nets: nn.Module) -> None:
     for net in nets:
-        net.to(memory_format=CHANNELS_LAST)
+        # Module.to accepts memory_format at run time; torch's overloads omit it.
+        net.to(memory_format=CHANNELS_LAST)  # type: ignore[call-overload]
 
 
 @dataclass
@@ -211,6 +213,7 @@ def decode_masks(
     for i in range(0, n, batch_size):
         local = None
         if mask_ae.decoder.local_skips:
+            assert image_ae is not None and isinstance(images, torch.Tensor)  # checked above
             local = image_ae.encoder.local_features(nhwc(images[i : i + batch_size]))
         z = [nhwc(z[i : i + batch_size]) for z in latents]
         preds.append(mask_ae.decoder(z, local).argmax(1))
@@ -269,7 +272,10 @@ def train_umn(
             s, idx = plan[k]
             site = sites[s]
             pred = umn([nhwc(z[idx].float()) for z in site.image], umn.site_index(site.site))
-            loss = sum(F.mse_loss(p, t[idx].float()) for p, t in zip(pred, site.mask, strict=True))
+            loss = cast(  # a sum of three scales' losses: a tensor, never the start value 0
+                torch.Tensor,
+                sum(F.mse_loss(p, t[idx].float()) for p, t in zip(pred, site.mask, strict=True)),
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -22,7 +22,7 @@ class WireError(ValueError):
 
 def pack(latents: Latents, prefix: str, dtype: type = WIRE_DTYPE) -> dict[str, np.ndarray]:
     """Latents -> {"<prefix>0": fp16 array, ...} (values beyond the dtype's range are an error)."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for s, z in enumerate(latents):
         arr = z.detach().float().numpy()
         if np.abs(arr).max(initial=0.0) > np.finfo(dtype).max:

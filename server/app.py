@@ -44,100 +44,19 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     the collected latents and the last finished UMN round from ``<out_dir>/checkpoints``.
     """
     torch.set_num_threads(cfg.training.threads)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     timeout = cfg.federation.message_timeout_s or None
-    saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
-    latent_training = cfg.training.umn_rounds > 0
-    # Without latent training the only UMN checkpoint is the one split training ends with.
-    saved_round = (
-        load_checkpoint(cfg, UMN_NAME)
-        if cfg.resume and (saved_latents or not latent_training)
-        else None
-    )
-    check_not_finetuned(saved_round, cfg)
-    if cfg.resume and saved_latents is None:
-        log.info("nothing collected yet in %s: starting from the beginning", out_dir)
+    saved_latents, saved_round = _saved(cfg)
     timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}
-
-    registry = load_registry(cfg.federation.registry) if cfg.federation.registry else None
-    nodes = wait_for_nodes(grid, cfg.federation.num_sites, cfg.federation.node_wait_s)
-    log.info("%d hospitals registered", len(nodes))
-    federation = Federation(registry=registry)
-
-    started = time.perf_counter()
-    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
-    if saved_latents is None:
-        timing["autoencoders"] = time.perf_counter() - started
-    if not federation.sites:
-        raise RuntimeError("no hospital finished autoencoder training; see the log for why")
+    federation, names = _register(grid, cfg, saved_latents, timing, timeout)
     all_sites = sorted(federation.sites.values(), key=lambda s: s.name)
-
-    names = sorted(s.name for s in federation.sites.values())
-    if saved_latents:
-        names = list(saved_latents["sites"])
-        for node_id, site in list(federation.sites.items()):
-            if site.name not in names:
-                federation.drop(node_id, "resume", "not part of the checkpointed run")
-            elif not site.reused:  # its kept latents came from AEs it no longer has
-                federation.drop(node_id, "resume", "its saved autoencoders were missing")
-    coordinator = Coordinator(cfg, names, key_dir=cfg.privacy.key_dir or out_dir / "keys")
-    train_bytes = 0
-    if saved_latents:
-        coordinator.restore_latents(saved_latents)
-        train_bytes = int(saved_latents["train_bytes"])
-        log.info("resumed: collected latents %s from the checkpoint", coordinator.collected())
-    elif not latent_training:
-        log.info("training.umn_rounds = 0: no training latents are collected or kept")
-    else:
-        started = time.perf_counter()
-        copies = 1 + cfg.training.augment_copies
-        totals = {n: s.n_train * copies for n, s in federation.sites.items()}
-        train_bytes = LatentCollection("train", CHUNK_SIZE, timeout).run(
-            grid, federation, totals, coordinator.add_chunk
-        )
-        coordinator.retain([s.name for s in federation.sites.values()])
-        timing["latent_collection"] = time.perf_counter() - started
-        coordinator.save_latents(
-            checkpoint_dir(cfg), {"timing": timing, "train_bytes": train_bytes}
-        )
-        log.info(
-            "collected keyed latents: %s (%.1f MiB)", coordinator.collected(), train_bytes / 2**20
-        )
-
-    prior_umn_s = 0.0
-    if saved_round:
-        coordinator.restore_round(saved_round)
-        prior_umn_s = float(saved_round.get("umn_seconds", 0.0))
-        log.info("resumed: UMN after round %d of %d", coordinator.round, cfg.training.umn_rounds)
-    mapping = MappingTraining(coordinator, checkpoint_dir(cfg), prior_umn_s)
-    participation = None
-    if cfg.hospitals:  # simulated hospitals take part (or drop out) round by round
-        items = {
-            n: s.n_train if cfg.federation.round_items < 0 else cfg.federation.round_items
-            for n, s in federation.sites.items()
-        }
-        participation = RoundParticipation(coordinator, federation, items, round_deadline(cfg))
-
-        def before_round(rnd: int) -> str:
-            record = participation.run(grid, rnd)
-            return f"{len(record['present'])}/{len(federation.sites)} sites, " + (
-                f"dropped {', '.join(record['dropped'])}" if record["dropped"] else "none dropped"
-            )
-
-    mapping.run(cfg.training.umn_rounds, before_round if participation else None)
-    timing["umn_training"] = mapping.seconds
-    finetune_losses: list[float] = []
-    share: dict[str, list] = {}
+    key_dir = cfg.privacy.key_dir or Path(cfg.out_dir) / "keys"
+    coordinator = Coordinator(cfg, names, key_dir=key_dir)
+    train_bytes = _collect_latents(grid, coordinator, federation, saved_latents, timing, timeout)
+    mapping, participation = _train_umn(grid, coordinator, federation, saved_round, timing)
+    finetune: dict = {"finetune_losses": []}
     if cfg.training.finetune_epochs:
-        finetuning = SplitFinetuning(coordinator, checkpoint_dir(cfg), timeout)
-        finetune_losses = finetuning.run(grid, federation)
-        timing["finetuning"] = finetuning.seconds
-        share = {
-            "share_bytes": finetuning.share_bytes,
-            "share_seconds": finetuning.share_seconds,
-            "aggregation_absent": finetuning.absent,
-        }
+        finetune = _split_train(grid, coordinator, federation, timing, timeout)
     phases = ("autoencoders", "latent_collection", "umn_training", "finetuning")
     timing["training_total"] = sum(timing[k] for k in phases if k in timing)
 
@@ -150,7 +69,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     if not site_metrics:
         raise RuntimeError(f"no hospital was evaluated; dropped: {federation.dropped}")
     shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
-    metrics = federated_metrics(
+    history = participation.history if participation else []
+    rounds = [
+        {**t, **(history[i] if i < len(history) else {})}
+        for i, t in enumerate(mapping.round_seconds)
+    ]
+    return federated_metrics(
         cfg,
         site_metrics,
         timing=timing,
@@ -158,21 +82,121 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         dropped=federation.dropped,
         rejected=federation.rejected,
         umn_parameters=coordinator.parameter_count(),
-        rounds=[
-            {**t, **(participation.history[i] if participation else {})}
-            for i, t in enumerate(mapping.round_seconds)
-        ],
+        rounds=rounds,
         data_stats={s.name: s.stats for s in all_sites if s.stats},
         site_profiles=describe(cfg) if cfg.hospitals else [],
         train_latent_bytes=train_bytes,
-        finetune_losses=finetune_losses,
-        **share,
+        **finetune,
         resumed={
             "latents": saved_latents is not None,
             "from_round": int(saved_round["round"]) if saved_round else 0,
         },
     )
-    return metrics
+
+
+def _saved(cfg: RunConfig) -> tuple[dict | None, dict | None]:
+    """Resuming: the collected latents and the last UMN round this config checkpointed."""
+    saved_latents = load_checkpoint(cfg, LATENTS_NAME) if cfg.resume else None
+    latent_training = cfg.training.umn_rounds > 0
+    # Without latent training the only UMN checkpoint is the one split training ends with.
+    resume_round = cfg.resume and (saved_latents or not latent_training)
+    saved_round = load_checkpoint(cfg, UMN_NAME) if resume_round else None
+    check_not_finetuned(saved_round, cfg)
+    if cfg.resume and saved_latents is None:
+        log.info("nothing collected yet in %s: starting from the beginning", cfg.out_dir)
+    return saved_latents, saved_round
+
+
+def _register(grid, cfg, saved_latents, timing, timeout) -> tuple[Federation, list[str]]:
+    """The sites that registered (under the operator's registry, if any), and the names the
+    UMN serves (a resumed run: the checkpointed sites, who must have kept their models)."""
+    registry = load_registry(cfg.federation.registry) if cfg.federation.registry else None
+    nodes = wait_for_nodes(grid, cfg.federation.num_sites, cfg.federation.node_wait_s)
+    log.info("%d hospitals registered", len(nodes))
+    federation = Federation(registry=registry)
+    started = time.perf_counter()
+    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
+    if saved_latents is None:
+        timing["autoencoders"] = time.perf_counter() - started
+    if not federation.sites:
+        raise RuntimeError("no hospital finished autoencoder training; see the log for why")
+    if not saved_latents:
+        return federation, sorted(s.name for s in federation.sites.values())
+    names = list(saved_latents["sites"])
+    for node_id, site in list(federation.sites.items()):
+        if site.name not in names:
+            federation.drop(node_id, "resume", "not part of the checkpointed run")
+        elif not site.reused:  # its kept latents came from AEs it no longer has
+            federation.drop(node_id, "resume", "its saved autoencoders were missing")
+    return federation, names
+
+
+def _collect_latents(grid, coordinator, federation, saved_latents, timing, timeout) -> int:
+    """The paper preset's keyed training latents (or the checkpointed ones); bytes received."""
+    cfg = coordinator.cfg
+    if saved_latents:
+        coordinator.restore_latents(saved_latents)
+        log.info("resumed: collected latents %s from the checkpoint", coordinator.collected())
+        return int(saved_latents["train_bytes"])
+    if cfg.training.umn_rounds == 0:
+        log.info("training.umn_rounds = 0: no training latents are collected or kept")
+        return 0
+    started = time.perf_counter()
+    copies = 1 + cfg.training.augment_copies
+    totals = {n: s.n_train * copies for n, s in federation.sites.items()}
+    train_bytes = LatentCollection("train", CHUNK_SIZE, timeout).run(
+        grid, federation, totals, coordinator.add_chunk
+    )
+    coordinator.retain([s.name for s in federation.sites.values()])
+    timing["latent_collection"] = time.perf_counter() - started
+    coordinator.save_latents(checkpoint_dir(cfg), {"timing": timing, "train_bytes": train_bytes})
+    mib = train_bytes / 2**20
+    log.info("collected keyed latents: %s (%.1f MiB)", coordinator.collected(), mib)
+    return train_bytes
+
+
+def _train_umn(grid, coordinator, federation, saved_round, timing):
+    """The UMN's latent-MSE rounds (paper preset; none by default), with simulated hospitals
+    taking part (or dropping out) round by round."""
+    cfg = coordinator.cfg
+    prior_umn_s = 0.0
+    if saved_round:
+        coordinator.restore_round(saved_round)
+        prior_umn_s = float(saved_round.get("umn_seconds", 0.0))
+        log.info("resumed: UMN after round %d of %d", coordinator.round, cfg.training.umn_rounds)
+    mapping = MappingTraining(coordinator, checkpoint_dir(cfg), prior_umn_s)
+    participation = None
+    before_round = None
+    if cfg.hospitals:
+        f = cfg.federation
+        items = {
+            n: s.n_train if f.round_items < 0 else f.round_items
+            for n, s in federation.sites.items()
+        }
+        participation = RoundParticipation(coordinator, federation, items, round_deadline(cfg))
+
+        def before_round(rnd: int) -> str:
+            record = participation.run(grid, rnd)
+            return f"{len(record['present'])}/{len(federation.sites)} sites, " + (
+                f"dropped {', '.join(record['dropped'])}" if record["dropped"] else "none dropped"
+            )
+
+    mapping.run(cfg.training.umn_rounds, before_round)
+    timing["umn_training"] = mapping.seconds
+    return mapping, participation
+
+
+def _split_train(grid, coordinator, federation, timing, timeout) -> dict:
+    """Split training (the default); its losses and aggregation figures for metrics.json."""
+    finetuning = SplitFinetuning(coordinator, checkpoint_dir(coordinator.cfg), timeout)
+    losses = finetuning.run(grid, federation)
+    timing["finetuning"] = finetuning.seconds
+    return {
+        "finetune_losses": losses,
+        "share_bytes": finetuning.share_bytes,
+        "share_seconds": finetuning.share_seconds,
+        "aggregation_absent": finetuning.absent,
+    }
 
 
 def make_server_app(cfg: RunConfig | None = None) -> ServerApp:

@@ -13,6 +13,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from fedseg import protocol
 from fedseg.config import RunConfig
 from fedseg.data.hospitals import expand_hospitals
 
@@ -29,10 +30,10 @@ def tamper_mod(cfg: RunConfig):
         plan = plans.get(int(context.node_config.get("partition-id", -1)), [])
         if not plan or not reply.has_content():
             return reply
-        if "forged-metrics" in plan and msg.metadata.message_type == "evaluate.segment":
+        if "forged-metrics" in plan and msg.metadata.message_type == protocol.SEGMENT:
             _forge_metrics(reply)
             return reply
-        if "latents" not in reply.content.array_records:
+        if protocol.LATENTS not in reply.content.array_records:
             return reply
         seen = int(context.state.config_records.get("tamper", {}).get("seen", 0))
         context.state.config_records["tamper"] = ConfigRecord({"seen": seen + 1})
@@ -46,36 +47,36 @@ def tamper_mod(cfg: RunConfig):
 
 
 def _missing_record(reply: Message) -> None:
-    del reply.content["latents"]
+    del reply.content[protocol.LATENTS]
 
 
 def _extra_items(reply: Message) -> None:
-    record = reply.content.array_records["latents"]
-    reply.content["latents"] = ArrayRecord(
+    record = reply.content.array_records[protocol.LATENTS]
+    reply.content[protocol.LATENTS] = ArrayRecord(
         {k: Array(np.concatenate([v.numpy()] * 10)) for k, v in record.items()}
     )
 
 
 def _scaled(reply: Message) -> None:
-    record = reply.content.array_records["latents"]
-    reply.content["latents"] = ArrayRecord(
+    record = reply.content.array_records[protocol.LATENTS]
+    reply.content[protocol.LATENTS] = ArrayRecord(
         {k: Array(v.numpy() * np.float16(100)) for k, v in record.items()}
     )
 
 
 def _huge(reply: Message) -> None:
-    record = reply.content.array_records["latents"]
+    record = reply.content.array_records[protocol.LATENTS]
     arrays = {k: Array(v.numpy()) for k, v in record.items()}
     arrays["padding"] = Array(np.zeros(HUGE_BYTES, dtype=np.uint8))
-    reply.content["latents"] = ArrayRecord(arrays)
+    reply.content[protocol.LATENTS] = ArrayRecord(arrays)
 
 
 def _forge_metrics(reply: Message) -> None:
-    result = reply.content.config_records["result"]
+    result = reply.content.config_records[protocol.RESULT]
     metrics = json.loads(str(result["metrics_json"]))
     metrics["dice_mean"] = 1.7
     metrics["n_test"] = 10 * int(metrics.get("n_test", 1))
-    reply.content["result"] = ConfigRecord({"metrics_json": json.dumps(metrics)})
+    reply.content[protocol.RESULT] = ConfigRecord({"metrics_json": json.dumps(metrics)})
 
 
 _ATTACKS = {

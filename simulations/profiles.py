@@ -1,9 +1,10 @@
 """Hospital profiles in a simulation: what a profile makes a simulated client *do*.
 
 The data side of a profile (source, sample count, intensity, resolution, label noise) is built
-by ``fedseg.data.hospitals``; this module holds the behaviour side, used by the ClientApp:
-per-round dropout (the client really raises, or really stalls past the deadline) and the
-compute-speed factor (the client really takes longer). Draws are deterministic in
+by ``fedseg.data.hospitals``; this module holds the behaviour side, a mod of the simulated
+ClientApp (``apply_profile``): per-round dropout (the client really raises, or really stalls
+past the deadline) in UMN rounds and blind-aggregation rounds, and the compute-speed factor
+(the client really takes longer). Draws are deterministic in
 (seed, hospital, round), so a rerun fails the same hospitals in the same rounds.
 """
 
@@ -12,9 +13,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from flwr.app import Context, Message
 
+from fedseg import protocol
 from fedseg.config import HospitalConfig, RunConfig
 from fedseg.data.hospitals import expand_hospitals
+from fedseg.protocol import FinetuneRequest, RoundRequest
+from fedseg.site import SiteSetup
 
 
 class SimulatedOutage(RuntimeError):
@@ -26,6 +31,39 @@ def fails_in_round(profile: HospitalConfig | None, seed: int, index: int, rnd: i
     if profile is None or profile.dropout <= 0:
         return False
     return bool(np.random.default_rng([seed, index, rnd, 99_991]).uniform() < profile.dropout)
+
+
+def apply_profile(
+    msg: Message, context: Context, call_next, cfg: RunConfig, setup: SiteSetup
+) -> Message:
+    """The ClientApp mod: fail the rounds the profile draws, and take ``1 / speed`` as long."""
+    site = setup.split
+    outage = outage_round(msg, cfg)
+    if outage is not None and fails_in_round(
+        site.profile, cfg.federation.seed, site.index, outage[0]
+    ):
+        simulate_outage(site.profile, site.name, *outage)
+    started = time.perf_counter()
+    reply = call_next(msg, context)
+    slow_down(site.profile, time.perf_counter() - started)
+    return reply
+
+
+def outage_round(msg: Message, cfg: RunConfig) -> tuple[int, float] | None:
+    """(round, reply deadline) of a message that belongs to a round a hospital can miss: a UMN
+    round, or a blind-aggregation round of split training (its epoch + 1); else None."""
+    kind = msg.metadata.message_type
+    if kind not in (protocol.ROUND, protocol.FINETUNE_FORWARD):
+        return None
+    values = msg.content.config_records[protocol.REQUEST]
+    if kind == protocol.ROUND:
+        request = RoundRequest.from_config(values)
+        return request.round, request.deadline_s
+    step = FinetuneRequest.from_config(values)
+    if step.step != protocol.SHARE_STEP:
+        return None
+    share_round = (step.share_epoch if step.share_epoch is not None else step.epoch) + 1
+    return share_round, round_deadline(cfg) or 0.0
 
 
 def simulate_outage(profile: HospitalConfig, site: str, rnd: int, deadline_s: float) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedseg import protocol
 from fedseg.deploy.registry import check_site_name
 from strategies.common import Federation, SiteInfo, exchange, log, site_progress
 
@@ -22,17 +23,17 @@ class LocalAutoencoderTraining:
 
     def run(self, grid: Grid, node_ids: list[int], federation: Federation) -> None:
         def content(_: int) -> RecordDict:
-            return RecordDict({"config": ConfigRecord({"reuse": self.reuse})})
+            return RecordDict({protocol.CONFIG: ConfigRecord({"reuse": self.reuse})})
 
         with site_progress("autoencoders") as on_reply:
             replies, failed = exchange(
-                grid, node_ids, "train.autoencoders", content, self.timeout_s, on_reply
+                grid, node_ids, protocol.REGISTER, content, self.timeout_s, on_reply
             )
         for node_id, reason in failed.items():
             federation.drop(node_id, "autoencoders", reason)
         for node_id, reply in sorted(replies.items()):  # the first node to claim a name keeps it
-            metrics = reply.content.metric_records.get("metrics")
-            info = reply.content.config_records.get("site")
+            metrics = reply.content.metric_records.get(protocol.METRICS)
+            info = reply.content.config_records.get(protocol.SITE)
             try:
                 site = registration(
                     node_id, metrics, info, federation.by_name(), federation.registry

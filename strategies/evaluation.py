@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
+from fedseg import protocol
 from fedseg.coordinator import Coordinator
 from fedseg.wire import check_fields, unpack
 from strategies.common import Federation, exchange, site_progress, to_record
@@ -65,8 +66,8 @@ class SegmentationEvaluation:
             replies, failed = exchange(
                 grid,
                 list(mapped),
-                "evaluate.segment",
-                lambda n: RecordDict({"mapped": to_record(mapped[n])}),
+                protocol.SEGMENT,
+                lambda n: RecordDict({protocol.MAPPED: to_record(mapped[n])}),
                 self.timeout_s,
                 on_reply,
             )
@@ -76,7 +77,7 @@ class SegmentationEvaluation:
         for node_id, reply in replies.items():
             site = federation.sites[node_id]
             try:
-                text = str(reply.content.config_records["result"]["metrics_json"])
+                text = str(reply.content.config_records[protocol.RESULT]["metrics_json"])
                 metrics[site.name] = checked_metrics(text, site.n_test)
             except (KeyError, ValueError) as err:  # forged or malformed: refused, the others stand
                 federation.drop(node_id, "evaluation", f"metrics refused: {err}")

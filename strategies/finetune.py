@@ -28,9 +28,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedseg import protocol
 from fedseg.coordinator import Coordinator
-from fedseg.finetune import BLINDED, FINAL_STEP, SHARE_STEP, finetune_steps
+from fedseg.finetune import finetune_steps
 from fedseg.privacy.blind import add_blinded
+from fedseg.protocol import BLINDED, FINAL_STEP, SHARE_STEP, FinetuneRequest
 from strategies.common import Federation, arrays_of, exchange, log, to_record
 
 
@@ -101,12 +103,12 @@ class SplitFinetuning:
         replies = self._forward(grid, federation, nodes, SHARE_STEP, SHARE_STEP, pending)
         records = []
         for node_id, reply in replies.items():
-            if "weights" in reply.content.array_records and reply.content.metric_records:
+            if protocol.WEIGHTS in reply.content.array_records and reply.content.metric_records:
                 records.append(reply.content)
             else:
                 federation.drop(node_id, "fine-tuning", "share reply without weights")
         mean = aggregate_arrayrecords(records, "num-examples") if records else None
-        received = sum(_nbytes(r["weights"]) for r in records)
+        received = sum(_nbytes(r[protocol.WEIGHTS]) for r in records)
         self.share_bytes.append(received + len(federation.sites) * _nbytes(mean))
         return mean
 
@@ -118,7 +120,7 @@ class SplitFinetuning:
         replies, failed = exchange(
             grid,
             nodes,
-            "train.finetune_forward",
+            protocol.FINETUNE_FORWARD,
             lambda n: self._forward_request(n, SHARE_STEP, SHARE_STEP, pending, epoch),
             self.coordinator.cfg.federation.round_timeout_s or self.timeout_s,
         )
@@ -162,21 +164,18 @@ class SplitFinetuning:
         share_epoch: int | None = None,
     ) -> RecordDict:
         epochs = self.coordinator.cfg.training.finetune_epochs
-        request = {"epoch": epoch, "epochs": epochs, "step": step, "start": epoch == 0 == step}
-        if share_epoch is not None:
-            request["share_epoch"] = share_epoch
+        request = FinetuneRequest(epoch, epochs, step, start=epoch == 0 == step)
+        request.share_epoch = share_epoch
         content = RecordDict()
         if node_id in self._adopt_blind:
-            total, sum_epoch, names = self._adopt_blind.pop(node_id)
+            total, request.blind_epoch, request.blind_sites = self._adopt_blind.pop(node_id)
             content[BLINDED] = total
-            request.update({"blind_epoch": sum_epoch, "blind_sites": names})
         if node_id in self._adopt:
-            content["weights"] = self._adopt.pop(node_id)
+            content[protocol.WEIGHTS] = self._adopt.pop(node_id)
         if node_id in pending:
-            prev_epoch, prev_step, grad = pending.pop(node_id)
-            request.update({"grad_epoch": prev_epoch, "grad_step": prev_step})
-            content["grad"] = to_record(grad)
-        content["request"] = ConfigRecord(request)
+            request.grad_epoch, request.grad_step, grad = pending.pop(node_id)
+            content[protocol.GRAD] = to_record(grad)
+        content[protocol.REQUEST] = ConfigRecord(request.to_config())
         return content
 
     def _forward(self, grid, federation, nodes, epoch, step, pending, share_epoch=None) -> dict:
@@ -184,7 +183,7 @@ class SplitFinetuning:
         replies, failed = exchange(
             grid,
             nodes,
-            "train.finetune_forward",
+            protocol.FINETUNE_FORWARD,
             lambda n: self._forward_request(n, epoch, step, pending, share_epoch),
             self.timeout_s,
         )
@@ -196,68 +195,87 @@ class SplitFinetuning:
         """One batch at every active site. ``ahead`` holds latents a site sent with its last
         gradient (``training.finetune_pipeline``); the others are asked for theirs first."""
         epoch, step = at
-        where = {"epoch": epoch + 1, "step": step + 1}  # 1-based, as the log says
-        names = {n: federation.sites[n].name for n in active}
         asked = [n for n in active if n not in ahead]
         if asked:
             for node_id, reply in self._forward(
                 grid, federation, asked, epoch, step, pending
             ).items():
-                ahead[node_id] = reply.content.array_records.get("latents")
-        mapped = {}
-        # Sites in name order, not reply order: the server's first batch fixes the UMN's input
-        # bases, and the order of its updates should not depend on who answered first.
-        for node_id in sorted(active, key=names.get):
-            record = ahead.pop(node_id, None)
-            if node_id not in federation.sites:
-                continue
-            try:  # a refused batch is skipped: the site goes on with the next step
-                mapped[node_id] = self.coordinator.finetune_forward(
-                    names[node_id], arrays_of(record)
-                )
-            except ValueError as err:
-                federation.reject(node_id, "fine-tuning", f"latents: {err}", **where)
-        epochs = self.coordinator.cfg.training.finetune_epochs
-        pipeline = self.coordinator.cfg.training.finetune_pipeline
-
-        def backward_request(node_id: int) -> RecordDict:
-            request = {"epoch": epoch, "epochs": epochs, "step": step}
-            content = RecordDict({"mapped": to_record(mapped[node_id])})
-            if pipeline:  # this batch's decoding, the last one's encoder step, the next batch
-                if node_id in pending:
-                    grad_epoch, grad_step, grad = pending.pop(node_id)
-                    request.update({"grad_epoch": grad_epoch, "grad_step": grad_step})
-                    content["grad"] = to_record(grad)
-                if step + 1 < steps[node_id]:
-                    request["next_step"] = step + 1
-            content["request"] = ConfigRecord(request)
-            return content
-
+                ahead[node_id] = reply.content.array_records.get(protocol.LATENTS)
+        mapped = self._map(federation, active, at, ahead)
         replies, failed = exchange(
-            grid, list(mapped), "train.finetune_backward", backward_request, self.timeout_s
+            grid,
+            list(mapped),
+            protocol.FINETUNE_BACKWARD,
+            lambda n: self._backward_request(n, at, mapped[n], pending, steps),
+            self.timeout_s,
         )
         for node_id, reason in failed.items():
             federation.drop(node_id, "fine-tuning", reason)
-        grads, losses, by_name = {}, [], {}
+        pipeline = self.coordinator.cfg.training.finetune_pipeline
         for node_id, reply in replies.items():
             if pipeline and step + 1 < steps[node_id]:
-                ahead[node_id] = reply.content.array_records.get("latents")
+                ahead[node_id] = reply.content.array_records.get(protocol.LATENTS)
+        return self._step_server(federation, replies, at, pending)
+
+    def _map(self, federation, active, at, ahead) -> dict[int, dict[str, np.ndarray]]:
+        """The server's forward pass of each site's batch; a refused batch is skipped (the
+        site goes on with the next step). Sites in name order, not reply order: the server's
+        first batch fixes the UMN's input bases, and the order of its updates should not
+        depend on who answered first."""
+        mapped = {}
+        records = {n: ahead.pop(n, None) for n in active}
+        names = {n: federation.sites[n].name for n in active if n in federation.sites}
+        for node_id, name in sorted(names.items(), key=lambda item: item[1]):
+            record = records[node_id]
             try:
-                grad = arrays_of(reply.content.array_records.get("grad"), "grad")
-                loss = float(reply.content.metric_records["metrics"]["loss"])
+                mapped[node_id] = self.coordinator.finetune_forward(name, arrays_of(record))
+            except ValueError as err:
+                federation.reject(node_id, "fine-tuning", f"latents: {err}", **_where(at))
+        return mapped
+
+    def _backward_request(self, node_id, at, mapped, pending, steps) -> RecordDict:
+        """The mapped latents to decode; pipelined, also the last batch's encoder gradient
+        and the ask for the next batch."""
+        epoch, step = at
+        request = FinetuneRequest(epoch, self.coordinator.cfg.training.finetune_epochs, step)
+        content = RecordDict({protocol.MAPPED: to_record(mapped)})
+        if self.coordinator.cfg.training.finetune_pipeline:
+            if node_id in pending:
+                request.grad_epoch, request.grad_step, grad = pending.pop(node_id)
+                content[protocol.GRAD] = to_record(grad)
+            if step + 1 < steps[node_id]:
+                request.next_step = step + 1
+        content[protocol.REQUEST] = ConfigRecord(request.to_config())
+        return content
+
+    def _step_server(self, federation, replies, at, pending) -> list[float]:
+        """The UMN's backward pass and step on the sites' gradients; each site is owed the
+        gradient for its image latents. Returns the sites' losses."""
+        epoch, step = at
+        grads, losses, by_name = {}, [], {}
+        for node_id, reply in replies.items():
+            name = federation.sites[node_id].name
+            try:
+                grad = arrays_of(reply.content.array_records.get(protocol.GRAD), protocol.GRAD)
+                loss = float(reply.content.metric_records[protocol.METRICS]["loss"])
                 if not np.isfinite(loss) or loss < 0:
                     raise ValueError(f"loss {loss} is not a loss")
             except (KeyError, TypeError, ValueError) as err:
-                federation.reject(node_id, "fine-tuning", f"gradient: {err}", **where)
+                federation.reject(node_id, "fine-tuning", f"gradient: {err}", **_where(at))
                 continue
-            grads[names[node_id]], by_name[names[node_id]] = grad, node_id
+            grads[name], by_name[name] = grad, node_id
             losses.append(loss)
+        epochs = self.coordinator.cfg.training.finetune_epochs
         answers, refused = self.coordinator.finetune_backward(grads, epoch, epochs)
         for name, reason in refused.items():
-            federation.reject(by_name[name], "fine-tuning", f"gradient: {reason}", **where)
+            federation.reject(by_name[name], "fine-tuning", f"gradient: {reason}", **_where(at))
         for name, grad in answers.items():
             pending[by_name[name]] = (epoch, step, grad)
         return losses
+
+
+def _where(at: tuple[int, int]) -> dict[str, int]:
+    return {"epoch": at[0] + 1, "step": at[1] + 1}  # 1-based, as the log says
 
 
 def _nbytes(record: ArrayRecord | None) -> int:

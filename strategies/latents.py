@@ -12,6 +12,8 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedseg import protocol
+from fedseg.protocol import LatentRequest
 from strategies.common import Federation, arrays_of, exchange, site_progress
 
 Sink = Callable[[str, dict[str, np.ndarray], int], int]  # (site, arrays, items asked)
@@ -33,20 +35,20 @@ class LatentCollection:
 
             def request(node_id: int, start: int = offset) -> RecordDict:
                 stop = min(start + self.chunk_size, totals[node_id])
-                request = {"split": self.split, "start": start, "stop": stop}
-                return RecordDict({"request": ConfigRecord(request)})
+                request = LatentRequest(self.split, start, stop).to_config()
+                return RecordDict({protocol.REQUEST: ConfigRecord(request)})
 
             label = f"latents/{self.split} from {offset}"
             with site_progress(label) as on_reply:
                 replies, failed = exchange(
-                    grid, pending, "query.latents", request, self.timeout_s, on_reply
+                    grid, pending, protocol.LATENTS_QUERY, request, self.timeout_s, on_reply
                 )
             for node_id, reason in failed.items():
                 federation.drop(node_id, f"latents/{self.split}", reason)
             for node_id, reply in replies.items():
                 asked = min(offset + self.chunk_size, totals[node_id]) - offset
                 try:
-                    arrays = arrays_of(reply.content.array_records.get("latents"))
+                    arrays = arrays_of(reply.content.array_records.get(protocol.LATENTS))
                     sink(federation.sites[node_id].name, arrays, asked)
                 except ValueError as err:  # malformed payload: refuse it, keep the others
                     federation.drop(node_id, f"latents/{self.split}", f"bad payload: {err}")

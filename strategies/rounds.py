@@ -13,7 +13,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedseg import protocol
 from fedseg.coordinator import Coordinator
+from fedseg.protocol import RoundRequest
 from strategies.common import Federation, arrays_of, exchange, log
 
 
@@ -40,25 +42,16 @@ class RoundParticipation:
 
         def request(node_id: int) -> RecordDict:
             start = self.next_item[node_id]
-            return RecordDict(
-                {
-                    "request": ConfigRecord(
-                        {
-                            "round": rnd,
-                            "start": start,
-                            "stop": start + self.items.get(node_id, 0),
-                            "deadline_s": float(self.deadline_s or 0.0),
-                        }
-                    )
-                }
-            )
+            stop = start + self.items.get(node_id, 0)
+            ask = RoundRequest(rnd, start, stop, deadline_s=float(self.deadline_s or 0.0))
+            return RecordDict({protocol.REQUEST: ConfigRecord(ask.to_config())})
 
-        replies, failed = exchange(grid, roster, "query.round", request, self.deadline_s)
+        replies, failed = exchange(grid, roster, protocol.ROUND, request, self.deadline_s)
         names = {n: self.federation.sites[n].name for n in roster}
         for node_id, reply in replies.items():
-            if "latents" in reply.content.array_records:
+            if protocol.LATENTS in reply.content.array_records:
                 try:
-                    arrays = arrays_of(reply.content.array_records["latents"])
+                    arrays = arrays_of(reply.content.array_records[protocol.LATENTS])
                     self.next_item[node_id] += self.coordinator.add_chunk(
                         names[node_id], arrays, self.items.get(node_id, 0)
                     )

@@ -12,12 +12,12 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from clients.app import FINETUNED
 from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, save_private
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
+from fedseg.hospital import FINETUNED
 from fedseg.models.autoencoder import SkipAutoencoder
 from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
 from fedseg.privacy.leakcheck import find_key_material

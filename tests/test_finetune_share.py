@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from clients.app import check_finetune_share
 from fedseg.checkpoint import LATENTS_NAME, checkpoint_dir
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
 from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process
+from fedseg.hospital import check_finetune_share
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import SiteModels, site_models_path, site_transform, train_site

@@ -111,7 +111,7 @@ def test_minimal_metrics_without_baselines(tmp_path: Path) -> None:
     metrics = {"sites": {"x": site_metrics(0.5)}}
     write_results(tmp_path, metrics)
     report = (tmp_path / "report.md").read_text()
-    assert "PPCMI-SF reached a mean foreground Dice of 0.500" in report
+    assert "fedseg reached a mean foreground Dice of 0.500" in report  # no method recorded
     assert (tmp_path / "figures" / "site_dice.png").stat().st_size > 0
 
 

@@ -23,7 +23,8 @@ def _decode(ctx: RunContext, site: str, latents) -> torch.Tensor:
 
 def run(ctx: RunContext, modes: tuple[str, ...] = MODES) -> tuple[dict, str]:
     names = ctx.names
-    rows, result, examples = [], {}, {}
+    rows, examples = [], {}
+    result: dict[str, dict] = {}  # per mode: pair -> scores; "<mode>_mean": mean scores
     for a_index, a in enumerate(names):
         test = torch.from_numpy(ctx.sites[a_index].test.images)
         if len(test) == 0:

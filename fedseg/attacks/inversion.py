@@ -65,7 +65,8 @@ def run(ctx: RunContext, modes: tuple[str, ...] = MODES) -> tuple[dict, str]:
     aux_plain = ctx.plain(victim, aux)
     test_plain = ctx.plain(victim, test)
     dec_plain = train_decoder(ctx.cfg, aux_plain, aux, a.inversion_epochs, a.seed)
-    result, rows, examples = {}, [], {}
+    rows, examples = [], {}
+    result: dict = {}  # per mode: variant -> scores; then who and how many
     for mode in modes:
         shared_test = ctx.shared(victim, test_plain, mode)
         if mode == "none":

@@ -104,7 +104,7 @@ def build_run(cfg: RunConfig, mode: str, aes: dict[str, Path], run: Path, log=pr
         pred = segment_mapped(cfg, models[split.name], transform, mapped, split.test.images)
         per_image.append((time.perf_counter() - t0) / max(len(split.test), 1))
         results[split.name] = evaluate_predictions(split.test, pred)
-    metrics = {
+    metrics: dict = {
         "config": cfg.to_dict(),
         "sites": results,
         "mean": mean_over_sites(results),

@@ -184,13 +184,15 @@ def run(ctx: RunContext, representations: tuple[str, ...] = REPRESENTATIONS) -> 
     """``attack.reid_repeats`` repeats, each with its own patient split and seed; reported as
     mean and standard deviation over repeats (the spread a single split hides)."""
     a = ctx.cfg.attack
-    patients, slices, sites = [], [], []
+    patient_ids: list[str] = []
+    slice_ids: list[int] = []
+    site_ids: list[int] = []
     for i, split in enumerate(ctx.sites):
         for data in (split.train, split.test):
-            patients += [f"{split.name}/{g}" for g in data.groups]
-            slices += [_slice_index(n) for n in data.names]
-            sites += [i] * len(data)
-    patients, slices, sites = np.array(patients), np.array(slices), np.array(sites)
+            patient_ids += [f"{split.name}/{g}" for g in data.groups]
+            slice_ids += [_slice_index(n) for n in data.names]
+            site_ids += [i] * len(data)
+    patients, slices, sites = np.array(patient_ids), np.array(slice_ids), np.array(site_ids)
     _, per_patient = np.unique(patients, return_counts=True)
     n_patients = len(per_patient)
     if n_patients < 8 or np.median(per_patient) < 3:

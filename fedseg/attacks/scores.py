@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import SupportsFloat, cast
+
 import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_roc_auc
@@ -18,14 +20,19 @@ def to_unit(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def image_quality(recon: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """Mean SSIM and PSNR (dB) of reconstructions against the true images, both in [0, 1]."""
     r, t = to_unit(recon.float(), truth.float()), to_unit(truth.float(), truth.float())
-    ssim = SSIMMetric(spatial_dims=2, data_range=1.0)(r, t)
-    psnr = PSNRMetric(max_val=1.0)(r, t)
+    # MONAI's metrics return a tensor for tensor inputs (typed as tensor or sequence)
+    ssim = cast(torch.Tensor, SSIMMetric(spatial_dims=2, data_range=1.0)(r, t))
+    psnr = cast(torch.Tensor, PSNRMetric(max_val=1.0)(r, t))
     return {"ssim": float(ssim.mean()), "psnr": float(psnr.mean())}
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    # a scalar (default macro average), though typed as any array-like
     return float(
-        compute_roc_auc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels))
+        cast(
+            SupportsFloat,
+            compute_roc_auc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)),
+        )
     )
 
 

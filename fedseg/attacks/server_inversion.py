@@ -24,6 +24,8 @@ with the true key.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.losses import DiceCELoss
 
@@ -44,7 +46,7 @@ def _pixels(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
 
 
-def statistics(z: torch.Tensor) -> dict[str, torch.Tensor]:
+def statistics(z: torch.Tensor) -> dict[str, Any]:  # tensors, and a None placeholder
     """Mean, covariance and per-position mean (layout) of one latent scale (N, C, h, w)."""
     p = _pixels(z)
     mean = p.mean(0)
@@ -104,7 +106,8 @@ def procrustes_alignment(plain: dict, keyed: dict, steps: int = 200) -> torch.Te
 
 def estimate_key(plain: Latents, keyed: Latents) -> tuple[list[tuple], dict[str, list[float]]]:
     """Per scale (M, b) with ``keyed ~ M plain + b``; and each method's statistics fit."""
-    estimate, fits = [], {"canonical": [], "procrustes": []}
+    estimate = []
+    fits: dict[str, list[float]] = {"canonical": [], "procrustes": []}
     for zp, zk in zip(plain, keyed, strict=True):
         sp, sk = statistics(zp), statistics(zk)
         candidates = {

@@ -14,6 +14,7 @@ Batches are recomputed with the run's final weights (what the server saw in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from monai.losses import DiceCELoss
@@ -44,7 +45,7 @@ class ServerView:
 
     @property
     def holds_weights(self) -> bool:
-        return self.share in ("average", "cyclic")
+        return self.share == "average"
 
 
 def _augmented(images: torch.Tensor, masks: torch.Tensor, copies: int, seed: int):
@@ -85,7 +86,8 @@ def gather(ctx: RunContext) -> ServerView:
         logits = decoder([nhwc(z) for z in transform.inverse(mapped, "mask")], local)
         loss_fn(logits, yb[:, None]).backward()
         keyed_parts.append(keyed)
-        grad_parts.append([z.grad.half().float() for z in mapped])
+        # set by backward(): every scale feeds the decoder, so the loss
+        grad_parts.append([cast(torch.Tensor, z.grad).half().float() for z in mapped])
     test_images = torch.from_numpy(split.test.images)
     with torch.no_grad():
         test_latents = [torch.cat(s) for s in zip(*_batched(encoder, test_images), strict=True)]

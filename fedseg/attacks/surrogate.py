@@ -18,6 +18,8 @@ Its best passive options are those of the split-learning literature:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
@@ -118,10 +120,12 @@ def gradient_mask_leak(view: ServerView) -> dict[str, float]:
         up = F.interpolate(norm, size=truth.shape[-2:], mode="bilinear", align_corners=False)
         guess = (up > otsu(up.flatten())).float()
         metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
-        out[f"scale {scale}"] = float(metric(guess, truth).nanmean())
+        # MONAI's metrics return a tensor for tensor inputs (typed as tensor or sequence)
+        out[f"scale {scale}"] = float(cast(torch.Tensor, metric(guess, truth)).nanmean())
     # the trivial guess (everything foreground) as a reference
     metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
-    out["all foreground (reference)"] = float(metric(torch.ones_like(truth), truth).nanmean())
+    everything = cast(torch.Tensor, metric(torch.ones_like(truth), truth))
+    out["all foreground (reference)"] = float(everything.nanmean())
     return out
 
 

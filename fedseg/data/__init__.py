@@ -71,8 +71,8 @@ def load_federation(cfg: RunConfig) -> list[SiteSplit]:
             site = synthetic_site(
                 i, data.synthetic_train + data.synthetic_test, size, data.seed, name
             )
-            train = site.subset(range(data.synthetic_train))
-            test = site.subset(range(data.synthetic_train, len(site)))
+            train = site.subset(list(range(data.synthetic_train)))
+            test = site.subset(list(range(data.synthetic_train, len(site))))
             sites.append(SiteSplit(name, train, test))
         return sites
 

@@ -87,7 +87,10 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
         n_test = h.profile.test_samples or data.synthetic_test
         style = h.profile.style if h.profile.style >= 0 else h.index
         site = synthetic_site(style, n_train + n_test, size, data.seed + _tag(h.name), h.name)
-        result[h.index] = (site.subset(range(n_train)), site.subset(range(n_train, len(site))))
+        result[h.index] = (
+            site.subset(list(range(n_train))),
+            site.subset(list(range(n_train, len(site)))),
+        )
 
     for source in dict.fromkeys(h.profile.source for h in hospitals if h not in synthetic):
         members = [h for h in hospitals if h.profile.source == source]
@@ -108,7 +111,7 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
             start += n
             part = pool.subset(np.flatnonzero([g in mine for g in pool.groups]), h.name)
             if test_parts is not None:
-                train, test = part, test_parts[k].subset(range(len(test_parts[k])), h.name)
+                train, test = part, test_parts[k].subset(list(range(len(test_parts[k]))), h.name)
             else:
                 train, test = train_test_split(part, fed.test_fraction, fed.seed + _tag(h.name))
             result[h.index] = (train, test)
@@ -155,9 +158,9 @@ def apply_profile(data: SiteData, p: HospitalConfig, size: int, seed: int, train
     if train and p.label_noise > 0:
         masks = masks.copy()
         step = max(1, size // 64)
-        for i in np.flatnonzero(rng.uniform(size=len(masks)) < p.label_noise):
+        for j in np.flatnonzero(rng.uniform(size=len(masks)) < p.label_noise):
             dy, dx = rng.integers(-2 * step, 2 * step + 1, size=2)
-            masks[i] = np.roll(masks[i], (int(dy), int(dx)), axis=(0, 1))
+            masks[j] = np.roll(masks[j], (int(dy), int(dx)), axis=(0, 1))
     return SiteData(
         name=data.name,
         images=images.astype(np.float32),

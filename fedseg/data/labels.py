@@ -100,12 +100,12 @@ def mask_to_2d(array: np.ndarray | Image.Image, source: str) -> np.ndarray:
             array = np.asarray(array, dtype=np.uint8)
         else:
             array = np.asarray(array)  # 'P' gives the indices, not the colours
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
+    mask: np.ndarray = np.asarray(array)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
         # Elementwise maximum: much faster than a reduction over a length-3 axis.
-        array = np.maximum(np.maximum(array[..., 0], array[..., 1]), array[..., 2])
-    if array.ndim != 2:
-        raise DataError(f"{source}: mask must be 2D or RGB(A), got shape {array.shape}")
-    return array
+        mask = np.maximum(np.maximum(mask[..., 0], mask[..., 1]), mask[..., 2])
+    if mask.ndim != 2:
+        raise DataError(f"{source}: mask must be 2D or RGB(A), got shape {mask.shape}")
+    return mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +45,8 @@ def list_volumes(folder: Path) -> list[Path]:
 def read_volume(path: Path, label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
     """3D array and voxel size (mm); trailing singleton dims (X,Y,Z,1) are dropped."""
     try:
-        img = nib.load(path)
+        # .nii/.nii.gz load as Nifti1Image or its subclass Nifti2Image
+        img = cast(nib.Nifti1Image, nib.load(path))
         data = np.asarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
         # A zero voxel size means the header does not know it: report pixels, not 0 mm.
         zooms = tuple(float(z) if z > 0 else float("nan") for z in img.header.get_zooms())
@@ -90,7 +92,8 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         if image.shape != raw.shape:
             raise DataError(f"{path} has shape {image.shape} but {label_path} has {raw.shape}")
         label = label_map.apply(raw, str(label_path))
-        in_plane = tuple(z for i, z in enumerate(zooms) if i != cfg.axis)
+        # the two of three voxel sizes not along the axis
+        in_plane = cast(tuple[float, float], tuple(z for i, z in enumerate(zooms) if i != cfg.axis))
         image, label = np.moveaxis(image, cfg.axis, 0), np.moveaxis(label, cfg.axis, 0)
         spacing = resized_spacing(in_plane, image.shape[1:], size)
         group = volume_stem(path)

@@ -71,8 +71,9 @@ def read_image(path: Path) -> np.ndarray:
         else:
             with Image.open(path) as im:
                 if im.mode not in ("1", "L", "I", "F") and not im.mode.startswith("I;16"):
-                    im = im.convert("RGB")  # palette, LA, RGBA, CMYK, ...
-                array = np.asarray(im)
+                    array = np.asarray(im.convert("RGB"))  # palette, LA, RGBA, CMYK, ...
+                else:
+                    array = np.asarray(im)
     except Exception as err:  # PIL/tifffile raise many types for a damaged file
         raise DataError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
     array = _gray(np.asarray(array), path)

@@ -31,6 +31,7 @@ class SiteAdapter(nn.Conv2d):
         hidden = hidden or HIDDEN * channels
         self.expand = nn.Conv2d(channels, hidden, 1)
         self.project = nn.Conv2d(hidden, channels, 1)
+        assert self.bias is not None and self.project.bias is not None  # bias=True, the default
         with torch.no_grad():
             self.weight.copy_(torch.eye(channels)[:, :, None, None])
             self.bias.zero_()

@@ -16,6 +16,8 @@ custodies train the same network instead of learning each site's basis from nois
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -70,6 +72,12 @@ def _stack(width: int, blocks: int) -> nn.Sequential:
 class UnifiedMappingNetwork(nn.Module):
     """Image latents -> mask latents at three scales, with per-site adapters."""
 
+    # Buffers (register_buffer), (sites, 3, C, C) bases and (sites, 3, C) offsets.
+    in_basis: torch.Tensor
+    in_offset: torch.Tensor
+    out_basis: torch.Tensor
+    out_offset: torch.Tensor
+
     def __init__(
         self,
         sites: list[str],
@@ -100,7 +108,7 @@ class UnifiedMappingNetwork(nn.Module):
         self.stems = nn.ModuleList(nn.Conv2d(c, w, 1) for _ in range(3))
         self.down = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for _ in range(2))
         self.encode = nn.ModuleList(_stack(w, blocks) for _ in range(3))
-        self.context = PyramidPooling(w)
+        self.context: nn.Module = PyramidPooling(w)  # a subclass may use another
         self.decode = nn.ModuleList(_stack(w, blocks) for _ in range(2))
         self.heads = nn.ModuleList(nn.Conv2d(w, c, 1) for _ in range(3))
 
@@ -153,12 +161,12 @@ class UnifiedMappingNetwork(nn.Module):
     def forward(self, latents: Latents, site: int) -> Latents:
         a = 0 if self.shared_adapters else site  # the adapter set; the bases stay per site
         aligned = [
-            adapters[a](self._in_basis(z, site, scale))
+            cast(nn.ModuleList, adapters)[a](self._in_basis(z, site, scale))
             for scale, (adapters, z) in enumerate(zip(self.in_adapters, latents, strict=True))
         ]
         outs = self.trunk(aligned)
         return [
-            self._out_basis(adapters[a](o), site, scale)
+            self._out_basis(cast(nn.ModuleList, adapters)[a](o), site, scale)
             for scale, (adapters, o) in enumerate(zip(self.out_adapters, outs, strict=True))
         ]
 
@@ -201,4 +209,5 @@ def build_umn(model: ModelConfig, sites: list[str]) -> UnifiedMappingNetwork:
         raise ValueError(f"model.umn_arch must be 'fast' or 'reference', got {model.umn_arch!r}")
     # NHWC weights from the start (training and loaded checkpoints alike): the latents arrive
     # channels-last, and mixed layouts cost a conversion per convolution.
-    return net.to(memory_format=torch.channels_last)
+    # Module.to accepts memory_format at run time; torch's overloads omit it.
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -68,6 +68,5 @@ def guard_and_audit(
         folder.mkdir(parents=True, exist_ok=True)
         index = len(list(folder.glob("*.npz")))
         safe_type = message_type.replace(".", "_")
-        np.savez(
-            folder / f"{index:04d}_{safe_type}.npz", __texts__=np.array(json.dumps(texts)), **arrays
-        )
+        payload = {"__texts__": np.array(json.dumps(texts)), **arrays}
+        np.savez(folder / f"{index:04d}_{safe_type}.npz", **payload)  # type: ignore[arg-type]

@@ -187,6 +187,14 @@ class _Params:
     once. Biases are folded into the shifts (``folded``).
     """
 
+    # Per block, one (C, N) tensor each; set by name in __init__.
+    amp: list[torch.Tensor]
+    slope: list[torch.Tensor]
+    shift: list[torch.Tensor]
+    gain: list[torch.Tensor]
+    start_slope: list[torch.Tensor]
+    start_shift: list[torch.Tensor]
+
     def __init__(self, scales: list[list[KntLayer]], sizes: list[int], dtype: torch.dtype) -> None:
         def flat(values: list[np.ndarray]) -> torch.Tensor:
             columns = [np.repeat(v[:, None], n, 1) for v, n in zip(values, sizes, strict=True)]

@@ -122,7 +122,7 @@ class SegmentationClient:
             bind_key(Path(site_cfg.autoencoders).parent, site_cfg.key_file, record=False)
         self.models, self.class_names = SiteModels.load(cfg, site_cfg.autoencoders)
         self.transform = site_transform(cfg, site_cfg.key_file)
-        self.shapes = [tuple(s) for s in _latent_shapes(cfg)]
+        self.shapes = _latent_shapes(cfg)  # (C, h, w) tuples, a fresh list
         context = ssl.create_default_context(cafile=str(site_cfg.ca_cert))
         try:
             context.load_cert_chain(str(site_cfg.client_cert), str(site_cfg.client_key))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +45,8 @@ def read_scan(path: str | Path, size: int, axis: int) -> Scan:
         volume, _ = read_volume(path, label=False)
         slices = np.moveaxis(volume, axis, 0)
         images = np.stack([normalise(resize_image(s, size)) for s in slices])[:, None]
-        return Scan(path, images, tuple(slices.shape[1:]), axis, nib.load(path))
+        nifti = cast(nib.Nifti1Image, nib.load(path))  # read above as one (or Nifti2Image)
+        return Scan(path, images, tuple(slices.shape[1:]), axis, nifti)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: unsupported input; use PNG, JPEG, TIFF or NIfTI (.nii, .nii.gz)")
     image = read_image(path)
@@ -77,6 +79,7 @@ def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list
     if scan.nifti is not None:
         if not is_nifti(out):
             raise DataError(f"{out}: a NIfTI input needs a .nii or .nii.gz output")
+        assert scan.axis is not None  # read_scan sets it with nifti
         volume = np.moveaxis(planes, 0, scan.axis).astype(dtype)
         header = scan.nifti.header.copy()
         header.set_data_dtype(dtype)
