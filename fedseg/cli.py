@@ -13,7 +13,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
@@ -87,17 +93,17 @@ def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -
     baselines, timing = {}, dict(timing)
     with _progress() as progress:
         if b.centralized_unet:
-            task = progress.add_task("centralized UNet", total=None, loss="-")
+            task = progress.add_task("centralized UNet", total=1.0, epoch=0, loss="-")
             started = time.perf_counter()
             baselines["centralized_unet"], _ = centralized_unet(
-                cfg, sites, minutes, _advance(progress, task)
+                cfg, sites, minutes, _advance(progress, task, minutes)
             )
             timing["centralized_unet"] = time.perf_counter() - started
         if b.local_unet:
-            task = progress.add_task("local UNets", total=None, loss="-")
+            task = progress.add_task("local UNets", total=float(len(sites)), epoch=0, loss="-")
             started = time.perf_counter()
             baselines["local_unet"], _ = local_unets(
-                cfg, sites, minutes / len(sites), _advance(progress, task)
+                cfg, sites, minutes / len(sites), _advance(progress, task, minutes / len(sites))
             )
             timing["local_unet"] = time.perf_counter() - started
     for block in baselines.values():
@@ -109,15 +115,30 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("epoch {task.completed:.0f}  loss {task.fields[loss]}"),
+        TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}"),
         TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
         console=console,
     )
 
 
-def _advance(progress: Progress, task):
-    def on_epoch(epoch: int, _epochs: int, loss: float) -> None:
-        progress.update(task, completed=epoch, loss=f"{loss:.4f}")
+def _advance(progress: Progress, task, minutes: float):
+    """An epoch callback that moves ``task`` by the budget used: epochs, or with a time budget
+    whichever runs out first (as ``training.Budget`` stops). Local UNets run one after another
+    on the same task, one unit each."""
+    state = {"base": 0.0, "last": 0, "started": time.perf_counter()}
+
+    def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+        if epoch < state["last"]:  # the next local UNet started
+            state["base"] += 1.0
+            state["started"] = time.perf_counter()
+        state["last"] = epoch
+        used = epoch / max(epochs, 1)
+        if minutes > 0:
+            used = max(used, (time.perf_counter() - state["started"]) / (60 * minutes))
+        done = state["base"] + min(used, 1.0)
+        progress.update(task, completed=done, epoch=epoch, loss=f"{loss:.4f}")
 
     return on_epoch
 

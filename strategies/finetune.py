@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedseg import protocol
 from fedseg.coordinator import Coordinator
@@ -63,7 +63,8 @@ class SplitFinetuning:
         pending: dict[int, tuple[int, int, dict[str, np.ndarray]]] = {}
         losses: list[float] = []
         columns = (TextColumn("fine-tuning"), BarColumn(), TextColumn("{task.fields[status]}"))
-        with Progress(*columns, TimeElapsedColumn(), transient=True) as progress:
+        timers = (TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, *timers, transient=True) as progress:
             task = progress.add_task("finetune", total=epochs, status="")
             for epoch in range(epochs):
                 if not federation.sites:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedseg.coordinator import Coordinator
 from strategies.common import log
@@ -27,7 +27,8 @@ class MappingTraining:
         losses = []
         per_round = self.coordinator.cfg.training.umn_epochs_per_round
         columns = (TextColumn("UMN"), BarColumn(), TextColumn("{task.fields[status]}"))
-        with Progress(*columns, TimeElapsedColumn(), transient=True) as progress:
+        timers = (TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, *timers, transient=True) as progress:
             task = progress.add_task(
                 "umn", total=rounds * per_round, completed=self.coordinator.epoch, status=""
             )

@@ -56,6 +56,7 @@ def _tiny_cfg(tmp_path: Path, arch: str) -> RunConfig:
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["fast", "reference"])
 def test_both_archs_train_map_and_checkpoint_through_the_coordinator(tmp_path, arch):
     torch.set_num_threads(1)
@@ -118,6 +119,7 @@ def test_wire_pack_is_c_ordered_from_channels_last_latents():
     np.testing.assert_array_equal(arr, z.numpy().astype(np.float16))
 
 
+@pytest.mark.slow
 def test_suite_quick_json_has_the_expected_figures(tmp_path):
     out = tmp_path / "quick.json"
     args = ["--quick", "--out", str(out), "--variants", "fast", "--repeats", "3", "--warmup", "1"]

@@ -211,6 +211,7 @@ def blind_run(tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
 def test_flower_blind_run_sums_the_sites_present_and_a_failed_site_rejoins(blind_run):
     import json
 
@@ -237,6 +238,7 @@ def test_flower_blind_run_sums_the_sites_present_and_a_failed_site_rejoins(blind
     assert any(not torch.equal(saved["synthetic-1"][k], saved["flaky"][k]) for k in shared)
 
 
+@pytest.mark.slow
 def test_flower_blind_run_sends_no_readable_weights_and_stores_none(blind_run):
     """Every aggregation reply carries one masked uint64 vector and nothing else; the server's
     checkpoints hold the UMN only."""
@@ -257,6 +259,7 @@ def test_flower_blind_run_sends_no_readable_weights_and_stores_none(blind_run):
         assert "encoder" not in text and "decoder" not in text, path
 
 
+@pytest.mark.slow
 def test_pipelined_split_training_takes_one_exchange_a_step(tmp_path: Path):
     """training.finetune_pipeline: each backward exchange brings the next batch's latents and
     takes the last batch's encoder gradient, so a site gets one forward request per epoch to

@@ -66,6 +66,7 @@ def _cannot_isolate() -> str:
 
 
 pytestmark = [
+    pytest.mark.slow,  # a real SuperLink, nginx and SuperNodes across network namespaces
     pytest.mark.skipif(
         bool(_missing_binaries()), reason=f"Flower binaries not installed: {_missing_binaries()}"
     ),

@@ -17,6 +17,8 @@ from simulations.engine import simulate
 from simulations.profiles import fails_in_round
 from tests.helpers import small_config
 
+pytestmark = pytest.mark.slow  # Flower + Ray federations (minutes)
+
 
 def _dropout_failing_only_in(index: int, rnd: int, rounds: int, seed: int) -> float | None:
     """A dropout probability whose draws fail hospital ``index`` in round ``rnd`` only."""

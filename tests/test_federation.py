@@ -20,6 +20,8 @@ from fedseg.privacy.leakcheck import find_key_material
 from simulations.engine import simulate
 from tests.helpers import small_config
 
+pytestmark = pytest.mark.slow  # Flower + Ray federations (minutes)
+
 
 def tiny_config(tmp_path: Path, **privacy) -> RunConfig:
     cfg = small_config(

@@ -304,6 +304,7 @@ def flower_run(tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
 def test_flower_run_fine_tunes_every_site_and_says_so(flower_run):
     cfg = flower_run
     out = Path(cfg.out_dir)
@@ -319,6 +320,7 @@ def test_flower_run_fine_tunes_every_site_and_says_so(flower_run):
         assert not saved.with_name("finetune-state.pt").exists()  # removed when done
 
 
+@pytest.mark.slow
 def test_fine_tuning_messages_carry_gradients_and_no_key_material(flower_run):
     cfg = flower_run
     audit = Path(cfg.privacy.audit_dir)
@@ -337,6 +339,7 @@ def test_fine_tuning_messages_carry_gradients_and_no_key_material(flower_run):
             assert payload["grad.grad0"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_a_finished_fine_tuning_is_not_resumed_but_adding_one_is_allowed(flower_run):
     cfg = copy.deepcopy(flower_run)
     cfg.resume = True

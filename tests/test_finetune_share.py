@@ -128,6 +128,7 @@ def averaged_run(tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
 def test_flower_split_training_shares_one_model_and_keeps_no_latents(averaged_run):
     cfg = averaged_run
     out = Path(cfg.out_dir)
@@ -144,6 +145,7 @@ def test_flower_split_training_shares_one_model_and_keeps_no_latents(averaged_ru
     assert all(torch.equal(v, shared[1][k]) for k, v in shared[0].items())
 
 
+@pytest.mark.slow
 def test_flower_weight_exchanges_carry_no_key_material(averaged_run):
     cfg = averaged_run
     audit = Path(cfg.privacy.audit_dir)
@@ -207,6 +209,7 @@ def test_federation_key_is_one_file_made_once_even_by_sites_starting_together(tm
     assert [p.name for p in target.parent.iterdir()] == ["federation.key"]  # no leftovers
 
 
+@pytest.mark.slow
 def test_flower_sharing_after_pre_training_ends_with_one_model(tmp_path):
     """The other combination: pre-trained AEs and a latent-MSE round, then shared split
     training (the paper preset's hippocampus scenario fine-tunes after its UMN)."""

@@ -80,6 +80,7 @@ app()
 """
 
 
+@pytest.mark.slow
 def test_no_traceback_prints_a_secret(tmp_path):
     """An unexpected failure while a secret is in a local variable: the traceback a user sees
     names the error and never the secret (no locals in tracebacks)."""
@@ -99,6 +100,7 @@ def test_no_traceback_prints_a_secret(tmp_path):
     assert secret.hex() not in out and repr(secret)[:40] not in out
 
 
+@pytest.mark.slow
 def test_keygen_to_an_impossible_place_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -186,6 +186,7 @@ def test_server_custody_unkeys_knt_and_client_custody_does_not(tmp_path):
         torch.testing.assert_close(c.float(), k.half().float())
 
 
+@pytest.mark.slow
 def test_knt_through_flower_with_server_custody(tmp_path):
     """A real (tiny) federation with KNT: runs end to end, the server un-keys with provisioned
     keys, and no payload a site sent carries KNT (or KLT) key material."""

@@ -93,6 +93,7 @@ def test_honest_metrics_pass():
     assert checked_metrics(_metrics_reply(honest), n_test=4)["dice_mean"] == 0.8
 
 
+@pytest.mark.slow
 def test_a_malicious_site_is_refused_step_by_step_and_the_run_completes(tmp_path: Path):
     """Through Flower and Ray: one site sends a reply without its latents, 10x the items
     asked, latents x100, a 1 GiB reply, and forged metrics, in turn. Each is refused with its

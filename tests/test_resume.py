@@ -104,6 +104,7 @@ def test_checkpoint_round_trip_and_config_mismatch(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_completion(tmp_path):
     out = tmp_path / "run"
     scenario = write_scenario(tiny(out), tmp_path / "tiny.toml")

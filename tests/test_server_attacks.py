@@ -76,6 +76,7 @@ def split_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_server_inversion_runs_and_reports_every_figure(split_run):
     ctx = RunContext.load(split_run, FAST)
     result, md = server_inversion.run(ctx)
@@ -91,6 +92,7 @@ def test_server_inversion_runs_and_reports_every_figure(split_run):
     assert "Server-side inversion" in md
 
 
+@pytest.mark.slow
 def test_surrogate_attack_runs_on_what_a_blind_server_holds(split_run):
     ctx = RunContext.load(split_run, FAST)
     result, md = surrogate.run(ctx)

@@ -285,6 +285,7 @@ def test_only_a_hospital_with_its_certificate_is_served_and_only_as_itself(serve
     assert schema.status_code == 404
 
 
+@pytest.mark.slow
 def test_an_idle_connection_is_closed(server):
     """A client that connects and sends nothing is dropped after the idle timeout."""
     raw = socket.create_connection(("127.0.0.1", server["port"]), timeout=IDLE_TIMEOUT_S + 10)
@@ -311,6 +312,7 @@ def test_client_refuses_a_service_of_another_site(site_config):
         SegmentationClient(site_cfg)
 
 
+@pytest.mark.slow
 def test_serve_and_segment_commands(run_dir, site_config, tmp_path):
     """The CLI end to end: ``fedseg serve`` in a subprocess, ``fedseg segment`` against it."""
     port, tls_dir = free_port(), tmp_path / "tls"
