@@ -67,7 +67,7 @@ class FederationConfig:
     dirichlet_alpha: float = 0.0  # > 0: hospitals without explicit `samples` share a source
     #   by a Dirichlet(alpha) draw (quantity skew); 0 = equal shares
     round_timeout_s: float = 0.0  # per-UMN-round reply deadline (0 = message_timeout_s)
-    # A site's latents or gradients whose RMS exceeds this many times the running RMS of its
+    # A site's latents or gradients whose RMS exceeds this many times the largest RMS of its
     # own earlier payloads are refused for that step (fedseg/wire.py MagnitudeGuard); 0 = off.
     magnitude_bound: float = 10.0
     round_items: int = -1  # fresh training latents a site sends per UMN round (-1 = one

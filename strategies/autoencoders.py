@@ -44,6 +44,8 @@ class LocalAutoencoderTraining:
             federation.sites[node_id] = site
             if metrics.get("reused", 0):
                 log.info("%s: reloaded its saved AEs", site.name)
+            elif not metrics.get("epochs", 0):  # split training starts from the seeded models
+                log.info("%s: registered (%d training images)", site.name, site.n_train)
             else:
                 log.info(
                     "%s: AEs trained (%d images, %d epochs, %.0fs; image MSE %.4f, mask loss %.4f)",

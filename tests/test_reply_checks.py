@@ -51,11 +51,22 @@ def test_the_magnitude_guard_refuses_x100_and_keeps_its_reference():
     guard = MagnitudeGuard(bound=10.0, warmup=3)
     for seed in range(5):  # honest payloads vary a little: all pass
         guard.check("a", _latents(4, scale=1.0 + 0.2 * seed, seed=seed))
-    with pytest.raises(WireError, match="image0.*x this site's running"):
+    with pytest.raises(WireError, match="image0.*x the largest this site sent before"):
         guard.check("a", _latents(4, scale=100.0, seed=9))
     guard.check("a", _latents(4, scale=1.5, seed=10))  # the refused one did not move the bar
     guard.check("b", _latents(4, scale=100.0))  # each site has its own reference
     MagnitudeGuard(bound=0).check("a", _latents(4, scale=1e4))  # 0 = off
+
+
+def test_the_magnitude_guard_lets_shrinking_gradients_vary():
+    """Honest gradients fall by orders of magnitude over training, then vary from batch to
+    batch: a late batch 14x the recent ones is still far below the site's early ones."""
+    guard = MagnitudeGuard(bound=10.0, warmup=3)
+    for step in range(40):
+        guard.check("a", _latents(4, scale=10.0 ** (-step / 8), seed=step))  # 1 -> 1e-5
+    guard.check("a", _latents(4, scale=14e-5, seed=41))  # a hard batch late in training
+    with pytest.raises(WireError, match="magnitude"):
+        guard.check("a", _latents(4, scale=100.0, seed=42))  # x100 the early peak
 
 
 def test_reply_size_is_checked_on_the_bytes_before_any_conversion(monkeypatch):
@@ -111,7 +122,7 @@ def test_a_malicious_site_is_refused_step_by_step_and_the_run_completes(tmp_path
     assert len(reasons) == 4, reasons
     assert "no 'latents' record" in reasons[0]
     assert "the limit is" in reasons[1]  # 10x the batch asked for
-    assert "running" in reasons[2]  # the magnitude guard
+    assert "the largest this site sent before" in reasons[2]  # the magnitude guard
     assert "exceeds" in reasons[3]
     assert [d["site"] for d in metrics["dropped"]] == ["mallory"]
     assert "metrics refused" in metrics["dropped"][0]["reason"]
