@@ -153,7 +153,7 @@ def _summary(metrics: dict) -> None:
     for s in sites:
         table.add_column(s)
     table.add_column("mean")
-    rows = [("PPCMI-SF", metrics)] + list(metrics.get("baselines", {}).items())
+    rows = [(_method(metrics), metrics)] + _baseline_rows(metrics)
     for name, block in rows:
         cells = [_cell(block["sites"].get(s)) for s in sites]
         mean = block.get("mean") or {}
@@ -162,7 +162,7 @@ def _summary(metrics: dict) -> None:
 
 
 def _long_summary(metrics: dict) -> None:
-    blocks = [("PPCMI-SF", metrics)] + list(metrics.get("baselines", {}).items())
+    blocks = [(_method(metrics), metrics)] + _baseline_rows(metrics)
     table = Table(title="mean foreground Dice / HD95 / ASD per site")
     table.add_column("site")
     for name, _ in blocks:
@@ -171,6 +171,18 @@ def _long_summary(metrics: dict) -> None:
         table.add_row(s, *[_cell(block["sites"].get(s)) for _, block in blocks])
     table.add_row("mean", *[_num((block.get("mean") or {}).get("dice")) for _, block in blocks])
     console.print(table)
+
+
+def _method(metrics: dict) -> str:
+    from fedseg.report import DEFAULT_METHOD
+
+    return str(metrics.get("method") or DEFAULT_METHOD)
+
+
+def _baseline_rows(metrics: dict) -> list[tuple[str, dict]]:
+    from fedseg.report import BASELINE_LABELS
+
+    return [(BASELINE_LABELS.get(k, k), b) for k, b in metrics.get("baselines", {}).items()]
 
 
 def _cell(site: dict | None) -> str:
