@@ -24,6 +24,7 @@ from rich.table import Table
 
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
 from fedseg.privacy.keys import KeyFileError, key_fingerprint, read_key_file, write_key_file
+from fedseg.results import BASELINE_LABELS, RunResults, SiteScores
 
 # No locals in tracebacks: a secret in a local variable must never reach a terminal or a log.
 app = typer.Typer(
@@ -44,8 +45,8 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("fedseg").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) -> dict:
-    """Federated run, then baselines; returns the final metrics dict."""
+def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) -> RunResults:
+    """Federated run, then baselines; returns the run's results."""
     from fedseg.report import load_metrics
     from simulations.engine import simulate
 
@@ -56,13 +57,13 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
     simulate(cfg)
     if not (out / "metrics.json").exists():
         raise typer.Exit(code=_fail("the federated run wrote no metrics.json; see the log above"))
-    metrics = load_metrics(out)
+    results = RunResults.from_dict(load_metrics(out))
     wall = time.perf_counter() - started
     b = cfg.baselines
     if with_baselines and (b.centralized_unet or b.local_unet):
-        minutes = _baseline_minutes(cfg, metrics)
-        metrics = _train_baselines(cfg, minutes, {"federated_wall": wall})
-    _summary(metrics)
+        minutes = _baseline_minutes(cfg, results)
+        results = _train_baselines(cfg, minutes, {"federated_wall": wall})
+    _summary(results)
     console.print(f"report: {(out / 'report.md').resolve()}")
     keys = Path(cfg.privacy.key_dir or out / "keys")
     if any(keys.glob("*.key")):
@@ -70,23 +71,23 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
             f"[yellow]{keys.resolve()} holds the simulated hospitals' secrets (mode 600): "
             "share metrics.json, report.md and figures/, never that folder or sites/."
         )
-    return metrics
+    return results
 
 
-def _baseline_minutes(cfg: RunConfig, metrics: dict) -> float:
+def _baseline_minutes(cfg: RunConfig, results: RunResults) -> float:
     """The federated run's training time (``match_wall_clock``), else ``baselines.minutes``."""
     if cfg.baselines.match_wall_clock:
-        return metrics["timing_s"]["training_total"] / 60
+        return results.timing_s["training_total"] / 60
     return cfg.baselines.minutes
 
 
-def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -> dict:
+def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -> RunResults:
     """Train the baselines ``cfg.baselines`` enables and add them to the run's results folder.
     The centralized UNet gets ``minutes``; each local UNet that divided by the site count."""
     from fedseg.data import load_federation
     from fedseg.evaluation import mean_over_sites
     from fedseg.reference_runs import centralized_unet, local_unets
-    from fedseg.results import add_baselines
+    from fedseg.report import add_baselines
 
     b = cfg.baselines
     sites = load_federation(cfg)
@@ -143,53 +144,37 @@ def _advance(progress: Progress, task, minutes: float):
     return on_epoch
 
 
-def _summary(metrics: dict) -> None:
-    if len(metrics["sites"]) > 8:  # many hospitals: one row per site instead of a column
-        _long_summary(metrics)
-        return
+def _summary(results: RunResults) -> None:
+    blocks = [(results.method, results.federated)] + [
+        (BASELINE_LABELS.get(k, k), b) for k, b in results.baselines.items()
+    ]
+    sites = list(results.federated.sites)
     table = Table(title="mean foreground Dice / HD95 / ASD per site")
-    table.add_column("method")
-    sites = list(metrics["sites"])
-    for s in sites:
-        table.add_column(s)
-    table.add_column("mean")
-    rows = [(_method(metrics), metrics)] + _baseline_rows(metrics)
-    for name, block in rows:
-        cells = [_cell(block["sites"].get(s)) for s in sites]
-        mean = block.get("mean") or {}
-        table.add_row(name, *cells, f"{_num(mean.get('dice'))}")
+    if len(sites) > 8:  # many hospitals: one row per site instead of a column
+        table.add_column("site")
+        for name, _ in blocks:
+            table.add_column(name)
+        for s in sites:
+            table.add_row(s, *[_cell(block.sites.get(s)) for _, block in blocks])
+        table.add_row("mean", *[_num(block.mean.get("dice")) for _, block in blocks])
+    else:
+        table.add_column("method")
+        for s in sites:
+            table.add_column(s)
+        table.add_column("mean")
+        for name, block in blocks:
+            cells = [_cell(block.sites.get(s)) for s in sites]
+            table.add_row(name, *cells, _num(block.mean.get("dice")))
     console.print(table)
 
 
-def _long_summary(metrics: dict) -> None:
-    blocks = [(_method(metrics), metrics)] + _baseline_rows(metrics)
-    table = Table(title="mean foreground Dice / HD95 / ASD per site")
-    table.add_column("site")
-    for name, _ in blocks:
-        table.add_column(name)
-    for s in metrics["sites"]:
-        table.add_row(s, *[_cell(block["sites"].get(s)) for _, block in blocks])
-    table.add_row("mean", *[_num((block.get("mean") or {}).get("dice")) for _, block in blocks])
-    console.print(table)
-
-
-def _method(metrics: dict) -> str:
-    from fedseg.report import DEFAULT_METHOD
-
-    return str(metrics.get("method") or DEFAULT_METHOD)
-
-
-def _baseline_rows(metrics: dict) -> list[tuple[str, dict]]:
-    from fedseg.report import BASELINE_LABELS
-
-    return [(BASELINE_LABELS.get(k, k), b) for k, b in metrics.get("baselines", {}).items()]
-
-
-def _cell(site: dict | None) -> str:
-    if not site:
+def _cell(site: SiteScores | None) -> str:
+    if site is None:
         return "-"
-    dice, hd95, asd = site["dice_mean"], site["hd95_mean"], site["asd_mean"]
-    return f"{_num(dice)} / {_num(hd95, 1)} / {_num(asd, 1)} {site['units']}"
+    return (
+        f"{_num(site.dice_mean)} / {_num(site.hd95_mean, 1)} / {_num(site.asd_mean, 1)} "
+        f"{site.units}"
+    )
 
 
 def _num(x, digits: int = 3) -> str:
@@ -263,8 +248,8 @@ def baselines(
     if not metrics_file.is_file():
         raise typer.Exit(code=_fail(f"{metrics_file}: no such file (not a fedseg results folder)"))
     try:
-        metrics = load_metrics(run_dir)
-        cfg = config_from_dict(metrics["config"])
+        results = RunResults.from_dict(load_metrics(run_dir))
+        cfg = config_from_dict(results.config)
     except (ConfigError, KeyError, ValueError) as err:
         raise typer.Exit(
             code=_fail(f"{metrics_file}: cannot rebuild the run's config: {err}")
@@ -274,7 +259,7 @@ def baselines(
     cfg.baselines.local_unet &= local
     if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet):
         raise typer.Exit(code=_fail("no baseline left to train (see --centralized / --local)"))
-    budget = minutes if minutes > 0 else _baseline_minutes(cfg, metrics)
+    budget = minutes if minutes > 0 else _baseline_minutes(cfg, results)
     console.print(f"baselines for {run_dir}: {budget:.1f} min of training")
     _summary(_train_baselines(cfg, budget, {}))
     console.print(f"report: {(run_dir / 'report.md').resolve()}")

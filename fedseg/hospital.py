@@ -22,10 +22,10 @@ import torch
 from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, method_name
 from fedseg.data.stats import site_statistics
+from fedseg.figures import Examples, write_overlays
 from fedseg.finetune import SiteFinetuner, kept_finetuners
 from fedseg.privacy.blind import mask_label
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest, LatentRequest, RoundRequest
-from fedseg.report import Examples, write_overlays
 from fedseg.site import (
     SiteModels,
     SiteSetup,

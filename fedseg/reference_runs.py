@@ -15,9 +15,9 @@ import torch
 
 from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit
+from fedseg.figures import Examples
 from fedseg.models.baselines import make_unet
 from fedseg.models.split_path import SplitPathNet
-from fedseg.report import Examples
 from fedseg.site import evaluate_predictions, pick_examples
 from fedseg.training import Budget, predict, train_segmenter
 

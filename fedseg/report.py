@@ -10,37 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_rgb
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from fedseg import report_sites
 from fedseg.atomic import write_text_atomic
-from fedseg.evaluation import dice_per_image, mean_over_sites
+from fedseg.config import RunConfig, method_name
+from fedseg.evaluation import mean_over_sites
+from fedseg.figures import Examples, write_figures
+from fedseg.results import (
+    DEFAULT_METHOD,
+    RunResults,
+    all_sites,
+    baseline_label,
+    baselines_of,
+    class_names_of,
+    mean_of,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "fedseg"  # a metrics.json without a method (config.method_name names it)
-BASELINE_LABELS = {"centralized_unet": "centralized UNet", "local_unet": "local UNets"}
-CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4"]
 _KNOWN_KEYS = {"config", "method", "sites", "mean", "baselines", "timing_s", "bytes_per_query"}
 _KNOWN_KEYS |= report_sites.KEYS  # rendered by fedseg.report_sites
-
-
-@dataclass
-class Examples:
-    """A few test images of one site, with truth and prediction, for overlay figures."""
-
-    images: np.ndarray  # (k, H, W) float
-    truth: np.ndarray  # (k, H, W) int
-    pred: np.ndarray  # (k, H, W) int
 
 
 def write_results(
@@ -59,7 +53,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = to_jsonable(metrics)
     write_text_atomic(out_dir / "metrics.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    figures = _write_figures(out_dir / "figures", clean, examples or {}, baseline_examples or {})
+    figures = write_figures(out_dir / "figures", clean, examples or {}, baseline_examples or {})
     drawn = {link for _, link in figures}
     for path in sorted((out_dir / "figures").glob("overlays_*.png")):  # drawn by the sites
         if f"figures/{path.name}" not in drawn:
@@ -68,24 +62,6 @@ def write_results(
             )
     write_text_atomic(out_dir / "report.md", render_report(clean, figures, out_dir.name))
     return out_dir
-
-
-def write_overlays(
-    out_dir: Path,
-    site: str,
-    examples: Examples,
-    class_names: list[str],
-    baseline_examples: dict[str, Examples] | None = None,
-    method: str = DEFAULT_METHOD,
-) -> Path | None:
-    """One site's overlay figure, drawn where the site runs (its images never travel)."""
-    fig_dir = Path(out_dir) / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"overlays_{_safe_name(site)}.png"
-    extra = _baseline_columns(
-        site, examples, {k: {site: ex} for k, ex in (baseline_examples or {}).items()}
-    )
-    return path if _try(_overlay_figure, path, site, examples, extra, class_names, method) else None
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
@@ -133,9 +109,9 @@ def render_report(metrics: dict[str, Any], figures: list[tuple[str, str]], fallb
     method = metrics.get("method") or DEFAULT_METHOD
     name = (metrics.get("config") or {}).get("name") or fallback
     lines = [f"# Results: {name}", "", _summary(metrics, method), "", _UNITS_NOTE, ""]
-    lines += _method_section(method, metrics.get("sites") or {}, _mean_of(metrics))
-    for key, block in _baselines(metrics):
-        lines += _method_section(_baseline_label(key), block.get("sites") or {}, _mean_of(block))
+    lines += _method_section(method, metrics.get("sites") or {}, mean_of(metrics))
+    for key, block in baselines_of(metrics):
+        lines += _method_section(baseline_label(key), block.get("sites") or {}, mean_of(block))
     lines += _comparison_section(metrics, method)
     lines += _timing_section(metrics.get("timing_s") or {})
     lines += _bytes_section(metrics.get("bytes_per_query"))
@@ -159,17 +135,17 @@ _UNITS_NOTE = (
 
 def _summary(metrics: dict[str, Any], method: str) -> str:
     sites = metrics.get("sites") or {}
-    ours = _mean_of(metrics).get("dice")
+    ours = mean_of(metrics).get("dice")
     text = f"{method} reached a mean foreground Dice of {_fmt(ours)} over {len(sites)} site(s)"
     others = [
-        f"{_fmt(_mean_of(block).get('dice'))} for the {_baseline_label(key)}"
-        for key, block in _baselines(metrics)
+        f"{_fmt(mean_of(block).get('dice'))} for the {baseline_label(key)}"
+        for key, block in baselines_of(metrics)
     ]
     return text + (", versus " + " and ".join(others) if others else "") + "."
 
 
 def _method_section(title: str, sites: dict[str, Any], mean: dict[str, Any]) -> list[str]:
-    classes = _class_names(sites)
+    classes = class_names_of(sites)
     header = ["Site", "n_test", *[f"Dice {c}" for c in classes], "Mean Dice", "HD95", "ASD"]
     rows = [_table_header(header + ["Units"])]
     for site, m in sites.items():
@@ -188,15 +164,15 @@ def _method_section(title: str, sites: dict[str, Any], mean: dict[str, Any]) -> 
 
 
 def _comparison_section(metrics: dict[str, Any], method: str) -> list[str]:
-    blocks = [(method, metrics)] + [(_baseline_label(k), b) for k, b in _baselines(metrics)]
+    blocks = [(method, metrics)] + [(baseline_label(k), b) for k, b in baselines_of(metrics)]
     if len(blocks) < 2:
         return []
-    sites = _all_sites(blocks)
+    sites = all_sites(blocks)
     rows = [_table_header(["Site", *[label for label, _ in blocks]])]
     for site in sites:
         values = [((b.get("sites") or {}).get(site) or {}).get("dice_mean") for _, b in blocks]
         rows.append(_row([site, *[_fmt(v) for v in values]]))
-    rows.append(_row(["**mean**", *[_fmt(_mean_of(b).get("dice")) for _, b in blocks]]))
+    rows.append(_row(["**mean**", *[_fmt(mean_of(b).get("dice")) for _, b in blocks]]))
     return ["## Mean foreground Dice by site", "", *rows, ""]
 
 
@@ -282,208 +258,48 @@ def _human_bytes(n_bytes: Any) -> str:
     return f"{n:,.0f} bytes"
 
 
-# --------------------------------------------------------------------------- metrics helpers
+# --------------------------------------------------------------------------- a run's record
 
 
-def _baselines(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Baselines that have results, in their stored order."""
-    found = metrics.get("baselines") or {}
-    return [(k, b) for k, b in found.items() if isinstance(b, dict) and b.get("sites")]
+def federated_metrics(
+    cfg: RunConfig,
+    site_metrics: dict[str, dict],
+    timing: dict[str, float],
+    bytes_per_query: int,
+    dropped: list[dict],
+    rejected: list[dict] | None = None,
+    **extra: Any,
+) -> RunResults:
+    """Record a federated run in ``cfg.out_dir``; baselines are added later
+    (:func:`add_baselines`)."""
+    results = RunResults.from_dict(
+        {
+            "config": cfg.to_dict(),
+            "method": method_name(cfg),
+            "sites": site_metrics,
+            "mean": mean_over_sites(site_metrics),
+            "timing_s": timing,
+            "bytes_per_query": bytes_per_query,
+            "dropped": dropped,
+            "rejected": rejected or [],
+            **extra,
+        }
+    )
+    write_results(Path(cfg.out_dir), results.to_dict())
+    return results
 
 
-def _baseline_label(key: str) -> str:
-    return BASELINE_LABELS.get(key, key.replace("_", " "))
-
-
-def _mean_of(block: dict[str, Any]) -> dict[str, Any]:
-    """The stored mean, or one computed from the sites when it is missing."""
-    return block.get("mean") or mean_over_sites(block.get("sites") or {})
-
-
-def _class_names(sites: dict[str, Any]) -> list[str]:
-    """Foreground class names in first-seen order across sites."""
-    names: list[str] = []
-    for m in sites.values():
-        names += [c for c in (m.get("dice") or {}) if c not in names]
-    return names
-
-
-def _all_sites(blocks: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    sites: list[str] = []
-    for _, block in blocks:
-        sites += [s for s in (block.get("sites") or {}) if s not in sites]
-    return sites
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _write_figures(
-    fig_dir: Path,
-    metrics: dict[str, Any],
-    examples: dict[str, Examples],
-    baseline_examples: dict[str, dict[str, Examples]],
-) -> list[tuple[str, str]]:
-    """Draw every figure, logging (not raising) failures; return the ones written."""
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    method = metrics.get("method") or DEFAULT_METHOD
-    done: list[tuple[str, str]] = []
-    if metrics.get("sites"):
-        path = fig_dir / "site_dice.png"
-        if _try(_site_dice_figure, path, metrics, method):
-            done.append(("Mean foreground Dice per site", f"figures/{path.name}"))
-    if metrics.get("data_stats") and _try(report_sites.figure, fig_dir / "data_stats.png", metrics):
-        done.append(("Data per site (class fractions, intensities)", "figures/data_stats.png"))
-    for site, ex in examples.items():
-        path = fig_dir / f"overlays_{_safe_name(site)}.png"
-        extra = _baseline_columns(site, ex, baseline_examples)
-        names = _legend_names(metrics, site)
-        if _try(_overlay_figure, path, site, ex, extra, names, method):
-            done.append((f"Example overlays: {site}", f"figures/{path.name}"))
-    return done
-
-
-def _try(draw: Any, path: Path, *args: Any) -> bool:
-    try:
-        draw(path, *args)
-        return True
-    except Exception:  # a figure must never cost the run its results
-        log.warning("could not draw %s", path, exc_info=True)
-        return False
-
-
-def _safe_name(site: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", site) or "site"
-
-
-def _baseline_columns(
-    site: str, ex: Examples, baseline_examples: dict[str, dict[str, Examples]]
-) -> list[tuple[str, np.ndarray]]:
-    """(label, pred) for baselines with predictions of the same images."""
-    columns = []
-    for key, per_site in baseline_examples.items():
-        other = (per_site or {}).get(site)
-        if other is None:
-            continue
-        if np.shape(other.pred) != np.shape(ex.truth):
-            log.warning("baseline %s examples of %s do not match; skipped", key, site)
-            continue
-        columns.append((_baseline_label(key), np.asarray(other.pred)))
-    return columns
-
-
-def _legend_names(metrics: dict[str, Any], site: str) -> list[str]:
-    """Class names, background first: from the site's metrics, else the config."""
-    dice = ((metrics.get("sites") or {}).get(site) or {}).get("dice") or {}
-    if dice:
-        return ["background", *dice]
-    return list(((metrics.get("config") or {}).get("data") or {}).get("class_names") or [])
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)  # explicit Agg: no pyplot, no global backend, safe in workers
-    return fig
-
-
-def _overlay_figure(
-    path: Path,
-    site: str,
-    ex: Examples,
-    extra: list[tuple[str, np.ndarray]],
-    names: list[str],
-    method: str,
-) -> None:
-    images, truth, pred = _example_arrays(ex)
-    num_classes = int(max(len(names), truth.max() + 1, pred.max() + 1, 2))
-    columns = [("Image", None), ("Ground truth", truth), (method, pred), *extra]
-    k, ncols = len(images), len(columns)
-    fig = _new_figure(2.4 * ncols, 2.4 * k + 0.9)
-    axes = fig.subplots(k, ncols, squeeze=False)
-    for col, (title, labels) in enumerate(columns):
-        scores = None if labels is None or col == 1 else dice_per_image(labels, truth, num_classes)
-        for row in range(k):
-            _draw_panel(axes[row][col], images[row], None if labels is None else labels[row])
-            if scores is not None:
-                _corner_text(axes[row][col], f"Dice {scores[row]:.2f}")
-        axes[0][col].set_title(title, fontsize=9)
-    fig.suptitle(f"{site}: example test images", fontsize=11)
-    handles = _legend_handles(names, num_classes)
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path)
-
-
-def _example_arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    images = np.asarray(ex.images, dtype=np.float64)
-    if images.ndim == 4 and images.shape[1] == 1:  # (k, 1, H, W) straight from a loader
-        images = images[:, 0]
-    truth, pred = np.asarray(ex.truth), np.asarray(ex.pred)
-    if images.ndim != 3 or truth.shape != images.shape or pred.shape != images.shape:
-        raise ValueError(
-            f"examples: images {images.shape}, truth {truth.shape}, pred {pred.shape} differ"
-        )
-    if len(images) == 0:
-        raise ValueError("examples: no images")
-    return images, truth.astype(np.int64), pred.astype(np.int64)
-
-
-def _draw_panel(ax: Any, image: np.ndarray, labels: np.ndarray | None) -> None:
-    lo, hi = np.nanpercentile(image, [1, 99]) if np.isfinite(image).any() else (0.0, 1.0)
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-    if labels is not None:
-        ax.imshow(_rgba(labels), interpolation="nearest")
-    ax.set_axis_off()
-
-
-def _rgba(labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    out = np.zeros((*labels.shape, 4))
-    for c in np.unique(labels):
-        if c > 0:
-            out[labels == c] = (*to_rgb(_colour(int(c))), alpha)
-    return out
-
-
-def _colour(class_index: int) -> str:
-    return CLASS_COLOURS[(class_index - 1) % len(CLASS_COLOURS)]
-
-
-def _legend_handles(names: list[str], num_classes: int) -> list[Patch]:
-    labels = [names[c] if c < len(names) else f"class {c}" for c in range(num_classes)]
-    return [Patch(color=_colour(c), label=labels[c]) for c in range(1, num_classes)]
-
-
-def _corner_text(ax: Any, text: str) -> None:
-    box = {"facecolor": "black", "alpha": 0.5, "pad": 1}
-    ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=7, color="white", bbox=box)
-
-
-def _site_dice_figure(path: Path, metrics: dict[str, Any], method: str) -> None:
-    blocks = [(method, metrics)] + [(_baseline_label(k), b) for k, b in _baselines(metrics)]
-    sites = _all_sites(blocks)
-    groups = [*sites, "mean"]
-    fig = _new_figure(max(5.0, 1.0 + len(groups) * (0.5 + 0.45 * len(blocks))), 4.0)
-    ax = fig.subplots()
-    width = 0.8 / len(blocks)
-    for i, (label, block) in enumerate(blocks):
-        values = [((block.get("sites") or {}).get(s) or {}).get("dice_mean") for s in sites]
-        values.append(_mean_of(block).get("dice"))
-        x = np.arange(len(groups)) + (i - (len(blocks) - 1) / 2) * width
-        _annotated_bars(ax, x, values, width, label, f"C{i}")
-    ax.set_xticks(np.arange(len(groups)), groups, rotation=20 if len(groups) > 6 else 0)
-    ax.set_ylim(0, 1.2)  # headroom for the legend above Dice ~1 bars
-    ax.set_ylabel("mean foreground Dice")
-    ax.set_title("Mean foreground Dice per site")
-    ax.legend(fontsize=8, loc="upper center", ncol=len(blocks), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _annotated_bars(
-    ax: Any, x: np.ndarray, values: list[Any], width: float, label: str, colour: str
-) -> None:
-    heights = [np.nan if v is None else float(v) for v in values]
-    ax.bar(x, np.nan_to_num(heights), width, label=label, color=colour)
-    for xi, h in zip(x, heights, strict=True):
-        text = "n/a" if np.isnan(h) else f"{h:.2f}"
-        ax.text(xi, (0 if np.isnan(h) else h) + 0.01, text, ha="center", va="bottom", fontsize=7)
+def add_baselines(
+    out_dir: Path, baselines: dict[str, dict], timing: dict[str, float]
+) -> RunResults:
+    """Merge baseline results into an existing run folder and redraw its report."""
+    results = RunResults.from_dict(load_metrics(out_dir))
+    extended = RunResults.from_dict(
+        {
+            **results.to_dict(),
+            "baselines": {**{k: v.to_dict() for k, v in results.baselines.items()}, **baselines},
+        }
+    )
+    extended.timing_s.update(timing)
+    write_results(out_dir, extended.to_dict())
+    return extended

@@ -22,7 +22,8 @@ from fedseg.coordinator import Coordinator
 from fedseg.deploy.registry import load_registry
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.models.autoencoder import latent_shapes
-from fedseg.results import federated_metrics
+from fedseg.report import federated_metrics
+from fedseg.results import RunResults
 from fedseg.wire import payload_bytes
 from simulations.profiles import describe, round_deadline
 from strategies.autoencoders import LocalAutoencoderTraining
@@ -37,8 +38,8 @@ CHUNK_SIZE = 128
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    """All phases; returns the metrics dict it also wrote to ``cfg.out_dir``.
+def run_federation(grid: Grid, cfg: RunConfig) -> RunResults:
+    """All phases; returns the run's results, which it also wrote to ``cfg.out_dir``.
 
     With ``cfg.resume`` the sites reload their saved autoencoders, and the server takes back
     the collected latents and the last finished UMN round from ``<out_dir>/checkpoints``.
