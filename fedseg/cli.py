@@ -45,8 +45,9 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("fedseg").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) -> RunResults:
-    """Federated run, then baselines; returns the run's results."""
+def execute(cfg: RunConfig, with_baselines: bool = True, debug: bool = False) -> RunResults:
+    """Federated run, then baselines; returns the run's results. ``debug``: Flower's notices
+    to fedseg's developers too (simulations/engine.py)."""
     from fedseg.report import load_metrics
     from simulations.engine import simulate
 
@@ -54,7 +55,7 @@ def execute(cfg: RunConfig, with_baselines: bool = True, verbose: bool = False) 
     console.rule(f"[bold]fedseg: {cfg.name}")
     console.print(f"results -> {out.resolve()}")
     started = time.perf_counter()
-    simulate(cfg)
+    simulate(cfg, debug=debug)
     if not (out / "metrics.json").exists():
         raise typer.Exit(code=_fail("the federated run wrote no metrics.json; see the log above"))
     results = RunResults.from_dict(load_metrics(out))
@@ -193,10 +194,11 @@ def demo(
         False, "--quick", help="small and fast (under 3 min on 2 cores)"
     ),
     verbose: bool = typer.Option(True, help="show the federation's log"),
+    debug: bool = typer.Option(False, help="also Flower's notices to fedseg's developers"),
 ) -> None:
     """Three synthetic hospitals (the embedded default) through Flower + Ray."""
     _logging(verbose)
-    execute(demo_config(str(out), quick_run), verbose=False)
+    execute(demo_config(str(out), quick_run), debug=debug)
 
 
 @app.command()
@@ -208,6 +210,7 @@ def run(
     baselines: bool = typer.Option(True, help="train the centralized and local UNets too"),
     resume: bool = typer.Option(False, help="continue a killed run from its checkpoints"),
     verbose: bool = typer.Option(True, help="show the federation's log"),
+    debug: bool = typer.Option(False, help="also Flower's notices to fedseg's developers"),
 ) -> None:
     """Any scenario from a TOML file."""
     _logging(verbose)
@@ -226,7 +229,7 @@ def run(
             console.print(describe_resume(cfg))
     except ConfigError as err:
         raise typer.Exit(code=_fail(str(err))) from err
-    execute(cfg, with_baselines=baselines, verbose=False)
+    execute(cfg, with_baselines=baselines, debug=debug)
 
 
 @app.command()

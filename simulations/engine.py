@@ -27,8 +27,20 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-def simulate(cfg: RunConfig) -> None:
-    """The same ClientApp/ServerApp as ``flwr run .``, with the scenario passed in directly."""
+class _FedsegsOwnNotices(logging.Filter):
+    """Flower's notice that ``run_simulation`` is deprecated is addressed to fedseg, not to its
+    user, who can do nothing about it. fedseg keeps ``run_simulation`` on purpose: it runs the
+    ServerApp in this process, so the phases' live progress reaches the terminal, and it leaves
+    no local SuperLink running afterwards (``flwr run .`` starts one and streams only log
+    lines). ``--debug`` shows the notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def simulate(cfg: RunConfig, debug: bool = False) -> None:
+    """The same ClientApp/ServerApp as ``flwr run .``, with the scenario passed in directly.
+    ``debug``: also Flower's notices addressed to fedseg's developers."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts its workers at nice 15; the simulated hospitals are the run's real work, and at
     # nice 15 any other job on the machine starves them (FedAvg rounds went from 52 s to 4-6 min).
@@ -39,7 +51,12 @@ def simulate(cfg: RunConfig) -> None:
 
     # Flower prints through its own handler (INFO and up); passed on to ours as well, each of
     # its lines came twice and its DEBUG records (backend config, run ids) reached the user.
-    logging.getLogger("flwr").propagate = False
+    flower_log = logging.getLogger("flwr")
+    flower_log.propagate = False
+    for old in [f for f in flower_log.filters if isinstance(f, _FedsegsOwnNotices)]:
+        flower_log.removeFilter(old)
+    if not debug:
+        flower_log.addFilter(_FedsegsOwnNotices())
 
     from clients.app import make_client_app
     from server.app import make_server_app
