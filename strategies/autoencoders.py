@@ -25,7 +25,7 @@ class LocalAutoencoderTraining:
         def content(_: int) -> RecordDict:
             return RecordDict({protocol.CONFIG: ConfigRecord({"reuse": self.reuse})})
 
-        with site_progress("autoencoders") as on_reply:
+        with site_progress("sites registering") as on_reply:
             replies, failed = exchange(
                 grid, node_ids, protocol.REGISTER, content, self.timeout_s, on_reply
             )

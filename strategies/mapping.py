@@ -24,7 +24,9 @@ class MappingTraining:
     def run(self, rounds: int, before_round: Callable[[int], str] | None = None) -> list[float]:
         """``before_round(r)`` (1-based) runs the round's participation and returns a status
         line for the progress view (who is in, who dropped)."""
-        losses = []
+        losses: list[float] = []
+        if rounds == 0:  # split training only (the default): no latent-MSE phase to show
+            return losses
         per_round = self.coordinator.cfg.training.umn_epochs_per_round
         columns = (TextColumn("UMN"), BarColumn(), TextColumn("{task.fields[status]}"))
         timers = (TimeElapsedColumn(), TimeRemainingColumn())
