@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from fedseg import protocol
 from fedseg.coordinator import Coordinator
+from fedseg.results import SiteScores
 from fedseg.wire import check_fields, unpack
 from strategies.common import Federation, exchange, site_progress, to_record
 from strategies.latents import LatentCollection
@@ -106,4 +107,5 @@ def checked_metrics(text: str, n_test: int) -> dict:
                 raise ValueError(f"dice = {value} is outside [0, 1]")
     if metrics.get("n_test") != n_test:
         raise ValueError(f"scored {metrics.get('n_test')} images, registered {n_test}")
+    SiteScores.from_dict(metrics)  # every field the results record needs, or refused by name
     return metrics

@@ -92,6 +92,7 @@ def _metrics_reply(metrics: dict | str) -> str:
         ({"dice_mean": 1.7, "dice": {"a": 0.5}, "n_test": 4}, "outside"),
         ({"dice_mean": 0.5, "dice": {"a": 0.5}, "hd95_mean": -3.0, "n_test": 4}, "not a score"),
         ({"dice_mean": 0.5, "dice": {"a": 0.5}, "n_test": 40}, "scored 40 images, registered 4"),
+        ({"dice_mean": 0.5, "dice": {"a": 0.5}, "n_test": 4}, "SiteScores: missing asd"),
     ],
 )
 def test_forged_metrics_are_refused(metrics, message):
@@ -101,6 +102,8 @@ def test_forged_metrics_are_refused(metrics, message):
 
 def test_honest_metrics_pass():
     honest = {"dice_mean": 0.8, "dice": {"a": 0.8, "b": None}, "hd95_mean": 3.0, "n_test": 4}
+    honest |= {"hd95": {"a": 3.0, "b": None}, "asd": {"a": 1.0, "b": None}, "asd_mean": 1.0}
+    honest["units"] = "px"
     assert checked_metrics(_metrics_reply(honest), n_test=4)["dice_mean"] == 0.8
 
 
