@@ -23,6 +23,7 @@ from fedseg.evaluation import mean_over_sites
 from fedseg.figures import Examples, write_figures
 from fedseg.results import (
     DEFAULT_METHOD,
+    MethodResults,
     RunResults,
     all_sites,
     baseline_label,
@@ -294,12 +295,7 @@ def add_baselines(
 ) -> RunResults:
     """Merge baseline results into an existing run folder and redraw its report."""
     results = RunResults.from_dict(load_metrics(out_dir))
-    extended = RunResults.from_dict(
-        {
-            **results.to_dict(),
-            "baselines": {**{k: v.to_dict() for k, v in results.baselines.items()}, **baselines},
-        }
-    )
-    extended.timing_s.update(timing)
-    write_results(out_dir, extended.to_dict())
-    return extended
+    results.baselines.update({k: MethodResults.from_dict(v) for k, v in baselines.items()})
+    results.timing_s.update(timing)
+    write_results(out_dir, results.to_dict())
+    return results
