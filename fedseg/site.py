@@ -26,6 +26,7 @@ from fedseg.privacy.keys import (
     bind_key,
     load_or_create_key,
     read_key_file,
+    simulated_secret,
 )
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
@@ -267,8 +268,9 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
             raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")
         owner = "federation" if cfg.privacy.key_scope == "federation" else split.name
         key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
-        # A simulated hospital's first start makes its secret; nothing else creates one.
-        load_or_create_key(key_file)
+        # A simulated hospital's first start makes its secret, from the run's seed (so seeded
+        # runs repeat); nothing else creates one. Key files the user gave are used as they are.
+        load_or_create_key(key_file, simulated_secret(cfg.training.seed, owner))
     if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
         _bind_once(site_models_path(out_dir, split.name).parent, Path(str(key_file)))
     return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import stat
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedseg.atomic import write_text_atomic
 
 SECRET_BYTES = 32
 KEY_FILE_HEADER = "fedseg-secret-v1"
@@ -33,26 +34,39 @@ def generate_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
+def simulated_secret(seed: int, owner: str) -> bytes:
+    """A simulated hospital's secret, derived from the run's seed (``training.seed``) and its
+    owner ("federation" or a site name), so two runs with one seed draw the same keys and give
+    the same figures. Anyone who knows the seed knows this secret: it is for simulations only,
+    where one machine plays every party; a real hospital's secret comes from ``fedseg keygen``.
+    """
+    return derive_bytes(f"fedseg/simulation-seed/{int(seed)}".encode(), f"simulated-key/{owner}")
+
+
 def write_key_file(path: str | Path, secret: bytes | None = None, overwrite: bool = False) -> Path:
-    """Create a key file with mode 0600 from the first byte on (no window where it is open)."""
+    """Create a key file: mode 0600 from the first byte on, written whole or not at all, and
+    (without ``overwrite``) never replacing an existing one, even one created meanwhile."""
     path = Path(path)
     secret = generate_secret() if secret is None else secret
     if len(secret) != SECRET_BYTES:
         raise KeyFileError(f"a secret has {SECRET_BYTES} bytes, got {len(secret)}")
+    if path.is_dir():
+        raise KeyFileError(f"key file {path} is a directory; give a file name")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder: owner only
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    text = f"{KEY_FILE_HEADER}:{secret.hex()}\n"
     try:
-        fd = os.open(path, flags, 0o600)
+        write_text_atomic(path, text, mode=0o600, replace=overwrite)
     except FileExistsError as err:
         raise KeyFileError(f"key file {path} exists; refusing to overwrite a secret") from err
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{KEY_FILE_HEADER}:{secret.hex()}\n")
-    os.chmod(path, 0o600)  # in case the file existed with other bits and overwrite=True
     return path
 
 
 def read_key_file(path: str | Path) -> bytes:
+    """The secret in a key file; every problem is a KeyFileError naming the file (and never
+    showing its content)."""
     path = Path(path)
+    if path.is_dir():
+        raise KeyFileError(f"key file {path} is a directory, not a key file")
     if not path.is_file():
         raise KeyFileError(
             f"key file not found: {path} (create one with `fedseg keygen --out {path}`)"
@@ -60,7 +74,14 @@ def read_key_file(path: str | Path) -> bytes:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise KeyFileError(f"key file {path} has mode {mode:o}; it must be 600 (chmod 600 {path})")
-    text = path.read_text().strip()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise KeyFileError(f"key file {path} cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = ""  # binary: not a key file (its bytes are not shown)
     header, _, body = text.partition(":")
     try:
         secret = bytes.fromhex(body)
@@ -71,19 +92,19 @@ def read_key_file(path: str | Path) -> bytes:
     return secret
 
 
-def load_or_create_key(path: str | Path) -> bytes:
-    """What a simulated hospital does on first start: make its own secret, then reuse it."""
+def load_or_create_key(path: str | Path, secret: bytes | None = None) -> bytes:
+    """What a simulated hospital does on first start: make its secret (``secret``, e.g.
+    :func:`simulated_secret`, else a random one), then reuse the file. Several simulated sites
+    may start at once: the file is created whole and never replaced, so none reads a
+    half-written secret or replaces another's."""
     path = Path(path)
     if not path.exists():
-        # Written aside, then linked into place: with a federation key several simulated sites
-        # start at once, and none may read a half-written secret or replace another's.
-        tmp = write_key_file(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"))
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another site made it first: use theirs
-        finally:
-            tmp.unlink()
+            write_key_file(path, secret)
+        except KeyFileError:
+            if not path.is_file():
+                raise
+            # another site made it first: use theirs
     return read_key_file(path)
 
 
@@ -109,8 +130,7 @@ def bind_key(folder: str | Path, key_file: str | Path, record: bool = True) -> s
                 f"{folder} were trained with (fingerprint {known})"
             )
     elif record:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(fingerprint + "\n")
+        write_text_atomic(path, fingerprint + "\n")
     return fingerprint
 
 
