@@ -8,12 +8,13 @@ resuming it would silently mix two experiments. Neither file holds key material.
 
 from __future__ import annotations
 
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedseg.atomic import torch_save_atomic
 from fedseg.config import ConfigError, RunConfig, config_from_dict
 
 UMN_NAME = "umn.pt"
@@ -37,8 +38,16 @@ _IGNORED = {
 }
 
 
-class CheckpointMismatch(ConfigError):
+class CheckpointError(ConfigError):
+    """A checkpoint file exists but cannot be used (empty, torn, foreign, another config)."""
+
+
+class CheckpointMismatch(CheckpointError):
     """A checkpoint exists but was made with another configuration."""
+
+
+class ResultsFolderError(ConfigError):
+    """A run would write into a folder that holds another run's results."""
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -83,27 +92,38 @@ def check_config(path: Path, saved: dict[str, Any], cfg: RunConfig) -> None:
 
 
 def save_private(obj: Any, path: Path) -> Path:
-    """Atomic write, mode 0600 (latents are a site's data under its key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        torch.save(obj, handle)
-    tmp.replace(path)
-    return path
+    """Atomic write (``fedseg.atomic``), mode 0600 (latents are a site's data under its key)."""
+    return torch_save_atomic(obj, path, mode=0o600)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A fedseg checkpoint file, or a :class:`CheckpointError` naming it and saying what is
+    wrong: missing, empty, torn or not a torch file, or not a fedseg checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"{path} is empty (0 bytes): not a checkpoint; move it aside and resume or re-run"
+        )
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a torn or foreign file: say which, in one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint (truncated or not a torch file: {reason})"
+        ) from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path} is not a fedseg checkpoint (no config)")
+    return state
 
 
 def load_checkpoint(cfg: RunConfig, name: str) -> dict[str, Any] | None:
     """A checkpoint file of this run, checked against ``cfg``; None if there is none."""
     path = checkpoint_dir(cfg) / name
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:  # a torn or foreign file: say which
-        raise CheckpointMismatch(f"{path} cannot be read as a checkpoint: {err}") from err
-    if not isinstance(state, dict) or "config" not in state:
-        raise CheckpointMismatch(f"{path} is not a fedseg checkpoint (no config)")
+    state = read_checkpoint(path)
     check_config(path, state["config"], cfg)
     return state
 
@@ -142,3 +162,45 @@ def fingerprint(cfg: RunConfig) -> str:
 
     text = json.dumps(comparable(cfg.to_dict()), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# What a run writes into its results folder (``keys`` only where privacy.key_dir is unset).
+RUN_OUTPUTS = ("metrics.json", "report.md", "figures", "checkpoints", "sites", "keys")
+
+
+def run_outputs(cfg: RunConfig) -> list[Path]:
+    """The entries of ``cfg.out_dir`` that a run wrote (and a new run would replace)."""
+    out = Path(cfg.out_dir)
+    names = [n for n in RUN_OUTPUTS if n != "keys" or not cfg.privacy.key_dir]
+    return [out / n for n in names if (out / n).exists() or (out / n).is_symlink()]
+
+
+def claim_out_dir(cfg: RunConfig, overwrite: bool = False) -> list[Path]:
+    """Check, before anything is written, that a run may write into ``cfg.out_dir``.
+
+    A folder holding another run's results is refused, unless the run resumes it
+    (``cfg.resume``) or ``overwrite`` is given: then that run's outputs (metrics, report,
+    figures, checkpoints, the simulated sites' models and seed-derived keys) are removed and
+    returned; anything else in the folder is left alone. Key files in a ``privacy.key_dir`` of
+    the user's are never touched.
+    """
+    out = Path(cfg.out_dir)
+    if cfg.resume and overwrite:
+        raise ResultsFolderError("--resume and --overwrite exclude each other: choose one")
+    if out.exists() and not out.is_dir():
+        raise ResultsFolderError(f"results folder {out} is a file, not a folder")
+    found = run_outputs(cfg)
+    if cfg.resume or not found:
+        return []
+    if not overwrite:
+        names = ", ".join(p.name for p in found)
+        raise ResultsFolderError(
+            f"results folder {out} already holds a run ({names}): pass --resume to continue "
+            "it, --overwrite to replace it, or --out for another folder"
+        )
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found

@@ -227,23 +227,16 @@ class Coordinator:
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""
-        path = Path(directory) / CHECKPOINT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "round": self.round,
-                "epoch": self.epoch,
-                "sites": self.sites,
-                "umn": self.umn.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "config": self.cfg.to_dict(),
-                **(extra or {}),
-            },
-            tmp,
-        )
-        tmp.replace(path)
-        return path
+        state = {
+            "round": self.round,
+            "epoch": self.epoch,
+            "sites": self.sites,
+            "umn": self.umn.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "config": self.cfg.to_dict(),
+            **(extra or {}),
+        }
+        return save_private(state, Path(directory) / CHECKPOINT_NAME)  # whole or not at all
 
     def save_latents(self, directory: str | Path, extra: dict | None = None) -> Path:
         """What the sites sent (fp16, as the server holds it), so a resume need not re-collect."""

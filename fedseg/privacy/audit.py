@@ -2,7 +2,7 @@
 
 With ``privacy.audit_dir`` set, every payload a site sends is also written to
 ``<audit_dir>/<site>/NNNN_<message type>.npz`` so a hospital (or a test) can inspect exactly
-what crossed the wire.
+what crossed the wire. Copies go through the atomic writer: a copy is whole or absent.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.atomic import savez_atomic
 from fedseg.config import RunConfig
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import KeyMaterial
@@ -64,9 +65,20 @@ def guard_and_audit(
                 f"{site}: refusing to send {message_type}: {'; '.join(findings[:5])}"
             )
     if cfg.privacy.audit_dir:
-        folder = Path(cfg.privacy.audit_dir) / site
-        folder.mkdir(parents=True, exist_ok=True)
-        index = len(list(folder.glob("*.npz")))
-        safe_type = message_type.replace(".", "_")
-        payload = {"__texts__": np.array(json.dumps(texts)), **arrays}
-        np.savez(folder / f"{index:04d}_{safe_type}.npz", **payload)  # type: ignore[arg-type]
+        keep_copy(Path(cfg.privacy.audit_dir) / site, message_type, arrays, texts)
+
+
+def keep_copy(
+    folder: Path, message_type: str, arrays: dict[str, np.ndarray], texts: list[str]
+) -> Path:
+    """``folder/NNNN_<type>.npz``, the next free number: written whole or not at all (a site
+    killed mid-write leaves no torn copy) and never over an earlier copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    safe_type = message_type.replace(".", "_")
+    payload = {"__texts__": np.array(json.dumps(texts)), **arrays}
+    index = len(list(folder.glob("*.npz")))
+    while True:
+        try:
+            return savez_atomic(folder / f"{index:04d}_{safe_type}.npz", payload, replace=False)
+        except FileExistsError:
+            index += 1  # another writer took this number: the copy goes after it
