@@ -8,6 +8,7 @@ are errors, so a typo in a hospital's config never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,59 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values one numeric field may take, so a bad value fails at load, not deep in a run:
+    ``lo``..``hi`` (ends excluded with ``lo_open``/``hi_open``), a step (``multiple``), and
+    special values outside the range (``also``, e.g. -1 = off)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    multiple: int = 0
+    also: tuple[float, ...] = ()
+    meaning: str = ""  # what the special values mean, for the message
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below and (not self.multiple or value % self.multiple == 0)
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo > -math.inf:
+            parts.append(f"{'>' if self.lo_open else '>='} {_num(self.lo)}")
+        if self.hi < math.inf:
+            parts.append(f"{'<' if self.hi_open else '<='} {_num(self.hi)}")
+        text = " and ".join(parts) or "finite"
+        if self.multiple:
+            text += f" and a multiple of {self.multiple}"
+        if self.also:
+            text += f", or {' or '.join(_num(v) for v in self.also)}"
+            text += f" ({self.meaning})" if self.meaning else ""
+        return text
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def at_least(lo: float, **kw: Any) -> Range:
+    return Range(lo=lo, **kw)
+
+
+POSITIVE = Range(lo=0, lo_open=True)
+NON_NEGATIVE = Range(lo=0)
+COUNT = Range(lo=1)  # at least one
+SEED = Range(lo=0, hi=2**63 - 1)  # numpy and torch refuse negative seeds
+FRACTION = Range(0, 1)
+
+
 @dataclass
 class DatasetConfig:
     """Where one data source lives and how its files become (image, class map) pairs."""
@@ -47,6 +101,17 @@ class DatasetConfig:
     axis: int = 2  # NIfTI slicing axis
     keep_empty_slices: bool = False  # NIfTI: keep slices without foreground
     max_items: int = 0  # use at most this many files/volumes (0 = all), for quick runs
+    # Image channels the encoders take: 1 grey (colour files become luminance), 3 colour (grey
+    # files are repeated into three channels); 0 = what the images are (a scenario resolves it
+    # when loaded). "auto", "grey" and "rgb" are accepted too. One value for the whole run.
+    channels: int = 0
+    # Masks as stored (docs/data.md). >= 0: binary masks, stored value > threshold (in any
+    # channel) is foreground, so compression noise (JPEG) is no error; -1 = off.
+    mask_threshold: float = -1.0
+    label_colors: list[list[int]] = field(default_factory=list)  # RGB of class i (colour-coded)
+    label_color_tolerance: float = 40.0  # RGB distance a stored colour may be off (compression)
+    max_pixels: int = 100_000_000  # largest image (pixels) or volume (voxels) decoded; bigger
+    #   files are refused before decoding (a 12000x12000 PNG of 140 KB needs 3 GB)
     # synthetic hospitals
     synthetic_train: int = 32  # training images per synthetic hospital
     synthetic_test: int = 12
@@ -302,6 +367,8 @@ class RunConfig:
             ),
             (self.federation.dirichlet_alpha >= 0, "federation.dirichlet_alpha must be >= 0"),
             *_hospital_checks(self),
+            *_section_checks(self),
+            *_channel_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -310,6 +377,194 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Every numeric field's allowed values (tests/test_config.py checks that none is missing),
+# and the allowed values of each element of the numeric list fields.
+RANGES: dict[type, dict[str, Range]] = {
+    DatasetConfig: {
+        "spacing_mm": NON_NEGATIVE,
+        "axis": Range(0, 2),
+        "max_items": NON_NEGATIVE,
+        "synthetic_train": COUNT,
+        "synthetic_test": COUNT,
+        "seed": SEED,
+        "channels": Range(1, 1, also=(0, 3), meaning="0 = what the images are, 3 = colour"),
+        "mask_threshold": Range(0, 65535, hi_open=True, also=(-1,), meaning="-1 = off"),
+        "label_color_tolerance": Range(0, 442),  # 442 > the RGB cube's diagonal
+        "max_pixels": COUNT,
+    },
+    FederationConfig: {
+        "num_sites": COUNT,
+        "test_fraction": Range(0, 1, lo_open=True, hi_open=True),
+        "seed": SEED,
+        "client_cpus": POSITIVE,
+        "node_wait_s": POSITIVE,
+        "message_timeout_s": NON_NEGATIVE,
+        "actors": NON_NEGATIVE,
+        "dirichlet_alpha": NON_NEGATIVE,
+        "round_timeout_s": NON_NEGATIVE,
+        "magnitude_bound": Range(1, also=(0,), meaning="0 = off"),
+        "round_items": Range(0, also=(-1,), meaning="-1 = one augmented pass"),
+    },
+    HospitalConfig: {
+        "count": COUNT,
+        "samples": NON_NEGATIVE,
+        "test_samples": NON_NEGATIVE,
+        "style": Range(0, also=(-1,), meaning="-1 = the hospital's index"),
+        "intensity_shift": Range(),
+        "contrast": POSITIVE,
+        "noise": NON_NEGATIVE,
+        "resolution": Range(8, also=(0,), meaning="0 = none"),
+        "label_noise": FRACTION,
+        "speed": POSITIVE,
+        "dropout": Range(0, 1, hi_open=True),
+    },
+    ModelConfig: {
+        "image_size": Range(32, 4096, multiple=32),
+        "latent_channels": COUNT,
+        "umn_width": Range(8, multiple=8),  # GroupNorm(8) and pyramid pooling's width // 4
+        "umn_blocks": NON_NEGATIVE,
+    },
+    TrainingConfig: {
+        "batch_size": COUNT,
+        "ae_epochs": NON_NEGATIVE,
+        "ae_lr": POSITIVE,
+        "ae_minutes": NON_NEGATIVE,
+        "mask_latent_noise": NON_NEGATIVE,
+        "cross_decoding_weight": NON_NEGATIVE,
+        "augment_copies": COUNT,
+        "umn_rounds": NON_NEGATIVE,
+        "umn_epochs_per_round": COUNT,
+        "umn_lr": POSITIVE,
+        "adapter_lr_scale": POSITIVE,
+        "umn_minutes": NON_NEGATIVE,
+        "finetune_epochs": NON_NEGATIVE,
+        "finetune_lr": POSITIVE,
+        "threads": COUNT,
+        "seed": SEED,
+    },
+    PrivacyConfig: {"bias_scale": NON_NEGATIVE},
+    BaselineConfig: {"epochs": COUNT, "minutes": NON_NEGATIVE, "lr": POSITIVE},
+    AttackConfig: {
+        "victim": NON_NEGATIVE,
+        "inversion_epochs": COUNT,
+        "knt_fit_steps": COUNT,
+        "reid_epochs": COUNT,
+        "reid_repeats": COUNT,
+        "bootstrap": COUNT,
+        "seed": SEED,
+    },
+    RunConfig: {"overlays_per_site": NON_NEGATIVE},
+}
+ELEMENT_RANGES: dict[type, dict[str, Range]] = {
+    DatasetConfig: {"label_values": NON_NEGATIVE, "label_colors": Range(0, 255)},
+    ModelConfig: {"ae_widths": COUNT},
+    BaselineConfig: {"unet_channels": COUNT},
+    AttackConfig: {"key_recovery_pairs": COUNT},
+}
+
+
+def _field_checks(section: Any, where: str) -> list[tuple[bool, str]]:
+    """Each numeric field of one section against :data:`RANGES`, each list element against
+    :data:`ELEMENT_RANGES`; ``where`` is the section's name in messages (``data``)."""
+    checks: list[tuple[bool, str]] = []
+    prefix = f"{where}." if where else ""
+    ranges, elements = RANGES.get(type(section), {}), ELEMENT_RANGES.get(type(section), {})
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        name = f"{prefix}{f.name}"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            allowed = ranges.get(f.name)
+            if allowed is None:
+                raise TypeError(f"{type(section).__name__}.{f.name} has no range in RANGES")
+            checks.append((value in allowed, f"{name} must be {allowed.describe()}, got {value!r}"))
+        elif f.name in elements and isinstance(value, list):
+            allowed = elements[f.name]
+            flat = [v for item in value for v in (item if isinstance(item, list) else [item])]
+            bad = [v for v in flat if isinstance(v, bool) or v not in allowed]
+            checks.append(
+                (not bad, f"{name}: every entry must be {allowed.describe()}, got {bad[:3]}")
+            )
+    return checks
+
+
+def _section_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    sections: list[tuple[Any, str]] = [
+        (cfg, ""),
+        (cfg.data, "data"),
+        (cfg.federation, "federation"),
+        (cfg.model, "model"),
+        (cfg.training, "training"),
+        (cfg.privacy, "privacy"),
+        (cfg.baselines, "baselines"),
+        (cfg.attack, "attack"),
+        *((src, f"sources.{k}") for k, src in cfg.sources.items()),
+        *((h, f"hospitals[{i}]") for i, h in enumerate(cfg.hospitals)),
+    ]
+    checks = [check for section, where in sections for check in _field_checks(section, where)]
+    for src, where in [(cfg.data, "data"), *((s, f"sources.{k}") for k, s in cfg.sources.items())]:
+        checks += _mask_checks(src, where)
+    return checks
+
+
+def _mask_checks(data: DatasetConfig, where: str) -> list[tuple[bool, str]]:
+    """How stored masks become classes: one of label_values, label_colors, mask_threshold."""
+    ways = [
+        name
+        for name, used in (
+            ("label_values", bool(data.label_values)),
+            ("label_colors", bool(data.label_colors)),
+            ("mask_threshold", data.mask_threshold >= 0),
+        )
+        if used
+    ]
+    colours = [tuple(c) for c in data.label_colors]
+    n_classes = len(data.label_values) or len(colours) or (2 if data.mask_threshold >= 0 else 0)
+    return [
+        (
+            len(ways) <= 1,
+            f"{where}: {' and '.join(ways)} are alternatives (stored values, colours or a "
+            "threshold): give one",
+        ),
+        (
+            all(len(c) == 3 for c in colours),
+            f"{where}.label_colors: each entry is an RGB triplet [r, g, b], "
+            f"got {data.label_colors}",
+        ),
+        (
+            len(set(colours)) == len(colours),
+            f"{where}.label_colors has duplicates: {data.label_colors}",
+        ),
+        (
+            len(set(data.label_values)) == len(data.label_values),
+            f"{where}.label_values has duplicates: {data.label_values}",
+        ),
+        (
+            not data.class_names or not n_classes or len(data.class_names) == n_classes,
+            f"{where}.class_names has {len(data.class_names)} names but "
+            f"{ways[0] if ways else 'the label map'} means {n_classes} classes",
+        ),
+    ]
+
+
+def _channel_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """One input channel count for the run: every site's encoder takes the same images."""
+    given = {f"sources.{k}": s.channels for k, s in cfg.sources.items() if s.channels}
+    if cfg.data.channels:
+        given = {"data": cfg.data.channels, **given}
+    return [
+        (
+            len(set(given.values())) <= 1,
+            "channels differ between "
+            + ", ".join(f"{k}.channels = {v}" for k, v in given.items())
+            + ": every site's encoder takes the same input (set data.channels once)",
+        ),
+        (
+            bool(cfg.hospitals) or cfg.data.channels != 3 or cfg.data.kind == "pairs",
+            f"data.channels = 3 needs colour image files (kind 'pairs'), not {cfg.data.kind!r}",
+        ),
+    ]
 
 
 def _hospital_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -376,16 +631,33 @@ def _build_many(cls: type, value: Any, where: str) -> Any:
     raise ConfigError(f"[{where}] must be tables, got {value!r}")
 
 
+# Names a scenario may give instead of a number, by field name.
+ALIASES: dict[str, dict[str, int]] = {
+    "channels": {"auto": 0, "grey": 1, "gray": 1, "rgb": 3, "colour": 3, "color": 3},
+}
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the field's type (list elements too); ``where`` names it."""
     origin = typing.get_origin(hint)
+    aliases = ALIASES.get(where.rsplit(".", 1)[-1], {})
+    if aliases and isinstance(value, str):
+        if value.lower() not in aliases:
+            raise ConfigError(
+                f"{where} must be a number or one of {', '.join(aliases)}, got {value!r}"
+            )
+        return aliases[value.lower()]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{where} must be int, got {value!r}")
-    if origin is list and not isinstance(value, list):
-        raise ConfigError(f"{where} must be a list, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is Literal and value not in typing.get_args(hint):
         raise ConfigError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
     return value
@@ -433,17 +705,57 @@ def preset_config(preset: str, **top: Any) -> RunConfig:
 
 
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
-    """Build and validate a RunConfig; relative data paths are resolved against base_dir."""
-    cfg: RunConfig = _build(RunConfig, _with_preset(values), "")
+    """Build and validate a RunConfig; relative data paths are resolved against base_dir.
+    A data table with a ``path`` and no ``kind`` is "nifti" when its images are volumes, else
+    "pairs"."""
+    values = _with_preset(values)
+    cfg: RunConfig = _build(RunConfig, values, "")
     if cfg.hospitals:  # the profiles say how many sites there are
         cfg.federation.num_sites = sum(max(h.count, 0) for h in cfg.hospitals)
+    tables = _data_tables(cfg, values)
     if base_dir is not None:
-        for data in (cfg.data, *cfg.sources.values()):
+        for data, _, _ in tables:
             for attr in ("path", "test_path", "spacing_csv"):
                 value = getattr(data, attr)
                 if value and not Path(value).is_absolute():
                     setattr(data, attr, str((base_dir / value).resolve()))
+    for data, raw, _ in tables:
+        if "kind" not in raw and data.path:
+            data.kind = _guess_kind(Path(data.path) / data.image_dir)
     return cfg.validate()
+
+
+def _data_tables(cfg: RunConfig, values: dict[str, Any]) -> list[tuple[DatasetConfig, dict, str]]:
+    """(section, its TOML table, its name) of ``[data]`` and every ``[sources.<name>]``."""
+    sources = values.get("sources") or {}
+    return [
+        (cfg.data, values.get("data") or {}, "data"),
+        *((src, sources.get(k) or {}, f"sources.{k}") for k, src in cfg.sources.items()),
+    ]
+
+
+def _guess_kind(image_dir: Path) -> DataKind:
+    volumes = image_dir.is_dir() and any(
+        p.name.endswith((".nii", ".nii.gz")) for p in image_dir.iterdir()
+    )
+    return "nifti" if volumes else "pairs"
+
+
+def check_paths(cfg: RunConfig) -> RunConfig:
+    """Every data folder and file the run reads exists (the error names the field)."""
+    used = [(cfg.data, "data")] if cfg.data.kind != "synthetic" else []
+    used += [(src, f"sources.{k}") for k, src in cfg.sources.items()]
+    for data, where in used:
+        for attr, is_there in (
+            ("path", Path.is_dir),
+            ("test_path", Path.is_dir),
+            ("spacing_csv", Path.is_file),
+        ):
+            value = getattr(data, attr)
+            if value and not is_there(Path(value)):
+                what = "file" if attr == "spacing_csv" else "folder"
+                raise ConfigError(f"{where}.{attr}: {what} not found: {value}")
+    return cfg
 
 
 def read_toml(path: Path, what: str) -> dict:
@@ -456,12 +768,25 @@ def read_toml(path: Path, what: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load a scenario TOML file (relative paths in it are relative to the file)."""
+def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
+    """Load a scenario TOML file (relative paths in it are relative to the file).
+
+    ``check_files``: the data folders must exist here, and ``data.channels = 0`` becomes what
+    the images are (1 or 3). A deployed node passes False: it reads its own data-dir instead.
+    """
     path = Path(path)
     values = read_toml(path, "config file")
     values.setdefault("name", path.stem)
-    return config_from_dict(values, base_dir=path.parent.resolve())
+    cfg = config_from_dict(values, base_dir=path.parent.resolve())
+    if check_files:
+        from fedseg.data import DataError, image_channels
+
+        check_paths(cfg)
+        try:
+            cfg.data.channels = image_channels(cfg)
+        except DataError as err:
+            raise ConfigError(f"data.channels: cannot tell from the images: {err}") from err
+    return cfg
 
 
 def method_name(cfg: RunConfig) -> str:
@@ -522,7 +847,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     passes others.
     """
     scenario = str(run_config.get("scenario", ""))
-    cfg = load_config(scenario) if scenario else demo_config()
+    cfg = load_config(scenario, check_files=False) if scenario else demo_config()
     if run_config.get("quick"):
         cfg = quick(cfg)
     if run_config.get("out-dir"):

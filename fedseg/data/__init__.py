@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from fedseg.config import DatasetConfig, HospitalConfig, RunConfig
 from fedseg.data.dataset import DataError, SiteData
 from fedseg.data.hospitals import build_hospitals
 from fedseg.data.labels import LabelMap, default_class_names, mask_to_2d
 from fedseg.data.nifti import load_nifti
-from fedseg.data.pairs import load_pairs
+from fedseg.data.pairs import folder_channels, load_pairs
 from fedseg.data.splits import split_groups, train_test_split
 from fedseg.data.synthetic import synthetic_site
 
@@ -22,7 +24,9 @@ __all__ = [
     "LabelMap",
     "SiteData",
     "SiteSplit",
+    "as_channels",
     "default_class_names",
+    "image_channels",
     "load_dataset",
     "load_federation",
     "load_local_site",
@@ -48,29 +52,75 @@ class SiteSplit:
 
 
 def load_dataset(
-    cfg: DatasetConfig, size: int, path: str | None = None, name: str = "data"
+    cfg: DatasetConfig,
+    size: int,
+    path: str | None = None,
+    name: str = "data",
+    channels: int = 0,
 ) -> SiteData:
-    """One folder of real data as a single SiteData; ``path`` overrides ``cfg.path``."""
+    """One folder of real data as a single SiteData; ``path`` overrides ``cfg.path``;
+    ``channels`` (1 or 3) overrides ``cfg.channels`` (0: what the images are)."""
     folder = Path(path if path is not None else cfg.path)
     if cfg.kind == "pairs":
-        return load_pairs(folder, cfg, size, name)
+        return load_pairs(folder, cfg, size, name, channels)
     if cfg.kind == "nifti":
-        return load_nifti(folder, cfg, size, name)
+        return as_channels(load_nifti(folder, cfg, size, name), channels or 1)
     raise DataError(f"data.kind {cfg.kind!r} has no folder to load (use load_federation)")
 
 
-def load_federation(cfg: RunConfig) -> list[SiteSplit]:
-    """All hospitals of a run, cut by patient so no patient is in two sites or two splits."""
-    data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
+def as_channels(data: SiteData, channels: int) -> SiteData:
+    """Grey sites repeated into three channels in a colour run (synthetic or NIfTI hospitals
+    beside colour ones: every encoder takes the run's channels)."""
+    if data.channels == channels:
+        return data
+    if data.channels != 1 or channels != 3:
+        raise DataError(f"{data.name}: {data.channels}-channel images cannot become {channels}")
+    return dataclasses.replace(data, images=np.repeat(data.images, 3, axis=1))
+
+
+def image_channels(cfg: RunConfig) -> int:
+    """The run's encoder input channels: ``data.channels``, or (0 = auto) 3 when the images
+    of a source the run uses are colour, else 1. Deterministic in the files, so every process
+    of a run gets the same answer (a scenario file resolves it when loaded)."""
+    if cfg.data.channels:
+        return cfg.data.channels
     if cfg.hospitals:
-        return _profiled_federation(cfg)
+        used = dict.fromkeys(h.source for h in cfg.hospitals if h.source in cfg.sources)
+        sources = [cfg.sources[name] for name in used]
+    else:
+        sources = [cfg.data]
+    given = [s.channels for s in sources if s.channels]
+    if given:
+        return given[0]
+    colour = any(
+        s.kind == "pairs" and _folder_channels(str(Path(s.path) / s.image_dir)) == 3
+        for s in sources
+    )
+    return 3 if colour else 1
+
+
+@lru_cache(maxsize=32)
+def _folder_channels(folder: str) -> int:
+    return folder_channels(Path(folder)) if Path(folder).is_dir() else 1
+
+
+def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
+    """All hospitals of a run, cut by patient so no patient is in two sites or two splits;
+    ``only``: just that hospital (as a list of one), loading its own source and no other."""
+    data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
+    channels = image_channels(cfg)
+    if only is not None and not 0 <= only < fed.num_sites:
+        raise DataError(f"partition_id {only} out of range: {fed.num_sites} sites")
+    if cfg.hospitals:
+        return _profiled_federation(cfg, channels, only)
     if data.kind == "synthetic":
         sites = []
-        for i in range(fed.num_sites):
+        for i in range(fed.num_sites) if only is None else [only]:
             name = f"hospital-{i + 1}"
             site = synthetic_site(
                 i, data.synthetic_train + data.synthetic_test, size, data.seed, name
             )
+            site = as_channels(site, channels)
             train = site.subset(list(range(data.synthetic_train)))
             test = site.subset(list(range(data.synthetic_train, len(site))))
             sites.append(SiteSplit(name, train, test))
@@ -78,9 +128,12 @@ def load_federation(cfg: RunConfig) -> list[SiteSplit]:
 
     base = Path(data.path).name
     names = [f"{base}-{i + 1}" for i in range(fed.num_sites)]
-    parts = split_groups(load_dataset(data, size, name=base), fed.num_sites, fed.seed, names)
+    pool = load_dataset(data, size, name=base, channels=channels)
+    parts = split_groups(pool, fed.num_sites, fed.seed, names)
     if data.test_path:
-        held_out = load_dataset(data, size, path=data.test_path, name=f"{base}-test")
+        held_out = load_dataset(
+            data, size, path=data.test_path, name=f"{base}-test", channels=channels
+        )
         if not data.label_values and not data.class_names:
             # Open identity map: the class count was inferred per folder; use the larger.
             widest = max(held_out.class_names, parts[0].class_names, key=len)
@@ -92,22 +145,27 @@ def load_federation(cfg: RunConfig) -> list[SiteSplit]:
                 f"{data.path}: {parts[0].class_names}"
             )
         tests = split_groups(held_out, fed.num_sites, fed.seed, names)
-        return [SiteSplit(p.name, p, t) for p, t in zip(parts, tests, strict=True)]
-    sites = []
-    for i, part in enumerate(parts):
-        train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
-        sites.append(SiteSplit(part.name, train, test))
-    return sites
+        sites = [SiteSplit(p.name, p, t) for p, t in zip(parts, tests, strict=True)]
+    else:
+        sites = []
+        for i, part in enumerate(parts):
+            train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
+            sites.append(SiteSplit(part.name, train, test))
+    return sites if only is None else [sites[only]]
 
 
-def _profiled_federation(cfg: RunConfig) -> list[SiteSplit]:
+def _profiled_federation(cfg: RunConfig, channels: int, only: int | None) -> list[SiteSplit]:
     """Hospitals from ``[[hospitals]]`` profiles over ``[sources]`` and synthetic data."""
     size = cfg.model.image_size
 
     def load_source(name: str) -> tuple[SiteData, SiteData | None]:
         src = cfg.sources[name]
-        pool = load_dataset(src, size, name=name)
-        held_out = load_dataset(src, size, path=src.test_path, name=name) if src.test_path else None
+        pool = load_dataset(src, size, name=name, channels=channels)
+        held_out = (
+            load_dataset(src, size, path=src.test_path, name=name, channels=channels)
+            if src.test_path
+            else None
+        )
         if held_out is not None and held_out.class_names != pool.class_names:
             raise DataError(
                 f"sources.{name}: test classes {held_out.class_names} differ from "
@@ -116,44 +174,59 @@ def _profiled_federation(cfg: RunConfig) -> list[SiteSplit]:
         return pool, held_out
 
     return [
-        SiteSplit(h.name, train, test, h.profile, h.index)
-        for h, train, test in build_hospitals(cfg, load_source)
+        SiteSplit(
+            h.name, as_channels(train, channels), as_channels(test, channels), h.profile, h.index
+        )
+        for h, train, test in build_hospitals(cfg, load_source, only)
     ]
 
 
-@lru_cache(maxsize=4)
-def _cached_federation(run_json: str) -> list[SiteSplit]:
+@lru_cache(maxsize=8)
+def _cached_site(run_json: str, partition_id: int) -> SiteSplit:
     from fedseg.config import config_from_dict
 
-    return load_federation(config_from_dict(json.loads(run_json)))
+    return load_federation(config_from_dict(json.loads(run_json)), only=partition_id)[0]
 
 
 def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
-    """The site a simulated client plays; cached because many clients share one process.
+    """The site a simulated client plays, loaded from its own source only; cached because many
+    clients share one process.
 
     The returned arrays are shared between calls: treat them as read-only.
     """
+    if not 0 <= partition_id < cfg.federation.num_sites:
+        raise DataError(
+            f"partition_id {partition_id} out of range: {cfg.federation.num_sites} sites"
+        )
+    data = dataclasses.replace(cfg.data, channels=image_channels(cfg))
     key = {
-        "data": dataclasses.asdict(cfg.data),
+        "data": dataclasses.asdict(data),
         "federation": dataclasses.asdict(cfg.federation),
         "model": {"image_size": cfg.model.image_size},
         "sources": {k: dataclasses.asdict(v) for k, v in cfg.sources.items()},
         "hospitals": [dataclasses.asdict(h) for h in cfg.hospitals],
     }
-    sites = _cached_federation(json.dumps(key, sort_keys=True))
-    if not 0 <= partition_id < len(sites):
-        raise DataError(f"partition_id {partition_id} out of range: {len(sites)} sites")
-    return sites[partition_id]
+    return _cached_site(json.dumps(key, sort_keys=True), partition_id)
 
 
 def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
     """A real hospital's own folder: its ``test/`` subfolder is the test split if present,
-    otherwise whole patients are held out with ``federation.test_fraction``."""
+    otherwise whole patients are held out with ``federation.test_fraction``.
+
+    ``data.channels = 0`` is resolved from this folder and kept in ``cfg``, so the site's
+    models are built for what it loaded (a deployment should set it explicitly: every
+    hospital's encoder must take the same channels)."""
     size = cfg.model.image_size
-    data = load_dataset(cfg.data, size, path=str(data_dir), name=name)
+    if not cfg.data.channels:
+        image_dir = data_dir / cfg.data.image_dir
+        colour = cfg.data.kind == "pairs" and _folder_channels(str(image_dir)) == 3
+        cfg.data.channels = 3 if colour else 1
+    channels = cfg.data.channels
+    data = load_dataset(cfg.data, size, path=str(data_dir), name=name, channels=channels)
     if (data_dir / "test").is_dir():
-        return SiteSplit(
-            name, data, load_dataset(cfg.data, size, path=str(data_dir / "test"), name=name)
+        test = load_dataset(
+            cfg.data, size, path=str(data_dir / "test"), name=name, channels=channels
         )
+        return SiteSplit(name, data, test)
     train, test = train_test_split(data, cfg.federation.test_fraction, cfg.federation.seed)
     return SiteSplit(name, train, test)

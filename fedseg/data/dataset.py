@@ -16,7 +16,8 @@ class SiteData:
     """All samples of one hospital (or one split of it), already resized and normalised."""
 
     name: str
-    images: np.ndarray  # (N,1,H,W) float32, zero mean / unit std per image
+    images: np.ndarray  # (N,C,H,W) float32, C = 1 (grey) or 3 (colour), zero mean / unit std
+    #   per image (over all its channels, so colour ratios survive)
     masks: np.ndarray  # (N,H,W) int64 class indices
     spacing: np.ndarray  # (N,2) float64 mm per pixel (row, col) after resizing; NaN = unknown
     groups: np.ndarray  # (N,) str patient / volume id: samples of one patient never get split
@@ -26,8 +27,10 @@ class SiteData:
     def __post_init__(self) -> None:
         # Catch loader bugs here rather than as a shape error deep inside training.
         n = len(self.images)
-        if self.images.ndim != 4 or self.images.shape[1] != 1:
-            raise DataError(f"{self.name}: images must be (N,1,H,W), got {self.images.shape}")
+        if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise DataError(
+                f"{self.name}: images must be (N,1,H,W) or (N,3,H,W), got {self.images.shape}"
+            )
         if self.masks.shape != (n, *self.images.shape[2:]):
             raise DataError(
                 f"{self.name}: masks {self.masks.shape} do not match images {self.images.shape}"
@@ -42,6 +45,10 @@ class SiteData:
             f"SiteData(name={self.name!r}, n={len(self)}, size={size}, "
             f"groups={len(set(self.groups.tolist()))}, classes={self.class_names}, {self.units})"
         )
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +91,7 @@ class SiteData:
                     f"{name}: class_names of {part.name} {part.class_names} differ from "
                     f"{parts[0].name} {class_names}"
                 )
-        shapes = {p.images.shape[2:] for p in parts}
+        shapes = {p.images.shape[1:] for p in parts}
         if len(shapes) > 1:
             raise DataError(f"{name}: image sizes differ between parts: {sorted(shapes)}")
         return SiteData(
@@ -99,7 +106,8 @@ class SiteData:
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """Zero mean, unit std per image: removes scanner gain/offset, which differ per hospital."""
+    """Zero mean, unit std per image: removes scanner gain/offset, which differ per hospital.
+    A colour image is normalised over all its channels at once, which keeps its colours."""
     image = image.astype(np.float32, copy=False)
     std = float(image.std())
     if not np.isfinite(std) or std < 1e-8:
@@ -107,11 +115,11 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return ((image - image.mean()) / std).astype(np.float32)
 
 
-def empty_site(name: str, size: int, class_names: list[str]) -> SiteData:
+def empty_site(name: str, size: int, class_names: list[str], channels: int = 1) -> SiteData:
     """A site with no samples, so callers need no special case for 'nothing left'."""
     return SiteData(
         name=name,
-        images=np.zeros((0, 1, size, size), np.float32),
+        images=np.zeros((0, channels, size, size), np.float32),
         masks=np.zeros((0, size, size), np.int64),
         spacing=np.zeros((0, 2), np.float64),
         groups=np.zeros(0, dtype=str),
@@ -130,6 +138,11 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
         (size, size), Image.Resampling.BILINEAR
     )
     return np.asarray(resized, dtype=np.float32)
+
+
+def resize_planes(image: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size), each channel as :func:`resize_image`."""
+    return np.stack([resize_image(plane, size) for plane in image])
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -69,10 +69,16 @@ def share_counts(total: int, explicit: list[int], alpha: float, seed: int, minim
     return counts
 
 
-def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteData, SiteData]]:
-    """(hospital, train, test) for every profile; ``load_source(name)`` -> (pool, held-out test
-    or None) loads a ``[sources]`` data set once."""
+def build_hospitals(
+    cfg: RunConfig, load_source, only: int | None = None
+) -> list[tuple[Hospital, SiteData, SiteData]]:
+    """(hospital, train, test) for every profile, or only for hospital ``only`` (a simulated
+    client loads its own source, no other); ``load_source(name)`` -> (pool, held-out test or
+    None) loads a ``[sources]`` data set once."""
     hospitals = expand_hospitals(cfg)
+    if only is not None and not 0 <= only < len(hospitals):
+        raise DataError(f"partition_id {only} out of range: {len(hospitals)} sites")
+    wanted = {h.index for h in hospitals} if only is None else {only}
     fed, data, size = cfg.federation, cfg.data, cfg.model.image_size
     result: dict[int, tuple[SiteData, SiteData]] = {}
 
@@ -84,6 +90,8 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
         fed.seed,
     )
     for h, n_train in zip(synthetic, counts, strict=True):
+        if h.index not in wanted:
+            continue
         n_test = h.profile.test_samples or data.synthetic_test
         style = h.profile.style if h.profile.style >= 0 else h.index
         site = synthetic_site(style, n_train + n_test, size, data.seed + _tag(h.name), h.name)
@@ -92,7 +100,8 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
             site.subset(list(range(n_train, len(site)))),
         )
 
-    for source in dict.fromkeys(h.profile.source for h in hospitals if h not in synthetic):
+    sources = [h.profile.source for h in hospitals if h not in synthetic and h.index in wanted]
+    for source in dict.fromkeys(sources):
         members = [h for h in hospitals if h.profile.source == source]
         pool, held_out = load_source(source)
         groups = np.unique(pool.groups)
@@ -109,6 +118,8 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
         for k, (h, n) in enumerate(zip(members, counts, strict=True)):
             mine = set(groups[order[start : start + n]].tolist())
             start += n
+            if h.index not in wanted:
+                continue
             part = pool.subset(np.flatnonzero([g in mine for g in pool.groups]), h.name)
             if test_parts is not None:
                 train, test = part, test_parts[k].subset(list(range(len(test_parts[k]))), h.name)
@@ -118,6 +129,8 @@ def build_hospitals(cfg: RunConfig, load_source) -> list[tuple[Hospital, SiteDat
 
     out = []
     for h in hospitals:
+        if h.index not in wanted:
+            continue
         train, test = result[h.index]
         seed = cfg.data.seed + _tag(h.name)
         train = apply_profile(train, h.profile, size, seed, train=True)
@@ -148,8 +161,9 @@ def apply_profile(data: SiteData, p: HospitalConfig, size: int, seed: int, train
     rng = np.random.default_rng([seed, 31_337])
     if p.resolution and p.resolution != size:
         for i in range(len(images)):
-            low = resize_image(images[i, 0], p.resolution)
-            images[i, 0] = resize_image(low, size)
+            for c in range(images.shape[1]):
+                low = resize_image(images[i, c], p.resolution)
+                images[i, c] = resize_image(low, size)
     if p.contrast != 1.0 or p.intensity_shift or p.noise:
         images = images * p.contrast + p.intensity_shift
         if p.noise:

@@ -22,7 +22,7 @@ from fedseg.data.dataset import (
     resized_spacing,
 )
 from fedseg.data.labels import LabelMap
-from fedseg.data.pairs import PROGRESS_ABOVE, mask_folder
+from fedseg.data.pairs import MAX_PIXELS, PROGRESS_ABOVE, mask_folder, mask_values, resolve_classes
 
 
 def volume_stem(path: Path) -> str:
@@ -42,8 +42,29 @@ def list_volumes(folder: Path) -> list[Path]:
     )
 
 
-def read_volume(path: Path, label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """The volume's shape from its header, without reading its voxels."""
+    try:
+        return tuple(int(n) for n in cast(nib.Nifti1Image, nib.load(path)).shape)
+    except Exception as err:  # nibabel raises several types for damaged files
+        raise DataError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from err
+
+
+def check_voxels(path: Path, shape: tuple[int, ...], max_pixels: int) -> None:
+    """Refuse a volume before reading it when it holds more than ``max_pixels`` voxels."""
+    voxels = int(np.prod(shape))
+    if voxels > max_pixels:
+        raise DataError(
+            f"{path}: {'x'.join(map(str, shape))} = {voxels:,} voxels is more than "
+            f"data.max_pixels = {max_pixels:,}; raise data.max_pixels if the machine has the memory"
+        )
+
+
+def read_volume(
+    path: Path, label: bool, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[float, ...]]:
     """3D array and voxel size (mm); trailing singleton dims (X,Y,Z,1) are dropped."""
+    check_voxels(path, volume_shape(path), max_pixels)
     try:
         # .nii/.nii.gz load as Nifti1Image or its subclass Nifti2Image
         img = cast(nib.Nifti1Image, nib.load(path))
@@ -61,37 +82,47 @@ def read_volume(path: Path, label: bool) -> tuple[np.ndarray, tuple[float, ...]]
     return data, zooms[:3]
 
 
-def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteData:
-    """Slices along ``cfg.axis``; empty slices are dropped unless asked for (they dominate)."""
-    folder = Path(folder)
-    if cfg.axis not in (0, 1, 2):
-        raise DataError(f"axis must be 0, 1 or 2, got {cfg.axis}")
+def match_volumes(folder: Path, cfg: DatasetConfig) -> tuple[list[Path], list[str]]:
+    """Image volumes with a label volume of the same name (``max_items`` of them), and one
+    problem per volume without its partner."""
     image_dir, label_dir = folder / cfg.image_dir, mask_folder(folder, cfg.mask_dir)
     volumes = list_volumes(image_dir)
     if not volumes:
         raise DataError(f"{image_dir}: no .nii or .nii.gz volumes")
     labels_present = {p.name for p in list_volumes(label_dir)}
-    for path in volumes:
-        if path.name not in labels_present:
-            raise DataError(f"{path}: no label volume with the same name in {label_dir}")
-    image_names = {p.name for p in volumes}
-    extra = sorted(labels_present - image_names)
-    if extra:
-        raise DataError(f"{label_dir / extra[0]}: no image volume with the same name")
-    if cfg.max_items > 0:
-        volumes = volumes[: cfg.max_items]
+    problems = [
+        f"{path}: no label volume with the same name in {label_dir}"
+        for path in volumes
+        if path.name not in labels_present
+    ]
+    problems += [
+        f"{label_dir / name}: no image volume with the same name"
+        for name in sorted(labels_present - {p.name for p in volumes})
+    ]
+    volumes = [p for p in volumes if p.name in labels_present]
+    return (volumes[: cfg.max_items] if cfg.max_items > 0 else volumes), problems
 
-    label_map = LabelMap(cfg.label_values, cfg.class_names)
+
+def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteData:
+    """Slices along ``cfg.axis``; empty slices are dropped unless asked for (they dominate)."""
+    folder = Path(folder)
+    if cfg.axis not in (0, 1, 2):
+        raise DataError(f"axis must be 0, 1 or 2, got {cfg.axis}")
+    label_dir = mask_folder(folder, cfg.mask_dir)
+    volumes, problems = match_volumes(folder, cfg)
+    if problems:
+        raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
+    label_map = LabelMap.from_config(cfg)
 
     Slice = tuple[np.ndarray, np.ndarray, np.ndarray, str, str]  # image, mask, spacing, group, name
 
-    def load_volume(path: Path) -> tuple[list[Slice], int]:
+    def load_volume(path: Path) -> tuple[list[Slice], set[int]]:
         label_path = label_dir / path.name
-        image, zooms = read_volume(path, label=False)
-        raw, _ = read_volume(label_path, label=True)
+        image, zooms = read_volume(path, label=False, max_pixels=cfg.max_pixels)
+        raw, _ = read_volume(label_path, label=True, max_pixels=cfg.max_pixels)
         if image.shape != raw.shape:
             raise DataError(f"{path} has shape {image.shape} but {label_path} has {raw.shape}")
-        label = label_map.apply(raw, str(label_path))
+        label = label_map.apply(raw, str(label_path), volume=True)
         # the two of three voxel sizes not along the axis
         in_plane = cast(tuple[float, float], tuple(z for i, z in enumerate(zooms) if i != cfg.axis))
         image, label = np.moveaxis(image, cfg.axis, 0), np.moveaxis(label, cfg.axis, 0)
@@ -108,7 +139,7 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
             for z in range(image.shape[0])
             if cfg.keep_empty_slices or label[z].any()
         ]
-        return slices, int(label.max())
+        return slices, mask_values(label) if label_map.open else set()
 
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -121,17 +152,17 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
                 disable=len(volumes) <= PROGRESS_ABOVE,
             )
         )
-    class_names = label_map.class_names_for(max(m for _, m in results))
+    classes = resolve_classes(label_map, set().union(*(v for _, v in results)), str(label_dir))
     slices = [one for volume_slices, _ in results for one in volume_slices]
     if not slices:
-        return empty_site(name, size, class_names)
+        return empty_site(name, size, classes.class_names)
     images, masks, spacing, groups, names = zip(*slices, strict=True)
     return SiteData(
         name=name,
         images=np.stack(images)[:, None],
-        masks=np.stack(masks),
+        masks=classes.apply(np.stack(masks)),
         spacing=np.stack(spacing),
         groups=np.array(groups, dtype=str),
         names=list(names),
-        class_names=class_names,
+        class_names=classes.class_names,
     )
