@@ -1,8 +1,8 @@
 """A run's results folder: ``metrics.json``, ``report.md`` and ``figures/``.
 
-``metrics.json`` is the record of a run and is written first (atomically), so a failing figure
-or a crash half-way never loses or corrupts the numbers. Figures are best effort: a failure is
-logged and the report simply leaves that figure out.
+``metrics.json`` is the record of a run and is written first (``fedseg.atomic``: whole or not
+at all, fsynced), so a failing figure or a crash half-way never loses or corrupts the numbers.
+Figures are best effort: a failure is logged and the report simply leaves that figure out.
 """
 
 from __future__ import annotations
@@ -100,6 +100,23 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+# Wall-clock measurements in metrics.json: they differ between two runs of one seed by nature.
+TIMING_KEYS = {"timing_s", "share_seconds", "seconds", "train_seconds", "seconds_per_image"}
+TIMING_KEYS |= {"decode_seconds", "umn_seconds"}
+ROUND_TIMING_KEYS = {"umn", "participation"}  # seconds in each ``rounds`` entry
+
+
+def without_timings(metrics: Any, key: str = "") -> Any:
+    """``metrics`` without its wall-clock fields (:data:`TIMING_KEYS`): what two runs with one
+    config and seed must agree on (docs/running.md, "Reproducibility")."""
+    if isinstance(metrics, dict):
+        drop = TIMING_KEYS | (ROUND_TIMING_KEYS if key == "rounds" else set())
+        return {k: without_timings(v, k) for k, v in metrics.items() if k not in drop}
+    if isinstance(metrics, list):
+        return [without_timings(v, key) for v in metrics]
+    return metrics
 
 
 # --------------------------------------------------------------------------- report.md
@@ -272,7 +289,9 @@ def federated_metrics(
     **extra: Any,
 ) -> RunResults:
     """Record a federated run in ``cfg.out_dir``; baselines are added later
-    (:func:`add_baselines`)."""
+    (:func:`add_baselines`). Sites in name order, not in the order they answered, so two
+    seeded runs give the same file and the same float sums in the mean."""
+    site_metrics = dict(sorted(site_metrics.items()))
     results = RunResults.from_dict(
         {
             "config": cfg.to_dict(),
