@@ -789,6 +789,14 @@ def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
     return cfg
 
 
+def error_text(message: str) -> Any:
+    """An error line for a rich console, printed verbatim: ``[training]`` in a message is text,
+    not markup that rich would swallow (``console.print(error_text(str(err)))``)."""
+    from rich.text import Text
+
+    return Text.assemble(("error: ", "red"), message)
+
+
 def method_name(cfg: RunConfig) -> str:
     """The method's display name in reports and figures, from what the run does."""
     if not cfg.training.finetune_epochs:

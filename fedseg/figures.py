@@ -28,7 +28,7 @@ CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4
 class Examples:
     """A few test images of one site, with truth and prediction, for overlay figures."""
 
-    images: np.ndarray  # (k, H, W) float
+    images: np.ndarray  # (k, H, W) float, or (k, C, H, W) with C = 1 or 3 (colour)
     truth: np.ndarray  # (k, H, W) int
     pred: np.ndarray  # (k, H, W) int
 
@@ -151,8 +151,10 @@ def _example_arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images = np.asarray(ex.images, dtype=np.float64)
     if images.ndim == 4 and images.shape[1] == 1:  # (k, 1, H, W) straight from a loader
         images = images[:, 0]
+    if images.ndim == 4 and images.shape[1] == 3:  # colour: (k, H, W, 3) for imshow
+        images = np.moveaxis(images, 1, -1)
     truth, pred = np.asarray(ex.truth), np.asarray(ex.pred)
-    if images.ndim != 3 or truth.shape != images.shape or pred.shape != images.shape:
+    if images.ndim not in (3, 4) or truth.shape != images.shape[:3] or pred.shape != truth.shape:
         raise ValueError(
             f"examples: images {images.shape}, truth {truth.shape}, pred {pred.shape} differ"
         )
@@ -162,8 +164,14 @@ def _example_arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _draw_panel(ax: Any, image: np.ndarray, labels: np.ndarray | None) -> None:
+    """A grey (H, W) or colour (H, W, 3) image, contrast-stretched to its 1-99th percentiles
+    (over all channels, so colours keep their balance), under the labels."""
     lo, hi = np.nanpercentile(image, [1, 99]) if np.isfinite(image).any() else (0.0, 1.0)
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    hi = hi if hi > lo else lo + 1
+    if image.ndim == 3:
+        ax.imshow(np.clip((np.nan_to_num(image, nan=lo) - lo) / (hi - lo), 0, 1))
+    else:
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
     if labels is not None:
         ax.imshow(_rgba(labels), interpolation="nearest")
     ax.set_axis_off()

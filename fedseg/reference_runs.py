@@ -37,7 +37,7 @@ def _fit(
     torch.set_num_threads(cfg.training.threads)  # the same threads the federated run had
     b = cfg.baselines
     if reference == "unet":
-        net = make_unet(train.num_classes, b.unet_channels)
+        net = make_unet(train.num_classes, b.unet_channels, train.channels)
     elif reference == "split-path":
         net = SplitPathNet(cfg, train.num_classes)
     else:
@@ -65,7 +65,8 @@ def _score(cfg: RunConfig, net, sites: list[SiteSplit]) -> tuple[dict, dict[str,
         count += len(site.test)
         metrics[site.name] = evaluate_predictions(site.test, pred)
         pick = pick_examples(site.test, cfg.overlays_per_site)
-        examples[site.name] = Examples(site.test.images[pick, 0], site.test.masks[pick], pred[pick])
+        # (k, C, H, W): colour stays colour in the overlays
+        examples[site.name] = Examples(site.test.images[pick], site.test.masks[pick], pred[pick])
     return metrics, examples, seconds / max(count, 1)
 
 

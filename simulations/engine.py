@@ -40,7 +40,14 @@ class _FedsegsOwnNotices(logging.Filter):
 
 def simulate(cfg: RunConfig, debug: bool = False) -> None:
     """The same ClientApp/ServerApp as ``flwr run .``, with the scenario passed in directly.
-    ``debug``: also Flower's notices addressed to fedseg's developers."""
+    ``debug``: also Flower's notices addressed to fedseg's developers.
+
+    Every site's data is checked first, in this process and before Ray starts: a bad file is
+    a :class:`DataCheckError` listing each problem, not a traceback from inside an actor."""
+    from fedseg.data.preflight import check_run_data
+
+    for notice in check_run_data(cfg):
+        logging.getLogger("fedseg.data").warning("%s", notice)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts its workers at nice 15; the simulated hospitals are the run's real work, and at
     # nice 15 any other job on the machine starves them (FedAvg rounds went from 52 s to 4-6 min).

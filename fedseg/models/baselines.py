@@ -6,11 +6,13 @@ from monai.networks.nets import UNet
 from torch import nn
 
 
-def make_unet(num_classes: int, channels: list[int]) -> nn.Module:
-    """The centralized/local reference: MONAI's residual UNet, as in the design's anchor run."""
+def make_unet(num_classes: int, channels: list[int], in_channels: int = 1) -> nn.Module:
+    """The centralized/local reference: MONAI's residual UNet, as in the design's anchor run.
+    ``in_channels``: 3 for colour images (``data.channels``), so the baseline sees what the
+    federated encoders see."""
     return UNet(
         spatial_dims=2,
-        in_channels=1,
+        in_channels=in_channels,
         out_channels=num_classes,
         channels=tuple(channels),
         strides=(2,) * (len(channels) - 1),

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config, read_toml
+from fedseg.data import image_channels
 from fedseg.privacy.keys import bind_key
 from fedseg.serving import protocol
-from fedseg.serving.images import read_scan, write_mask
+from fedseg.serving.images import mask_values_of, read_scan, write_mask
 from fedseg.site import SiteModels, site_transform
 from fedseg.training import decode_masks, encode
 from fedseg.wire import pack, unpack
@@ -79,8 +80,9 @@ def load_site_config(path: str | Path) -> SiteClientConfig:
         if not scenario.is_file():
             raise ConfigError(f"{path}: scenario {scenario} not found")
         cfg = config_from_dict(json.loads(scenario.read_text())["config"])
-    else:
-        cfg = load_config(scenario)
+    else:  # the scenario's data need not be on this machine (data.channels: set it, or 0 =
+        # what its images are where they are, else grey)
+        cfg = load_config(scenario, check_files=False)
     service = str(values["service"]).rstrip("/")
     if not service.startswith("https://"):
         raise ConfigError(f"{path}: service must be an https:// URL, got {service!r}")
@@ -165,7 +167,7 @@ class SegmentationClient:
 
     @torch.no_grad()
     def segment(self, images: np.ndarray) -> np.ndarray:
-        """(N, 1, S, S) normalised images -> (N, S, S) class indices, via the service."""
+        """(N, C, S, S) normalised images -> (N, S, S) class indices, via the service."""
         preds = [
             self._segment_batch(images[i : i + self.max_items])
             for i in range(0, len(images), self.max_items)
@@ -231,7 +233,7 @@ def segment_file(
     """Read the scan, segment it through the service, write the mask; returns path and timing."""
     site_cfg = load_site_config(site_config)
     cfg = site_cfg.cfg
-    scan = read_scan(input_path, cfg.model.image_size, cfg.data.axis)
+    scan = read_scan(input_path, cfg.model.image_size, cfg.data.axis, image_channels(cfg))
     with SegmentationClient(site_cfg) as client:
         pred = client.segment(scan.images)
-    return write_mask(scan, pred, output, cfg.data.label_values), client.timing
+    return write_mask(scan, pred, output, mask_values_of(cfg.data)), client.timing

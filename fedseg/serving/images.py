@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from fedseg.data.dataset import DataError, normalise, resize_image
+from fedseg.config import DatasetConfig
+from fedseg.data.dataset import DataError, normalise, resize_image, resize_planes
 from fedseg.data.nifti import read_volume
 from fedseg.data.pairs import IMAGE_SUFFIXES, read_image
 
@@ -28,7 +29,8 @@ def is_nifti(path: Path) -> bool:
 
 @dataclass
 class Scan:
-    """Model-ready slices (N, 1, S, S) and what is needed to put a mask back in place."""
+    """Model-ready slices (N, C, S, S) (C = 1 grey, 3 colour) and what is needed to put a
+    mask back in place."""
 
     path: Path
     images: np.ndarray
@@ -37,7 +39,9 @@ class Scan:
     nifti: nib.Nifti1Image | None = None
 
 
-def read_scan(path: str | Path, size: int, axis: int) -> Scan:
+def read_scan(path: str | Path, size: int, axis: int, channels: int = 1) -> Scan:
+    """The clinician's file as the site's encoder takes it: ``channels`` 3 keeps a colour
+    image's colour (a grey file is repeated), 1 reads it as grey, as the loaders do."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
@@ -45,12 +49,15 @@ def read_scan(path: str | Path, size: int, axis: int) -> Scan:
         volume, _ = read_volume(path, label=False)
         slices = np.moveaxis(volume, axis, 0)
         images = np.stack([normalise(resize_image(s, size)) for s in slices])[:, None]
+        images = np.repeat(images, channels, axis=1) if channels > 1 else images
         nifti = cast(nib.Nifti1Image, nib.load(path))  # read above as one (or Nifti2Image)
         return Scan(path, images, tuple(slices.shape[1:]), axis, nifti)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: unsupported input; use PNG, JPEG, TIFF or NIfTI (.nii, .nii.gz)")
-    image = read_image(path)
-    return Scan(path, normalise(resize_image(image, size))[None, None], image.shape)
+    image = read_image(path, channels)
+    resized = resize_image(image, size) if channels == 1 else resize_planes(image, size)
+    model_ready = normalise(resized).reshape(1, channels, size, size)
+    return Scan(path, model_ready, (int(image.shape[-2]), int(image.shape[-1])))
 
 
 def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -61,14 +68,25 @@ def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask.take(rows, axis=0).take(cols, axis=1)
 
 
-def stored_values(pred: np.ndarray, label_values: list[int]) -> np.ndarray:
-    """Class indices -> the values the site's masks store (``data.label_values``)."""
+def stored_values(pred: np.ndarray, label_values: list) -> np.ndarray:
+    """Class indices -> the values the site's masks store (``data.label_values``); class
+    colours (``data.label_colors``) give an (N, H, W, 3) array."""
     if not label_values:
         return pred
     return np.asarray(label_values, dtype=np.int64)[pred]
 
 
-def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list[int]) -> Path:
+def mask_values_of(data: DatasetConfig) -> list:
+    """What ``write_mask`` writes for each class, as the site's masks store it: its
+    label_values, its label_colors, 0/255 for thresholded binary masks, else the class."""
+    if data.label_colors:
+        return [list(c) for c in data.label_colors]
+    if data.mask_threshold >= 0:
+        return [0, 255]
+    return list(data.label_values)
+
+
+def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list) -> Path:
     """``pred``: (N, S, S) class indices, one per slice of ``scan``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,5 +106,5 @@ def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list
         return out
     if out.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise DataError(f"{out}: write a 2D mask as .png or .tif (lossless)")
-    Image.fromarray(planes[0].astype(dtype)).save(out)
+    Image.fromarray(planes[0].astype(dtype)).save(out)  # (H, W) values or (H, W, 3) colours
     return out
