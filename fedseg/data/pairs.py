@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,8 +106,10 @@ def image_header(path: Path) -> tuple[int, int, bool]:
             colour = len(shape) == 3 and shape[-1] in (3, 4)
             rows, cols = shape[-3:-1] if colour else shape[-2:]
             return rows, cols, colour
-        with Image.open(path) as im:
-            return im.size[1], im.size[0], im.mode in COLOUR_MODES
+        with warnings.catch_warnings():  # PIL's bomb warning: check_pixels says it better
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size[1], im.size[0], im.mode in COLOUR_MODES
     except Image.DecompressionBombError as err:
         raise DataError(f"{path}: image too large to open ({err})") from err
     except Exception as err:  # PIL/tifffile raise many types for a damaged file
@@ -162,13 +165,20 @@ def read_mask(path: Path, rgb: bool = False, max_pixels: int = MAX_PIXELS) -> np
 
 def folder_channels(folder: Path) -> int:
     """3 when a folder's images are colour, else 1 (``data.channels = 0``): colour-mode files
-    are decoded (a few) to tell real colour from grey stored as RGB."""
-    candidates = [path for path in list_files(folder).values() if image_header(path)[2]][
-        :COLOUR_SAMPLE
-    ]
-    return (
-        3 if any(is_colour(_planes(_decode(p, MAX_PIXELS, "image"), p)) for p in candidates) else 1
-    )
+    are decoded (a few) to tell real colour from grey stored as RGB. Unreadable files are
+    skipped here; the loader and the data check name them."""
+
+    def colour(path: Path, decode: bool) -> bool:
+        try:
+            if not decode:
+                return image_header(path)[2]
+            return is_colour(_planes(_decode(path, MAX_PIXELS, "image"), path))
+        except DataError:
+            return False
+
+    files = list(list_files(folder).values())
+    candidates = [path for path in files if colour(path, decode=False)][:COLOUR_SAMPLE]
+    return 3 if any(colour(path, decode=True) for path in candidates) else 1
 
 
 def read_spacing_csv(path: Path, column: str) -> dict[str, float]:
