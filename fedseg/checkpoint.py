@@ -109,7 +109,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # a torn or foreign file: say which, in one line
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = reason.split(". ")[0][:200]  # torch's first sentence says what failed
         raise CheckpointError(
             f"{path} cannot be read as a checkpoint (truncated or not a torch file: {reason})"
         ) from None

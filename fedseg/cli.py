@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedseg.clierror import fail
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
 from fedseg.privacy.keys import KeyFileError, key_fingerprint, read_key_file, write_key_file
 from fedseg.results import BASELINE_LABELS, RunResults, SiteScores
@@ -183,8 +184,21 @@ def _num(x, digits: int = 3) -> str:
 
 
 def _fail(message: str) -> int:
-    console.print(f"[red]error:[/red] {message}")
-    return 2
+    """Print one error line (``fedseg.clierror``); returns the exit code."""
+    return fail(message).exit_code
+
+
+def _claim(cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse another run's results folder (before anything is written), or clear it with
+    ``--overwrite``; with ``--resume`` say what resumes."""
+    from fedseg.checkpoint import claim_out_dir, describe_resume
+
+    removed = claim_out_dir(cfg, overwrite)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        console.print(f"--overwrite: removed the earlier run's {names} from {cfg.out_dir}")
+    if cfg.resume:
+        console.print(describe_resume(cfg), soft_wrap=True)
 
 
 @app.command()
@@ -193,12 +207,20 @@ def demo(
     quick_run: bool = typer.Option(
         False, "--quick", help="small and fast (under 3 min on 2 cores)"
     ),
+    resume: bool = typer.Option(False, help="continue a killed demo from its checkpoints"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in the results folder"),
     verbose: bool = typer.Option(True, help="show the federation's log"),
     debug: bool = typer.Option(False, help="also Flower's notices to fedseg's developers"),
 ) -> None:
     """Three synthetic hospitals (the embedded default) through Flower + Ray."""
     _logging(verbose)
-    execute(demo_config(str(out), quick_run), debug=debug)
+    cfg = demo_config(str(out), quick_run)
+    cfg.resume = resume
+    try:
+        _claim(cfg, overwrite)
+    except ConfigError as err:
+        raise typer.Exit(code=_fail(str(err))) from None
+    execute(cfg, debug=debug)
 
 
 @app.command()
@@ -209,6 +231,7 @@ def run(
     transform: str | None = typer.Option(None, help="override privacy.transform: none | klt | knt"),
     baselines: bool = typer.Option(True, help="train the centralized and local UNets too"),
     resume: bool = typer.Option(False, help="continue a killed run from its checkpoints"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in the results folder"),
     verbose: bool = typer.Option(True, help="show the federation's log"),
     debug: bool = typer.Option(False, help="also Flower's notices to fedseg's developers"),
 ) -> None:
@@ -223,12 +246,9 @@ def run(
         cfg.out_dir = str(out or Path("results") / cfg.name)
         cfg.resume = resume
         cfg.validate()
-        if resume:
-            from fedseg.checkpoint import describe_resume
-
-            console.print(describe_resume(cfg))
+        _claim(cfg, overwrite)
     except ConfigError as err:
-        raise typer.Exit(code=_fail(str(err))) from err
+        raise typer.Exit(code=_fail(str(err))) from None
     execute(cfg, with_baselines=baselines, debug=debug)
 
 
@@ -276,8 +296,10 @@ def keygen(
     """Create a hospital's 256-bit secret. Keep it at the hospital; back it up offline."""
     try:
         path = write_key_file(out, overwrite=force)
-    except (KeyFileError, OSError) as err:
-        raise typer.Exit(code=_fail(f"cannot create {out}: {err}")) from None
+    except KeyFileError as err:  # names the file
+        raise typer.Exit(code=_fail(str(err))) from None
+    except OSError as err:
+        raise typer.Exit(code=_fail(f"cannot create {out}: {err.strerror or err}")) from None
     fingerprint = key_fingerprint(read_key_file(path))
     console.print(f"wrote {path} (mode 600), fingerprint {fingerprint}")
 

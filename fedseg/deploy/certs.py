@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedseg.atomic import write_bytes_atomic
+
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 VALID_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
 
@@ -36,13 +37,8 @@ class ServerCert:
 
 
 def write_private(path: Path, data: bytes) -> Path:
-    """Mode 0600 from the first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
-    return path
+    """Mode 0600 from the first byte on, whole or not at all (``fedseg.atomic``)."""
+    return write_bytes_atomic(path, data, mode=0o600)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -101,7 +97,7 @@ def ensure_ca(directory: str | Path, name: str = "fedseg federation CA") -> tupl
         .sign(key, hashes.SHA256())
     )
     write_private(key_path, _pem_key(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
@@ -167,7 +163,7 @@ def _issue(
     out_dir = Path(out_dir)
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
     write_private(key_path, _pem_key(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return ServerCert(ca_cert_path, cert_path, key_path)
 
 
@@ -190,10 +186,23 @@ def supernode_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
             serialization.NoEncryption(),
         ),
     )
-    public.write_bytes(
+    write_bytes_atomic(
+        public,
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        + f" {name}\n".encode()
+        + f" {name}\n".encode(),
     )
     return private, public
+
+
+def check_ca_file(path: Path, option: str = "--ca") -> Path:
+    """A readable PEM certificate, or a ValueError naming the file (TLS libraries report a
+    garbage CA file without its name, or only once a connection fails)."""
+    try:
+        x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except OSError as err:
+        raise ValueError(f"{option} {path}: {err.strerror or err}") from None
+    except ValueError:
+        raise ValueError(f"{option} {path}: not a PEM certificate (ca.pem from init)") from None
+    return path

@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedseg.clierror import fail
 from fedseg.deploy import runtime
-from fedseg.deploy.certs import supernode_keypair
+from fedseg.deploy.certs import check_ca_file, supernode_keypair
+from fedseg.deploy.registry import check_site_name
 from fedseg.privacy.keys import KeyFileError, read_key_file
 
 app = typer.Typer(
@@ -47,13 +49,23 @@ def init(
     ),
 ) -> None:
     """Create the federation's CA, the SuperLink certificate and the Flower CLI connection."""
-    name = address.rsplit(":", 1)[0].strip("[]")
-    layout = runtime.init_coordinator(folder, [name, *host], internal_port)
+    try:  # every argument checked before anything is written
+        name, port = runtime.parse_address(address)
+        runtime.check_path(folder, "--dir")
+        if not 1 <= internal_port <= 65535 or internal_port == port:
+            raise runtime.DeployError(
+                f"--internal-port {internal_port}: a port in 1-65535 other than {port}"
+            )
+        layout = runtime.init_coordinator(folder, [name, *host], internal_port)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from None
     console.print(
-        f"CA certificate for the hospitals: {layout.ca}  (keep {layout.ca.parent / 'ca.key'} here)"
+        f"CA certificate for the hospitals: {layout.ca}  (keep {layout.ca.parent / 'ca.key'} here)",
+        soft_wrap=True,
     )
     console.print(
-        f"next: fedseg deploy superlink --dir {folder} --port {address.rsplit(':', 1)[1]}"
+        f"next: fedseg deploy superlink --dir {shlex.quote(str(folder))} --port {port}",
+        soft_wrap=True,
     )
 
 
@@ -70,12 +82,16 @@ def superlink(
     """Start the SuperLink on loopback (TLS, SuperNode authentication, no runtime dependency
     installation) and nginx in front of it, forwarding only the Fleet API. Keeps running."""
     layout = runtime.Coordinator(folder.resolve())
-    runtime.proxy_config(layout, host, port, internal_port)
+    try:
+        check_ca_file(layout.ca, "--dir")
+        runtime.proxy_config(layout, host, port, internal_port)
+        commands = [
+            runtime.superlink_command(layout, "127.0.0.1", internal_port, database),
+            runtime.proxy_command(layout),
+        ]
+    except (ValueError, OSError) as err:
+        raise fail(f"{err} (a coordinator folder made by fedseg deploy init?)") from None
     env = runtime.environment(layout.flwr_home)
-    commands = [
-        runtime.superlink_command(layout, "127.0.0.1", internal_port, database),
-        runtime.proxy_command(layout),
-    ]
     processes = []
     for command in commands:
         console.print(f"$ {shlex.join(command)}")
@@ -100,7 +116,11 @@ def node_key(
     site: str = typer.Option(..., help="site name"),
 ) -> None:
     """At a hospital: create its SuperNode key pair; send only the .pub file to the coordinator."""
-    private, public = supernode_keypair(folder, site)
+    try:
+        check_site_name(site)
+        private, public = supernode_keypair(folder, site)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from None
     console.print(f"private key (stays here, mode 600): {private}\npublic key (send it): {public}")
 
 
@@ -137,15 +157,19 @@ def supernode(
     runtime_port: int = typer.Option(9094, help="local ClientApp API port (one per SuperNode)"),
 ) -> None:
     """At a hospital: start its SuperNode (TLS to the SuperLink, authenticated by its key)."""
-    try:  # before anything starts: a missing or mistyped key or data folder is a clear error
+    try:  # before anything starts: a missing or mistyped file or folder is a clear error
         read_key_file(key_file)
-    except KeyFileError as err:
-        raise typer.BadParameter(str(err), param_hint="--key-file") from None
-    if not data_dir.is_dir():
-        raise typer.BadParameter(f"data folder not found: {data_dir}", param_hint="--data-dir")
-    config = runtime.node_config(
-        data_dir.resolve(), key_file.resolve(), site_name, out_dir.resolve()
-    )
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir {data_dir}: data folder not found")
+        check_ca_file(ca)
+        if not private_key.is_file():
+            raise ValueError(f"--private-key {private_key}: not found (fedseg deploy node-key)")
+        runtime.parse_address(superlink_address, "--superlink")
+        config = runtime.node_config(
+            data_dir.resolve(), key_file.resolve(), site_name, out_dir.resolve()
+        )
+    except (KeyFileError, ValueError, OSError) as err:
+        raise fail(str(err)) from None
     command = runtime.supernode_command(superlink_address, ca, private_key, config, runtime_port)
     _exec(command, runtime.environment())
 
@@ -161,6 +185,8 @@ def run(
 ) -> None:
     """On the coordinator: run the federation on the registered SuperNodes."""
     layout = runtime.Coordinator(folder.resolve())
+    if not layout.flwr_home.is_dir():
+        raise fail(f"--dir {folder}: not a coordinator folder (fedseg deploy init)")
     values: dict[str, object] = {"out-dir": str(out.resolve()), "quick": False, "resume": resume}
     if layout.registry.is_file():  # sites are who the operator registered, not who they say
         values["federation.registry"] = str(layout.registry)

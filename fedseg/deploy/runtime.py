@@ -26,14 +26,17 @@ the ``.pub`` file goes to the coordinator), its data, and its fedseg secret.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedseg.atomic import write_text_atomic
 from fedseg.deploy.certs import ensure_ca, issue_server_cert
 from fedseg.deploy.registry import RegistryError, check_free, record_node
 
@@ -74,11 +77,70 @@ class Coordinator:
         return self.root / "sites.json"
 
 
+class DeployError(ValueError):
+    """A deployment argument that would fail later (or leave a half-made folder): refused
+    before anything is written, naming the argument."""
+
+
+_UNSAFE = set(" \t\n\"';{}$#")  # nginx.conf and Flower's node config take paths unquoted
+
+
+def parse_address(address: str, option: str = "--address") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port), or a DeployError saying what is wrong."""
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not host:
+        raise DeployError(
+            f"{option} {address!r}: give host:port, e.g. coordinator.example.org:9093"
+        )
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise DeployError(f"{option} {address!r}: an IPv6 address goes in brackets, [::1]:9093")
+        host = host[1:-1]
+    elif ":" in host:
+        raise DeployError(f"{option} {address!r}: an IPv6 address goes in brackets, [::1]:9093")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise DeployError(f"{option} {address!r}: the port must be a number in 1-65535")
+    try:
+        return check_host(host, option), int(port_text)
+    except DeployError:
+        raise DeployError(
+            f"{option} {address!r}: host {host!r} is not an IP address or a DNS name"
+        ) from None
+
+
+def check_host(host: str, option: str = "--host") -> str:
+    """An IP address or a DNS name (letters, digits, '-', '.'), as a certificate can name it."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if not host or len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise DeployError(f"{option} {host!r}: not an IP address or a DNS name")
+    return host
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_path(path: Path, option: str) -> Path:
+    """A path that nginx.conf and Flower's node config can hold (they take paths unquoted)."""
+    text = str(path.resolve())
+    bad = sorted(set(text) & _UNSAFE)
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise DeployError(f"{option} {text!r}: the path may not contain {shown}; choose another")
+    return path
+
+
 def init_coordinator(
     root: str | Path, hosts: list[str], internal_port: int = INTERNAL_PORT
 ) -> Coordinator:
     """CA, the SuperLink certificate for ``hosts`` (the names hospitals use) and loopback, and
     the Flower CLI's connection to the SuperLink's loopback port."""
+    check_path(Path(root), "--dir")
+    hosts = [check_host(h) for h in hosts]
     layout = Coordinator(Path(root).resolve())
     ensure_ca(layout.ca.parent)
     names = [*hosts, "127.0.0.1", "localhost"]
@@ -89,16 +151,15 @@ def init_coordinator(
 
 def write_flwr_config(flwr_home: Path, address: str, ca: Path) -> Path:
     """``$FLWR_HOME/config.toml``: how ``flwr run`` / ``flwr supernode`` reach the SuperLink."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(
+    return write_text_atomic(
+        path,
         "[superlink]\n"
         f'default = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
         f'address = "{address}"\n'
-        f'root-certificates = "{ca.resolve()}"\n'
+        f'root-certificates = "{ca.resolve()}"\n',
     )
-    return path
 
 
 def binary(name: str) -> str:
@@ -148,10 +209,11 @@ def proxy_config(layout: Coordinator, host: str, port: int, internal_port: int) 
     """nginx's configuration: TLS on ``host:port`` with the SuperLink's certificate, the Fleet
     API forwarded to the loopback SuperLink (verified against the CA), every other path 403."""
     folder = layout.proxy_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    check_path(folder, "--dir")
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     path = folder / "nginx.conf"
-    path.write_text(
+    write_text_atomic(
+        path,
         f"""daemon off;
 worker_processes 1;
 pid {folder / "nginx.pid"};
@@ -189,7 +251,7 @@ http {{
         location / {{ return 403; }}
     }}
 }}
-"""
+""",
     )
     return path
 
@@ -219,7 +281,7 @@ def node_config(data_dir: Path, key_file: Path, site: str, out_dir: Path) -> str
     }
     for key, value in values.items():
         if any(c in str(value) for c in " \"'"):
-            raise ValueError(f"node config {key}={value!r}: no spaces or quotes, please")
+            raise DeployError(f"node config {key}={value!r}: no spaces or quotes, please")
     return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import typer
 from rich.console import Console
 
+from fedseg.clierror import fail
 from fedseg.config import ConfigError
 from fedseg.data.dataset import DataError
+
+if TYPE_CHECKING:
+    from fedseg.serving.client import SiteClientConfig
 
 console = Console()
 
@@ -27,17 +34,52 @@ def serve(
 ) -> None:
     """Host a trained UMN over HTTPS for on-demand segmentation. Clients authenticate with
     their site's certificate (written to <tls-dir>/clients/ on first start)."""
+    from fedseg.checkpoint import UMN_NAME, read_checkpoint
     from fedseg.serving.server import serve as run_server
 
     try:
+        umn = run / "checkpoints" / UMN_NAME
+        if umn.exists():  # empty, torn or foreign: one line naming the file, before any work
+            read_checkpoint(umn)
         run_server(run, host, port, tls_dir, max_items, hostname)
-    except (
-        ConfigError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # e.g. a missing key (server custody)
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+    except (ConfigError, ValueError, OSError, ssl.SSLError) as err:  # e.g. a missing key
+        raise fail(_reason(err)) from None
+
+
+def _reason(err: BaseException) -> str:
+    """An OS or TLS error with the file it concerns (``str`` of some omits it)."""
+    name = getattr(err, "filename", None)
+    text = getattr(err, "strerror", None) or getattr(err, "reason", None) or str(err)
+    return f"{name}: {text}" if name and str(name) not in str(text) else str(text)
+
+
+def check_tls_files(site_cfg: SiteClientConfig) -> None:
+    """The site config's CA, certificate and key, loaded as the client will load them, so a
+    missing or garbage file is an error naming it rather than a TLS traceback."""
+    try:
+        context = ssl.create_default_context(cafile=str(site_cfg.ca_cert))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"ca-cert {site_cfg.ca_cert}: not a readable PEM CA certificate "
+            f"({getattr(err, 'strerror', None) or getattr(err, 'reason', None) or err})"
+        ) from None
+    try:
+        context.load_cert_chain(str(site_cfg.client_cert), str(site_cfg.client_key))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"client-cert {site_cfg.client_cert} / client-key {site_cfg.client_key}: not a "
+            f"readable certificate and key ({getattr(err, 'strerror', None) or err})"
+        ) from None
+
+
+def _unreachable(service: str, err: httpx.HTTPError) -> str:
+    """What went wrong talking to ``service``, in one line."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, httpx.ConnectError):
+        return f"cannot reach the segmentation service at {service}: {reason} (is it running?)"
+    if isinstance(err, httpx.TimeoutException):
+        return f"the segmentation service at {service} did not answer in time: {reason}"
+    return f"segmentation service {service}: {reason}"
 
 
 def segment(
@@ -52,13 +94,18 @@ def segment(
     ),
 ) -> None:
     """Segment one scan: encode and key here, map at the service, un-key and decode here."""
-    from fedseg.serving.client import ServiceError, segment_file
+    from fedseg.serving.client import ServiceError, load_site_config, segment_file
 
+    service = "the segmentation service"
     try:
+        site_cfg = load_site_config(site_config)
+        service = site_cfg.service
+        check_tls_files(site_cfg)
         path, timing = segment_file(site_config, input_path, output)
-    except (ConfigError, DataError, ServiceError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+    except httpx.HTTPError as err:  # the service down, a wrong address, a TLS refusal
+        raise fail(_unreachable(service, err)) from None
+    except (ConfigError, DataError, ServiceError, ValueError, OSError, ssl.SSLError) as err:
+        raise fail(_reason(err)) from None
     n = max(timing.images, 1)
     ms = {k: 1000 * getattr(timing, k) / n for k in ("encode", "network_and_map", "decode")}
     console.print(
