@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from fedseg.config import DatasetConfig
 from fedseg.data.dataset import DataError
 
 Mode = Literal["values", "colors", "threshold", "open"]
@@ -100,7 +101,8 @@ class LabelMap:
         self.open = self.mode == "open" and not names
 
     @classmethod
-    def from_config(cls, cfg) -> LabelMap:  # cfg: fedseg.config.DatasetConfig
+    def from_config(cls, cfg: DatasetConfig) -> LabelMap:
+        """The map a ``[data]`` (or ``[sources.<name>]``) section describes."""
         return cls(
             cfg.label_values,
             cfg.class_names,
@@ -160,8 +162,8 @@ class LabelMap:
         hint = ""
         if len(bad) > 10:  # compression noise, not a missing class
             hint = (
-                f" ({len(bad)} other values: compression noise? Binary masks: data.mask_threshold"
-                " = 127 instead of label_values)"
+                f" ({len(bad)} values outside the map: compression noise? For binary masks set "
+                "data.mask_threshold = 127 instead of label_values)"
             )
         raise DataError(
             f"{source}: unexpected mask value(s) {_shown(bad)}; expected label_values "
