@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedseg.config import RunConfig
-from fedseg.data import SiteData, SiteSplit, load_local_site, site_for_partition
+from fedseg.data import SiteData, SiteSplit, image_channels, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
@@ -49,9 +49,9 @@ class SiteModels:
 
     @classmethod
     def build(cls, cfg: RunConfig, num_classes: int) -> SiteModels:
-        m = cfg.model
+        m, c = cfg.model, image_channels(cfg)  # 3: colour images (data.channels)
         return cls(
-            SkipAutoencoder(1, 1, m.ae_widths, m.latent_channels),
+            SkipAutoencoder(c, c, m.ae_widths, m.latent_channels),
             SkipAutoencoder(
                 num_classes,
                 num_classes,
