@@ -8,13 +8,13 @@ by chunk and a retried chunk is identical.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fedseg.atomic import torch_save_atomic
 from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit, image_channels, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
@@ -76,14 +76,9 @@ class SiteModels:
 
     def save(self, path: str | Path, class_names: list[str]) -> Path:
         """Keep the site's AEs on the site's own disk (0600: decoders can reveal its images)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"state": self.state(), "class_names": list(class_names)}, handle)
-        tmp.replace(path)
-        return path
+        return torch_save_atomic(
+            {"state": self.state(), "class_names": list(class_names)}, path, mode=0o600
+        )
 
     @classmethod
     def load(cls, cfg: RunConfig, path: str | Path) -> tuple[SiteModels, list[str]]:
