@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedseg.atomic import write_text_atomic
 from fedseg.clierror import fail
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
 from fedseg.privacy.keys import KeyFileError, key_fingerprint, read_key_file, write_key_file
@@ -336,8 +337,7 @@ def compare(
     for line in comparison.differences():
         console.print(line)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(comparison.to_markdown())
+        write_text_atomic(out, comparison.to_markdown())
         console.print(f"wrote {out}")
 
 

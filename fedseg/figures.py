@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedseg import report_sites
+from fedseg.atomic import savefig_atomic
 from fedseg.evaluation import dice_per_image
 from fedseg.results import DEFAULT_METHOD, all_sites, baseline_label, baselines_of, mean_of
 
@@ -144,7 +145,7 @@ def _overlay_figure(
     handles = _legend_handles(names, num_classes)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path)
+    savefig_atomic(fig, path)
 
 
 def _example_arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -217,7 +218,7 @@ def _site_dice_figure(path: Path, metrics: dict[str, Any], method: str) -> None:
     ax.set_title("Mean foreground Dice per site")
     ax.legend(fontsize=8, loc="upper center", ncol=len(blocks), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    savefig_atomic(fig, path)
 
 
 def _annotated_bars(

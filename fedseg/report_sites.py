@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedseg.atomic import savefig_atomic
+
 KEYS = {"data_stats", "rounds", "dropped", "rejected", "site_profiles"}
 MAX_ROWS = 60  # longer tables are cut (the full data is in metrics.json)
 
@@ -158,7 +160,7 @@ def figure(path: Path, metrics: dict[str, Any]) -> bool:
     if len(sites) <= 10:
         ax_hist.legend(fontsize=6, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    savefig_atomic(fig, path)
     return True
 
 

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fedseg.atomic import savefig_atomic  # noqa: E402
+
 
 def reconstruction_grid(
     path: Path, truth: torch.Tensor, rows: dict[str, torch.Tensor], title: str
@@ -93,8 +95,7 @@ def tradeoff(path: Path, points: dict[str, dict[str, tuple[float, float]]], titl
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    path.chmod(0o644)
-    return path
+    try:
+        return savefig_atomic(fig, path, dpi=110)  # 0644, whole or not at all
+    finally:
+        plt.close(fig)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from fedseg.atomic import write_bytes_atomic
 from fedseg.attacks.context import load_run_config
 from fedseg.config import RunConfig, load_config
 from fedseg.coordinator import Coordinator
@@ -72,9 +72,7 @@ def build_run(cfg: RunConfig, mode: str, aes: dict[str, Path], run: Path, log=pr
     models = {}
     for split in sites:
         target = site_models_path(run, split.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(aes[split.name], target)
-        target.chmod(0o600)
+        write_bytes_atomic(target, aes[split.name].read_bytes(), mode=0o600)  # 0600 from the start
         models[split.name], _ = SiteModels.load(cfg, target)
         if mode != "none" and not keys[split.name].exists():
             write_key_file(keys[split.name])

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from fedseg.atomic import write_text_atomic
+
 HEADER = (
     "# Attacks\n\nEach section is written by `fedseg attack --run DIR --attack NAME`; "
     "re-running an attack replaces its section.\n"
@@ -33,10 +35,7 @@ def record(run: Path, name: str, result: dict, markdown: str) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_text_atomic(path, text, mode=0o644)
 
 
 def table(header: list[str], rows: list[list]) -> str:
