@@ -103,7 +103,8 @@ class SplitFinetuning:
         ``aggregate_arrayrecords`` weighted by training images; None if no site answered."""
         replies = self._forward(grid, federation, nodes, SHARE_STEP, SHARE_STEP, pending)
         records = []
-        for node_id, reply in replies.items():
+        # Sites in name order, not reply order: the weighted mean's float sum depends on it.
+        for node_id, reply in sorted(replies.items(), key=lambda kv: federation.sites[kv[0]].name):
             if protocol.WEIGHTS in reply.content.array_records and reply.content.metric_records:
                 records.append(reply.content)
             else:
@@ -254,7 +255,9 @@ class SplitFinetuning:
         gradient for its image latents. Returns the sites' losses."""
         epoch, step = at
         grads, losses, by_name = {}, [], {}
-        for node_id, reply in replies.items():
+        # Sites in name order, not reply order: the losses' order (and their float mean) and
+        # the order of the gradients the UMN sums must not depend on who answered first.
+        for node_id, reply in sorted(replies.items(), key=lambda kv: federation.sites[kv[0]].name):
             name = federation.sites[node_id].name
             try:
                 grad = arrays_of(reply.content.array_records.get(protocol.GRAD), protocol.GRAD)
