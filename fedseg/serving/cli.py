@@ -34,13 +34,9 @@ def serve(
 ) -> None:
     """Host a trained UMN over HTTPS for on-demand segmentation. Clients authenticate with
     their site's certificate (written to <tls-dir>/clients/ on first start)."""
-    from fedseg.checkpoint import UMN_NAME, read_checkpoint
     from fedseg.serving.server import serve as run_server
 
-    try:
-        umn = run / "checkpoints" / UMN_NAME
-        if umn.exists():  # empty, torn or foreign: one line naming the file, before any work
-            read_checkpoint(umn)
+    try:  # an empty, torn or foreign umn.pt is a CheckpointError (a ConfigError) naming it
         run_server(run, host, port, tls_dir, max_items, hostname)
     except (ConfigError, ValueError, OSError, ssl.SSLError) as err:  # e.g. a missing key
         raise fail(_reason(err)) from None

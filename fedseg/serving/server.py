@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fedseg.checkpoint import UMN_NAME
+from fedseg.checkpoint import UMN_NAME, read_checkpoint
 from fedseg.config import ConfigError, config_from_dict
 from fedseg.coordinator import Coordinator, UnknownSiteError
 from fedseg.serving import protocol
@@ -66,7 +66,7 @@ def load_service(run_dir: str | Path) -> MappingService:
     path = run_dir / "checkpoints" / UMN_NAME
     if not path.is_file():
         raise ConfigError(f"{path}: no trained UMN in this run folder")
-    state = torch.load(path, weights_only=True)
+    state = read_checkpoint(path)  # empty, torn or foreign: a CheckpointError naming the file
     try:
         cfg = config_from_dict(state["config"])
     except (ConfigError, KeyError) as err:
