@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from fedseg.atomic import write_text_atomic
-from fedseg.clierror import fail
+from fedseg.clierror import fail, fail_lines
 from fedseg.config import ConfigError, RunConfig, demo_config, load_config
 from fedseg.privacy.keys import KeyFileError, key_fingerprint, read_key_file, write_key_file
 from fedseg.results import BASELINE_LABELS, RunResults, SiteScores
@@ -50,6 +50,7 @@ def _logging(verbose: bool) -> None:
 def execute(cfg: RunConfig, with_baselines: bool = True, debug: bool = False) -> RunResults:
     """Federated run, then baselines; returns the run's results. ``debug``: Flower's notices
     to fedseg's developers too (simulations/engine.py)."""
+    from fedseg.data import DataError
     from fedseg.report import load_metrics
     from simulations.engine import simulate
 
@@ -57,7 +58,10 @@ def execute(cfg: RunConfig, with_baselines: bool = True, debug: bool = False) ->
     console.rule(f"[bold]fedseg: {cfg.name}")
     console.print(f"results -> {out.resolve()}")
     started = time.perf_counter()
-    simulate(cfg, debug=debug)
+    try:
+        simulate(cfg, debug=debug)  # checks every site's data first, before Ray starts
+    except (DataError, ConfigError) as err:  # the data check lists one problem per line
+        raise fail_lines(str(err)) from None
     if not (out / "metrics.json").exists():
         raise typer.Exit(code=_fail("the federated run wrote no metrics.json; see the log above"))
     results = RunResults.from_dict(load_metrics(out))

@@ -263,3 +263,47 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
         "error: --address 'coordinator': give host:port, e.g. coordinator.example.org:9093"
     ]
     assert not (tmp_path / "d").exists()
+
+
+def test_run_with_bad_data_lists_every_problem_and_starts_nothing(tmp_path, monkeypatch):
+    """The data check's error reaches the user as its lines, verbatim: the file names, no
+    traceback, a non-zero exit, and no simulation started."""
+    import types
+
+    started: list[bool] = []
+    fake = types.ModuleType("flwr.simulation")
+    fake.run_simulation = lambda **_: started.append(True)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flwr.simulation", fake)
+    data = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    for i in range(6):
+        mask = np.zeros((24, 24), np.uint8)
+        mask[:12] = 1
+        Image.fromarray(mask * 80 + 30).save(data / "images" / f"ok{i}.png")
+        Image.fromarray(mask).save(data / "masks" / f"ok{i}.png")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(data / "images" / "lonely[x].png")
+    (data / "images" / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(data / "masks" / "torn.png")
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        tomli_w.dumps(
+            {
+                "name": "s",
+                "federation": {"num_sites": 2},
+                "data": {"kind": "pairs", "path": str(data), "label_values": [0, 1]},
+            }
+        )
+    )
+    result = invoke(
+        "run", "--config", str(scenario), "--out", str(tmp_path / "o"), "--no-baselines"
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert not started
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error: ") and "problems in the data" in lines[0], lines
+    assert len(lines) >= 3, lines  # one line per problem, not joined into one
+    assert any("lonely[x].png" in ln for ln in lines[1:]), lines  # verbatim: no markup
+    assert any("torn.png" in ln for ln in lines[1:]), lines
