@@ -13,8 +13,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedseg.checkpoint import (
     LATENTS_NAME,
     UMN_NAME,
+    ResultsFolderError,
     check_not_finetuned,
     checkpoint_dir,
+    claim_out_dir,
     load_checkpoint,
 )
 from fedseg.config import RunConfig, config_from_run_config
@@ -200,14 +202,34 @@ def _split_train(grid, coordinator, federation, timing, timeout) -> dict:
     }
 
 
+def claimed_config(run_config: dict) -> RunConfig:
+    """``flwr run .``: the run's config, once its results folder is claimed as ``fedseg run``
+    claims it: a folder holding another run is refused unless the run config says
+    ``resume=true`` or ``overwrite=true`` (which removes that run's outputs first). Before
+    anything is asked of the sites or written."""
+    cfg = config_from_run_config(resolve_scenario(run_config, APP_DIR))
+    try:
+        removed = claim_out_dir(cfg, bool(run_config.get("overwrite", False)))
+    except ResultsFolderError as err:
+        raise ResultsFolderError(
+            f"{err} (flwr run: --run-config 'resume=true', 'overwrite=true' or 'out-dir=...')"
+        ) from None
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.warning("overwrite: removed the earlier run's %s from %s", names, cfg.out_dir)
+    return cfg
+
+
 def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedseg").setLevel(logging.INFO)
-        run_cfg = cfg or config_from_run_config(resolve_scenario(dict(context.run_config), APP_DIR))
-        run_federation(grid, run_cfg)
+        if cfg is not None:  # fedseg run / demo: the CLI claimed the results folder already
+            run_federation(grid, cfg)
+            return
+        run_federation(grid, claimed_config(dict(context.run_config)))
 
     return app
 

@@ -135,3 +135,27 @@ def test_audit_copies_are_numbered_whole_and_never_replaced(tmp_path):
     assert third.name == "0002_finetune_forward.npz"  # not over the second: after it
     assert np.load(second)["z"].tolist() == [0, 0, 0]
     assert not [p for p in (tmp_path / "site").iterdir() if p.suffix == ".tmp"]
+
+
+def test_flwr_run_claims_the_results_folder_like_the_cli(tmp_path):
+    """``flwr run .`` (the ServerApp's run config): refused unless resume or overwrite is set;
+    ``overwrite`` is declared in pyproject.toml, since a SuperLink refuses undeclared keys."""
+    import tomllib
+
+    from server.app import APP_DIR, claimed_config
+
+    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert declared["config"]["overwrite"] is False and declared["config"]["resume"] is False
+    out = tmp_path / "run"
+    assert claimed_config({"out-dir": str(out), "quick": True}).out_dir == str(out)  # new folder
+    finished_run(out)
+    with pytest.raises(ResultsFolderError, match="already holds a run") as err:
+        claimed_config({"out-dir": str(out), "quick": True})
+    assert "overwrite=true" in str(err.value)
+    assert (out / "metrics.json").exists()  # nothing touched
+    assert claimed_config({"out-dir": str(out), "resume": True}).resume
+    assert (out / "metrics.json").exists()
+    with pytest.raises(ResultsFolderError, match="choose one"):
+        claimed_config({"out-dir": str(out), "resume": True, "overwrite": True})
+    claimed_config({"out-dir": str(out), "overwrite": True})
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -182,12 +182,16 @@ def run(
     ),
     out: Path = typer.Option(Path("results/deployment"), help="results folder on the coordinator"),
     resume: bool = typer.Option(False, help="continue a stopped run from its checkpoints"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in the results folder"),
 ) -> None:
     """On the coordinator: run the federation on the registered SuperNodes."""
     layout = runtime.Coordinator(folder.resolve())
     if not layout.flwr_home.is_dir():
         raise fail(f"--dir {folder}: not a coordinator folder (fedseg deploy init)")
+    if resume and overwrite:
+        raise fail("--resume and --overwrite exclude each other: choose one")
     values: dict[str, object] = {"out-dir": str(out.resolve()), "quick": False, "resume": resume}
+    values["overwrite"] = overwrite  # the ServerApp refuses a folder holding a run otherwise
     if layout.registry.is_file():  # sites are who the operator registered, not who they say
         values["federation.registry"] = str(layout.registry)
     else:
