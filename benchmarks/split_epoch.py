@@ -26,14 +26,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--pipeline", choices=("on", "off"), default="on")
+    parser.add_argument("--actors", type=int, default=0, help="federation.actors (0 = default)")
+    parser.add_argument(
+        "--client-cpus", type=float, default=0.0, help="federation.client_cpus (0 = default)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="training.threads (0 = default)")
+    parser.add_argument(
+        "--workers", type=int, default=-1, help="federation.site_workers (-1 = auto, 0 = off)"
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = os.environ.get("SPLIT_EPOCH_DIR", tmp)
         cfg = demo_config(str(Path(tmp) / "run"))
         cfg.training.finetune_epochs = args.epochs
         cfg.training.finetune_pipeline = args.pipeline == "on"
         cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
+        cfg.federation.actors = args.actors or cfg.federation.actors
+        cfg.federation.client_cpus = args.client_cpus or cfg.federation.client_cpus
+        cfg.training.threads = args.threads or cfg.training.threads
+        cfg.federation.site_workers = args.workers
         simulate(cfg.validate())
         metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
     result = {
@@ -41,6 +54,10 @@ def main() -> None:
         "pipeline": args.pipeline == "on",
         "seconds_per_epoch": metrics["timing_s"]["finetuning"] / args.epochs,
         "dice": metrics["mean"]["dice"],
+        "actors": cfg.federation.actors,
+        "client_cpus": cfg.federation.client_cpus,
+        "threads": cfg.training.threads,
+        "workers": args.workers,
         "load_before": load,
     }
     print(json.dumps(result))

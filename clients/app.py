@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg import hospital, protocol
+from fedseg import hospital, protocol, site_worker
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit, numeric_lists
@@ -73,9 +73,11 @@ class Hospital:
         request = FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST])
         weights = records.get(protocol.WEIGHTS)
         blinded = records.get(protocol.BLINDED)
-        answer = hospital.finetune_forward(
+        answer = self.split_step(
+            "finetune_forward",
             cfg,
             setup,
+            context,
             request,
             msg.metadata.run_id,
             grad=optional_arrays(records, protocol.GRAD),
@@ -98,9 +100,11 @@ class Hospital:
         cfg, setup = self.resolve(context)
         records = msg.content.array_records
         request = FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST])
-        grad, loss, latents = hospital.finetune_backward(
+        grad, loss, latents = self.split_step(
+            "finetune_backward",
             cfg,
             setup,
+            context,
             request,
             arrays_of(records[protocol.MAPPED]),
             owed=optional_arrays(records, protocol.GRAD),
@@ -111,6 +115,16 @@ class Hospital:
         if latents is not None:
             content[protocol.LATENTS] = to_record(latents)
         return Message(content, reply_to=msg)
+
+    def split_step(self, fn: str, cfg: RunConfig, setup: SiteSetup, context: Context, *args, **kw):
+        """A split-training call, in the hospital's worker when it has one (fedseg/site_worker.py:
+        the state stays in memory, the sites run side by side), else in this process."""
+        node_config = dict(context.node_config)
+        where = site_worker.placement(cfg, node_config, setup.out_dir)
+        if where is None:
+            return getattr(hospital, fn)(cfg, setup, *args, **kw)
+        folder, slot, threads = where
+        return site_worker.call(folder, slot, fn, cfg, node_config, *args, threads=threads, **kw)
 
     def segment(self, msg: Message, context: Context) -> Message:
         cfg, setup = self.resolve(context)

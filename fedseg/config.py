@@ -139,6 +139,11 @@ class FederationConfig:
     #   augmented pass of its training set, 0 = none: rounds are heartbeats only)
     registry: str = ""  # node id -> site name file (fedseg deploy register); "" = trust the
     #   names nodes report, as in a simulation
+    # Long-lived processes that keep the hospitals' split-training state in memory
+    # (fedseg/site_worker.py, Linux): -1 = one per simulated hospital up to 4 (a deployed
+    # hospital: one), 0 = none (each message computes where Flower runs it, saving the state
+    # before it replies), N = that many shared by the simulated hospitals.
+    site_workers: int = -1
 
 
 @dataclass
@@ -406,6 +411,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "round_timeout_s": NON_NEGATIVE,
         "magnitude_bound": Range(1, also=(0,), meaning="0 = off"),
         "round_items": Range(0, also=(-1,), meaning="-1 = one augmented pass"),
+        "site_workers": Range(0, also=(-1,), meaning="-1 = auto, 0 = none"),
     },
     HospitalConfig: {
         "count": COUNT,

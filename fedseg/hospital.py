@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +152,7 @@ def finetune_forward(
         reply = _share(cfg, setup, tuner, request, run_id)
     else:
         reply = ForwardReply(latents=tuner.forward(request.epoch, request.step))
-    _save(cfg, setup, tuner, path)
+    _save(cfg, setup, tuner, path, urgent=request.step == SHARE_STEP)
     return reply
 
 
@@ -243,9 +245,62 @@ def _context(cfg: RunConfig, setup: SiteSetup) -> tuple:
     return fingerprint(cfg), setup.key_file  # what a kept fine-tuner was built from
 
 
-def _save(cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path) -> None:
-    save_private(tuner.state(), path)
-    kept_finetuners().keep(path, tuner, _context(cfg, setup))
+class PendingSaves:
+    """Saves of split-training state that a long-lived caller runs later (fedseg/site_worker.py:
+    after its reply, at an epoch's end or when idle); only each site's latest state is kept."""
+
+    def __init__(self) -> None:
+        self._saves: dict[Path, Callable[[], None]] = {}
+        self.urgent = False  # an epoch ended: save right after the reply
+
+    def add(self, path: Path, save: Callable[[], None], urgent: bool) -> None:
+        if path not in self._saves:
+            _stale_marker(path).touch(mode=0o600)
+        self._saves[path] = save
+        self.urgent = self.urgent or urgent
+
+    def run(self) -> None:
+        saves, self._saves, self.urgent = list(self._saves.values()), {}, False
+        for save in saves:
+            save()
+
+    def __bool__(self) -> bool:
+        return bool(self._saves)
+
+
+_pending: PendingSaves | None = None
+
+
+@contextmanager
+def deferred_saves(pending: PendingSaves) -> Iterator[None]:
+    """Inside the block the split-training state is not saved but left on ``pending``. A
+    marker file says the state on disk is behind until the save has run: a process that finds
+    it refuses the stale state instead of training on from an older step."""
+    global _pending
+    _pending = pending
+    try:
+        yield
+    finally:
+        _pending = None
+
+
+def _stale_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".unsaved")
+
+
+def _save(
+    cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path, urgent: bool = False
+) -> None:
+    def save() -> None:
+        save_private(tuner.state(), path)
+        kept_finetuners().keep(path, tuner, _context(cfg, setup))
+        _stale_marker(path).unlink(missing_ok=True)
+
+    if _pending is None or not path.is_file():
+        save()
+    else:  # kept in memory now, on disk later; until then the marker says the file is behind
+        kept_finetuners().keep(path, tuner, _context(cfg, setup))
+        _pending.add(path, save, urgent)
 
 
 def _finetuner(cfg: RunConfig, setup: SiteSetup, start: bool) -> tuple[SiteFinetuner, Path]:
@@ -256,7 +311,13 @@ def _finetuner(cfg: RunConfig, setup: SiteSetup, start: bool) -> tuple[SiteFinet
     if tuner is not None and not start:
         return tuner, path
     if start:
+        _stale_marker(path).unlink(missing_ok=True)
         models = load_models(cfg, setup)
+    elif _stale_marker(path).exists():
+        raise RuntimeError(
+            f"site {setup.split.name}: its split-training state was not saved after its last "
+            "step (its worker stopped), so it cannot go on with this run"
+        )
     elif path.is_file():  # its weights come from the state file: no need to load them twice
         models = SiteModels.build(cfg, setup.split.train.num_classes)
     else:

@@ -40,13 +40,15 @@ CHUNK_SIZE = 128
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> RunResults:
+def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> RunResults:
     """All phases; returns the run's results, which it also wrote to ``cfg.out_dir``.
+    ``threads``: torch threads here (None: ``training.threads``; a simulation whose hospitals
+    compute on the same cores passes fewer).
 
     With ``cfg.resume`` the sites reload their saved autoencoders, and the server takes back
     the collected latents and the last finished UMN round from ``<out_dir>/checkpoints``.
     """
-    torch.set_num_threads(cfg.training.threads)
+    torch.set_num_threads(threads or cfg.training.threads)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     timeout = cfg.federation.message_timeout_s or None
     saved_latents, saved_round = _saved(cfg)
@@ -220,14 +222,14 @@ def claimed_config(run_config: dict) -> RunConfig:
     return cfg
 
 
-def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
+def make_server_app(cfg: RunConfig | None = None, threads: int | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedseg").setLevel(logging.INFO)
         if cfg is not None:  # fedseg run / demo: the CLI claimed the results folder already
-            run_federation(grid, cfg)
+            run_federation(grid, cfg, threads)
             return
         run_federation(grid, claimed_config(dict(context.run_config)))
 

@@ -7,6 +7,7 @@ import math
 import os
 
 from fedseg.config import RunConfig
+from fedseg.site_worker import cores_left, slots
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -16,10 +17,16 @@ def backend_config(cfg: RunConfig) -> dict:
     f = cfg.federation
     cores = os.cpu_count() or 1
     actors = f.actors or max(1, int(cores // max(f.client_cpus, 1e-3)))
+    client_cpus = f.client_cpus
+    if slots(cfg) and not f.actors:
+        # The hospitals compute in their workers (fedseg/site_worker.py); an actor only waits
+        # on one, so one actor per worker lets them run side by side.
+        actors = slots(cfg)
+        client_cpus = cores / actors
     actors = min(actors, f.num_sites)
     # Ray counts CPUs for scheduling only, and Flower makes int(num_cpus / client num_cpus)
     # actors: give Ray a whole number of CPUs and each client just under its share of them.
-    num_cpus = max(1, math.ceil(actors * f.client_cpus - 1e-9))
+    num_cpus = max(1, math.ceil(actors * client_cpus - 1e-9))
     per_client = math.floor(1e4 * num_cpus / actors) / 1e4
     return {
         "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
@@ -72,7 +79,7 @@ def simulate(cfg: RunConfig, debug: bool = False) -> None:
     mods = (tamper_mod(cfg),) if any(h.tamper for h in cfg.hospitals) else ()
 
     run_simulation(
-        server_app=make_server_app(cfg),
+        server_app=make_server_app(cfg, threads=cores_left(cfg)),
         client_app=make_client_app(cfg, mods),
         num_supernodes=cfg.federation.num_sites,
         backend_config=backend_config(cfg),
