@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedseg.atomic import write_text_atomic
 from fedseg.checkpoint import fingerprint, save_private
 from fedseg.config import RunConfig, method_name
 from fedseg.data.stats import site_statistics
@@ -76,7 +77,7 @@ def register(cfg: RunConfig, setup: SiteSetup, reuse: bool) -> tuple[dict, dict]
         log.info("%s: training autoencoders on %d images", site.name, len(site.train))
         models, stats = train_site(cfg, site.train)
         models.save(saved, site.train.class_names)
-        tag.write_text(fingerprint(cfg))
+        write_text_atomic(tag, fingerprint(cfg))
         metrics.update(
             image_loss=stats.image_loss,
             mask_loss=stats.mask_loss,
@@ -192,7 +193,7 @@ def segment(cfg: RunConfig, setup: SiteSetup, mapped: Arrays) -> dict[str, Any]:
     write_overlays(
         setup.out_dir,
         setup.split.name,
-        Examples(test.images[pick, 0], test.masks[pick], pred[pick]),
+        Examples(test.images[pick], test.masks[pick], pred[pick]),
         test.class_names,
         method=method_name(cfg),
     )
@@ -237,7 +238,7 @@ def _finish(cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path) 
     """The end: the fine-tuned models become the site's models."""
     saved = site_models_path(setup.out_dir, setup.split.name)
     tuner.models.save(saved, setup.split.train.class_names)
-    saved.with_suffix(".config").write_text(fingerprint(cfg) + FINETUNED)
+    write_text_atomic(saved.with_suffix(".config"), fingerprint(cfg) + FINETUNED)
     path.unlink(missing_ok=True)
 
 
