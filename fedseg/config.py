@@ -18,7 +18,7 @@ from typing import Any, Literal
 DataKind = Literal["synthetic", "pairs", "nifti"]
 Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
-UmnArch = Literal["fast", "reference"]
+UmnArch = Literal["fast", "reference", "he"]
 FinetuneShare = Literal["none", "blind", "average"]
 TAMPERING = ("missing-record", "extra-items", "scaled", "huge", "forged-metrics")
 Preset = Literal["blind-split", "paper"]
@@ -180,7 +180,9 @@ class ModelConfig:
     image_size: int = 128
     ae_widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])
     latent_channels: int = 32  # channels of each of the three latent scales
-    umn_arch: UmnArch = "fast"  # "reference": the paper's ~59 M-parameter UMN (width/blocks unused)
+    # "reference": the paper's ~59 M-parameter UMN (width/blocks unused); "he": per-position
+    # polynomial network a server can evaluate on CKKS ciphertexts (fedseg/models/umn_he.py)
+    umn_arch: UmnArch = "fast"
     umn_width: int = (
         64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (docs/performance.md)
     )

@@ -205,8 +205,20 @@ def build_umn(model: ModelConfig, sites: list[str]) -> UnifiedMappingNetwork:
             model.umn_blocks,
             shared_adapters=model.umn_adapters == "shared",
         )
+    elif model.umn_arch == "he":
+        from fedseg.models.umn_he import HEMappingNetwork
+
+        # CKKS-evaluable (fedseg/privacy/ckks.py): width used, blocks unused (depth 3).
+        net = HEMappingNetwork(
+            sites,
+            model.latent_channels,
+            model.umn_width,
+            shared_adapters=model.umn_adapters == "shared",
+        )
     else:
-        raise ValueError(f"model.umn_arch must be 'fast' or 'reference', got {model.umn_arch!r}")
+        raise ValueError(
+            f"model.umn_arch must be 'fast', 'reference' or 'he', got {model.umn_arch!r}"
+        )
     # NHWC weights from the start (training and loaded checkpoints alike): the latents arrive
     # channels-last, and mixed layouts cost a conversion per convolution.
     # Module.to accepts memory_format at run time; torch's overloads omit it.
