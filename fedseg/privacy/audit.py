@@ -56,16 +56,32 @@ def guard_and_audit(
     texts: Iterable[str],
 ) -> None:
     texts = list(texts)
+    findings = ckks_findings(arrays, ckks_secret_file(key_file, site) if key_file else None)
     if cfg.privacy.transform != "none" and key_file is not None:
         secret = read_key_file(key_file)
         material = _key_material(secret, cfg.model.latent_channels, cfg.privacy.bias_scale)
-        findings = material.find(arrays, texts)
-        if findings:
-            raise KeyLeakError(
-                f"{site}: refusing to send {message_type}: {'; '.join(findings[:5])}"
-            )
+        findings += material.find(arrays, texts)
+    if findings:
+        raise KeyLeakError(f"{site}: refusing to send {message_type}: {'; '.join(findings[:5])}")
     if cfg.privacy.audit_dir:
         keep_copy(Path(cfg.privacy.audit_dir) / site, message_type, arrays, texts)
+
+
+def ckks_secret_file(key_file: Path, site: str) -> Path:
+    """Where a hospital keeps its CKKS secret context: beside its other secret."""
+    return Path(key_file).with_name(f"{site}.ckks.key")
+
+
+def ckks_findings(arrays: dict[str, np.ndarray], secret_file: Path | None = None) -> list[str]:
+    """CKKS secret-key material in a payload: a serialised CKKS context that holds a secret
+    key (whoever's), or this hospital's own secret key bytes (``secret_file``, if it has
+    one). Only byte arrays can carry either, so other payloads cost nothing."""
+    if not any(a.dtype == np.uint8 for a in arrays.values()):
+        return []
+    from fedseg.privacy.ckks import hospital_secret_bytes, secret_key_findings
+
+    secret = hospital_secret_bytes(secret_file) if secret_file and secret_file.is_file() else None
+    return secret_key_findings(arrays, secret)
 
 
 def keep_copy(
