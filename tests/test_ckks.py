@@ -1,0 +1,355 @@
+"""CKKS encrypted queries (fedseg/privacy/ckks.py): the encrypted mapping equals the plaintext
+one, no secret key leaves the hospital, bad parameters and bad ciphertexts are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tenseal")
+
+from fedseg.config import RunConfig  # noqa: E402
+from fedseg.coordinator import Coordinator  # noqa: E402
+from fedseg.models.autoencoder import latent_shapes  # noqa: E402
+from fedseg.models.umn import build_umn  # noqa: E402
+from fedseg.models.umn_he import HEMappingNetwork, folded_forward  # noqa: E402
+from fedseg.privacy import ckks  # noqa: E402
+from fedseg.privacy.audit import KeyLeakError, ckks_secret_file, guard_and_audit  # noqa: E402
+from fedseg.privacy.keys import load_or_create_key, simulated_secret  # noqa: E402
+
+SITES = ["site-a", "site-b"]
+
+
+def he_config(size: int = 64, channels: int = 16, width: int = 32) -> RunConfig:
+    cfg = RunConfig(name="ckks")
+    cfg.model.umn_arch = "he"
+    cfg.model.image_size = size
+    cfg.model.latent_channels = channels
+    cfg.model.umn_width = width
+    cfg.model.ae_widths = [8, 16, 16, 32, 32]
+    cfg.data.synthetic_train, cfg.data.synthetic_test = 8, 4
+    cfg.federation.num_sites = 2
+    return cfg.validate()
+
+
+def trained_like(cfg: RunConfig) -> HEMappingNetwork:
+    """A HE network with weights away from the identity start (alpha, beta, bases too)."""
+    torch.manual_seed(1)
+    umn = build_umn(cfg.model, SITES)
+    assert isinstance(umn, HEMappingNetwork)
+    with torch.no_grad():
+        for p in umn.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        umn.in_basis.add_(0.1 * torch.randn_like(umn.in_basis))
+        umn.out_offset.add_(torch.randn_like(umn.out_offset))
+    return umn.eval()
+
+
+def random_query(cfg: RunConfig, items: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+    return {
+        f"image{s}": (rng.normal(size=(items, *shape)) * 2 + 0.5).astype(np.float16)
+        for s, shape in enumerate(shapes)
+    }
+
+
+def packing(cfg: RunConfig, params: ckks.CkksParams) -> ckks.Packing:
+    shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+    return ckks.Packing(tuple(tuple(s) for s in shapes), params.slots)
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def hospital() -> ckks.HospitalCkks:
+    return ckks.HospitalCkks.create()
+
+
+def encrypted_map(
+    hospital: ckks.HospitalCkks, umn: HEMappingNetwork, site: str, cfg: RunConfig, query
+) -> dict[str, np.ndarray]:
+    pack = packing(cfg, hospital.params)
+    server = ckks.ServerCkks.from_bundle(hospital.public_bundle(pack), umn.depth)
+    mapper = ckks.EncryptedMapper(server, umn.folded(site), pack)
+    return hospital.decrypt(mapper.map(hospital.encrypt(query, pack)), pack)
+
+
+# --- the network ----------------------------------------------------------------------------
+
+
+def test_folded_network_is_the_forward():
+    cfg = he_config()
+    umn = trained_like(cfg)
+    query = random_query(cfg)
+    latents = [torch.from_numpy(query[f"image{s}"].astype(np.float32)) for s in range(3)]
+    with torch.no_grad():
+        plain = umn(latents, umn.site_index("site-b"))
+    folded = folded_forward(umn.folded("site-b"), [z.numpy() for z in latents])
+    for p, f in zip(plain, folded, strict=True):
+        assert relative_error(p.numpy(), f) < 1e-5
+    assert umn.depth == 3
+
+
+def test_he_network_trains_through_split_training():
+    cfg = he_config()
+    coordinator = Coordinator(cfg, SITES)
+    assert isinstance(coordinator.umn, HEMappingNetwork)
+    before = [p.detach().clone() for p in coordinator.umn.parameters()]
+    mapped = coordinator.finetune_forward("site-a", random_query(cfg, items=4))
+    grads = {k.replace("mask", "grad"): np.ones(v.shape, np.float32) for k, v in mapped.items()}
+    answers, refused = coordinator.finetune_backward({"site-a": grads}, 0, 1)
+    assert not refused and set(answers["site-a"]) == {"grad0", "grad1", "grad2"}
+    after = list(coordinator.umn.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- encrypted = plaintext ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size,channels", [(64, 16), (128, 32)])
+def test_encrypted_forward_equals_plaintext(hospital, size, channels):
+    cfg = he_config(size, channels, width=32 if size == 64 else 64)
+    umn = trained_like(cfg)
+    query = random_query(cfg)
+    decrypted = encrypted_map(hospital, umn, "site-a", cfg, query)
+    latents = [query[f"image{s}"].astype(np.float32) for s in range(3)]
+    expected = folded_forward(umn.folded("site-a"), latents)
+    for s in range(3):
+        assert decrypted[f"mask{s}"].dtype == np.float16
+        assert relative_error(decrypted[f"mask{s}"], expected[s]) < 1e-3
+
+
+def test_encrypted_equals_plaintext_path_on_real_latents(hospital, tmp_path):
+    """A synthetic hospital's keyed test latents (its encoder and KLT key): the encrypted
+    reply decodes to what the server's plaintext map_query returns, within 1e-3."""
+    from fedseg.data import site_for_partition
+    from fedseg.privacy.transforms import keyed_transform
+    from fedseg.site import SiteModels, query_chunk
+
+    cfg = he_config()
+    split = site_for_partition(cfg, 0)
+    models = SiteModels.build(cfg, split.test.num_classes)
+    transform = keyed_transform(cfg, simulated_secret(0, "federation"))
+    query = query_chunk(split.test, models, transform, 0, len(split.test))
+    coordinator = Coordinator(cfg, [split.name, "other"])
+    coordinator.finetune_forward(split.name, query)  # canonical input bases from real latents
+    coordinator.umn.eval()
+    plain = coordinator.map_query(split.name, query)
+    umn = coordinator.umn
+    assert isinstance(umn, HEMappingNetwork)
+    decrypted = encrypted_map(hospital, umn, split.name, cfg, query)
+    for s in range(3):
+        assert relative_error(decrypted[f"mask{s}"], plain[f"mask{s}"]) < 1e-3
+
+
+def test_two_hidden_layers_need_depth_five(hospital):
+    """A deeper network (depth 5) runs on the ring the table allows for it (2^14)."""
+    cfg = he_config()
+    umn = HEMappingNetwork(SITES, 16, 16, hidden_layers=2).eval()
+    with pytest.raises(ckks.CkksError, match="depth 3; the network needs 5"):
+        ckks.EncryptedMapper(
+            ckks.ServerCkks.from_bundle(
+                hospital.public_bundle(packing(cfg, hospital.params)), umn.depth
+            ),
+            umn.folded("site-a"),
+            packing(cfg, hospital.params),
+        )
+    deep = ckks.HospitalCkks.create(depth=5)
+    assert deep.params.poly_modulus_degree == 16384
+    query = random_query(cfg, items=1)
+    decrypted = encrypted_map(deep, umn, "site-a", cfg, query)
+    expected = folded_forward(umn.folded("site-a"), [query[f"image{s}"] for s in range(3)])
+    for s in range(3):
+        assert relative_error(decrypted[f"mask{s}"], expected[s]) < 1e-3
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def test_parameters_against_the_128_bit_table():
+    default = ckks.CkksParams().check(3)
+    assert default.total_bits == 205 <= ckks.HE_STANDARD_128[8192]
+    assert ckks.params_for_depth(3) == default
+    assert ckks.params_for_depth(5).poly_modulus_degree == 16384
+    with pytest.raises(ckks.CkksError, match="not 128-bit secure.*240 bits.*218"):
+        ckks.CkksParams(8192, (60, 40, 40, 40, 60), 40).check()
+    with pytest.raises(ckks.CkksError, match="not 128-bit secure"):
+        ckks.CkksParams(4096, (40, 30, 30, 40), 30).check()
+    with pytest.raises(ckks.CkksError, match="depth 3; the network needs 5"):
+        default.check(5)
+    with pytest.raises(ckks.CkksError, match="poly_modulus_degree 6000"):
+        ckks.CkksParams(6000).check()
+    with pytest.raises(ckks.CkksError, match="middle primes"):
+        ckks.CkksParams(8192, (50, 30, 35, 35, 50), 35).check()
+
+
+def test_server_refuses_an_unsafe_bundle(hospital):
+    cfg = he_config()
+    bundle = hospital.public_bundle(packing(cfg, hospital.params))
+    header = json.loads(bundle[ckks.HEADER].tobytes())
+    header["params"]["coeff_mod_bit_sizes"] = [60, 40, 40, 40, 60]
+    forged = {**bundle, ckks.HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}
+    with pytest.raises(ckks.CkksError, match="not 128-bit secure"):
+        ckks.ServerCkks.from_bundle(forged, 3)
+    header["params"]["coeff_mod_bit_sizes"] = [50, 35, 35, 50]  # safe, but a lie
+    forged = {**bundle, ckks.HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}
+    with pytest.raises(ckks.CkksError, match="depth 2; the network needs 3"):
+        ckks.ServerCkks.from_bundle(forged, 3)
+    with pytest.raises(ckks.CkksError, match="does not match its declared parameters"):
+        ckks.ServerCkks.from_bundle(forged, 2)
+
+
+# --- no secret key in any message -----------------------------------------------------------
+
+
+def test_no_secret_key_leaves_the_hospital(hospital, tmp_path):
+    import tenseal as ts
+
+    cfg = he_config()
+    pack = packing(cfg, hospital.params)
+    bundle = hospital.public_bundle(pack)
+    context = ts.context_from(bundle[ckks.CONTEXT].tobytes())
+    assert not context.has_secret_key() and context.is_public()
+    query = hospital.encrypt(random_query(cfg), pack)
+    umn = trained_like(cfg)
+    server = ckks.ServerCkks.from_bundle(bundle, umn.depth)
+    reply = ckks.EncryptedMapper(server, umn.folded("site-a"), pack).map(query)
+
+    # The outgoing guard, with this hospital's KLT key and CKKS key on disk, passes them all.
+    cfg.privacy.transform = "klt"
+    key_file = tmp_path / "federation.key"
+    load_or_create_key(key_file, simulated_secret(0, "federation"))
+    secret_file = ckks_secret_file(key_file, "site-a")
+    hospital.save(secret_file)
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    for message in (bundle, query):
+        guard_and_audit(cfg, "site-a", key_file, "evaluate.segment", message, [])
+    secret = ckks.hospital_secret_bytes(secret_file)
+    for message in (bundle, query, reply):
+        assert ckks.secret_key_findings(message, secret) == []
+
+    # ... and refuses a context that holds a secret key, or the secret key's bytes.
+    private = np.frombuffer(hospital.context.serialize(save_secret_key=True), np.uint8)
+    with pytest.raises(KeyLeakError, match="holds a secret key|CKKS secret key"):
+        guard_and_audit(cfg, "site-a", key_file, "m", {**bundle, ckks.CONTEXT: private}, [])
+    other = ckks.HospitalCkks.create()  # any hospital's private context, not only this one's
+    private_other = np.frombuffer(other.context.serialize(save_secret_key=True), np.uint8)
+    with pytest.raises(KeyLeakError, match="holds a secret key"):
+        guard_and_audit(cfg, "site-a", key_file, "m", {"x.ctx": private_other}, [])
+    smuggled = np.frombuffer(b"\x00" * 100 + secret + b"\x00" * 100, np.uint8)
+    with pytest.raises(KeyLeakError, match="CKKS secret key"):
+        guard_and_audit(cfg, "site-a", key_file, "m", {**query, "ckks.extra": smuggled}, [])
+    with pytest.raises(ckks.CkksError, match="holds a secret key"):
+        ckks.ServerCkks.from_bundle({**bundle, ckks.CONTEXT: private}, 3)
+
+
+def test_secret_context_round_trip(hospital, tmp_path):
+    path = hospital.save(tmp_path / "h.ckks.key")
+    loaded = ckks.HospitalCkks.load(path)
+    assert loaded.key_id == hospital.key_id and loaded.params == hospital.params
+    cfg = he_config()
+    pack = packing(cfg, hospital.params)
+    umn = trained_like(cfg)
+    server = ckks.ServerCkks.from_bundle(hospital.public_bundle(pack), umn.depth)
+    query = random_query(cfg, items=1)
+    reply = ckks.EncryptedMapper(server, umn.folded("site-a"), pack).map(
+        loaded.encrypt(query, pack)
+    )
+    out = hospital.decrypt(reply, pack)
+    expected = folded_forward(umn.folded("site-a"), [query[f"image{s}"] for s in range(3)])
+    assert relative_error(out["mask0"], expected[0]) < 1e-3
+
+
+# --- bad ciphertexts ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(hospital):
+    cfg = he_config()
+    pack = packing(cfg, hospital.params)
+    umn = trained_like(cfg)
+    server = ckks.ServerCkks.from_bundle(hospital.public_bundle(pack), umn.depth)
+    return cfg, pack, ckks.EncryptedMapper(server, umn.folded("site-a"), pack)
+
+
+def with_header(query: dict[str, np.ndarray], **changes) -> dict[str, np.ndarray]:
+    header = {**json.loads(query[ckks.HEADER].tobytes()), **changes}
+    return {**query, ckks.HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}
+
+
+def test_wrong_context_ciphertexts_are_refused(hospital, served):
+    cfg, pack, mapper = served
+    stranger = ckks.HospitalCkks.create()
+    query = stranger.encrypt(random_query(cfg, items=1), pack)
+    with pytest.raises(ckks.CkksError, match="another CKKS key"):
+        mapper.map(query)
+    # Other parameters (ring 2^14), even under a forged key id: SEAL refuses to load them.
+    big = ckks.HospitalCkks.create(ckks.CkksParams(16384, (60, 40, 40, 40, 60), 40))
+    big_pack = ckks.Packing(pack.shapes, big.params.slots)
+    forged = with_header(
+        big.encrypt(random_query(cfg, items=1), big_pack),
+        key_id=hospital.key_id,
+        ciphertexts=pack.cts(pack.channels),
+    )
+    with pytest.raises(ckks.CkksError, match="does not load under this CKKS context|exceeds"):
+        mapper.map(forged)
+
+
+def test_malformed_queries_are_refused(hospital, served):
+    cfg, pack, mapper = served
+    query = hospital.encrypt(random_query(cfg, items=2), pack)
+    with pytest.raises(ckks.CkksError, match="ciphertexts per image"):
+        mapper.map(with_header(query, ciphertexts=3))
+    with pytest.raises(ckks.CkksError, match=r"offsets"):
+        mapper.map(with_header(query, items=1))
+    with pytest.raises(ckks.CkksError, match="the limit is 1"):
+        mapper.map(query, max_items=1)
+    with pytest.raises(ckks.CkksError, match="latent shapes"):
+        mapper.map(with_header(query, shapes=[[16, 4, 4]] * 3))
+    truncated = dict(query)
+    truncated[ckks.CIPHER] = query[ckks.CIPHER][:-100]
+    truncated[ckks.OFFSETS] = query[ckks.OFFSETS].copy()
+    truncated[ckks.OFFSETS][-1] -= 100
+    with pytest.raises(ckks.CkksError, match="does not load"):
+        mapper.map(truncated)
+    with pytest.raises(ckks.CkksError, match="unexpected field"):
+        mapper.map({**query, "image0": np.zeros(3, np.float16)})
+
+
+def test_oversized_query_is_refused_before_reading(hospital, served, monkeypatch):
+    cfg, pack, mapper = served
+    query = hospital.encrypt(random_query(cfg, items=1), pack)
+    limit = ckks.max_ciphertext_bytes(hospital.params)
+    huge = np.zeros(limit + 1, np.uint8)
+    oversized = {
+        **query,
+        ckks.CIPHER: huge,
+        ckks.OFFSETS: np.array([0, limit + 1], np.int64),
+    }
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("deserialised an oversized query")
+
+    monkeypatch.setattr(ckks, "_load", no_load)
+    with pytest.raises(ckks.CkksError, match="exceeds the limit"):
+        mapper.map(oversized)
+
+
+def test_packing_round_trip():
+    shapes = ((32, 16, 16), (32, 8, 8), (32, 4, 4))
+    pack = ckks.Packing(shapes, 4096)
+    assert (pack.block, pack.groups, pack.cts(32), pack.rotation_step) == (512, 8, 4, 512)
+    rng = np.random.default_rng(0)
+    latents = [rng.normal(size=s) for s in shapes]
+    back = pack.unpack(pack.pack(latents), 32)
+    for a, b in zip(latents, back, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ckks.CkksError, match="do not fit"):
+        _ = ckks.Packing(((32, 64, 64), (32, 32, 32), (32, 16, 16)), 4096).groups
