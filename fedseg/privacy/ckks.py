@@ -295,6 +295,7 @@ def _seal() -> Any:
 def _tenseal() -> Any:
     import tenseal
 
+    _seal()  # registers SEAL's types (Modulus, ...) that the context's accessors return
     return tenseal
 
 
