@@ -239,6 +239,8 @@ def _finish(cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path) 
     saved = site_models_path(setup.out_dir, setup.split.name)
     tuner.models.save(saved, setup.split.train.class_names)
     write_text_atomic(saved.with_suffix(".config"), fingerprint(cfg) + FINETUNED)
+    if _pending is not None:
+        _pending.discard(path)
     path.unlink(missing_ok=True)
 
 
@@ -259,6 +261,11 @@ class PendingSaves:
             _stale_marker(path).touch(mode=0o600)
         self._saves[path] = save
         self.urgent = self.urgent or urgent
+
+    def discard(self, path: Path) -> None:
+        """The state is finished with (the run's last step): nothing left to save."""
+        self._saves.pop(path, None)
+        _stale_marker(path).unlink(missing_ok=True)
 
     def run(self) -> None:
         saves, self._saves, self.urgent = list(self._saves.values()), {}, False

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pickle
 import secrets
 import subprocess
 import sys
@@ -138,12 +139,12 @@ def call(
     try:
         if conn is None or conn.poll(0):  # a worker sends nothing unasked: readable = closed
             raise OSError
-        conn.send(request)
+        _send(conn, request)
     except OSError:  # none yet, or the worker behind it has gone: a new one (not sent yet)
         conn = _connect(folder, slot, key, threads)
-        conn.send(request)
+        _send(conn, request)
     try:
-        status, value = conn.recv()
+        status, value = _recv(conn)
     except (EOFError, OSError) as err:
         conn.close()
         raise WorkerError(
@@ -157,6 +158,16 @@ def call(
 
 
 _CONNECTIONS: dict[str, Any] = {}  # this process's open connection to each worker
+
+
+def _send(conn, obj: Any) -> None:
+    """Plain pickle, by value: ``Connection.send`` would hand torch tensors over as shared
+    memory through multiprocessing's resource sharer, which only its own children can reach."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _kind(err: Exception) -> str:
@@ -253,13 +264,13 @@ class _WorkerState:
         with conn:
             while True:
                 try:
-                    fn, cfg, node_config, args, kwargs = conn.recv()
-                except (EOFError, OSError, ValueError):
+                    fn, cfg, node_config, args, kwargs = _recv(conn)
+                except (EOFError, OSError, ValueError, pickle.UnpicklingError):
                     return
                 with self.busy:
                     reply = self._run(fn, cfg, node_config, args, kwargs)
                     try:
-                        conn.send(reply)
+                        _send(conn, reply)
                     except OSError:
                         log.warning("the caller hung up before the reply to %s", fn)
                     if self.pending.urgent:  # an epoch ended: its state goes to disk now

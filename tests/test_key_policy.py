@@ -73,7 +73,7 @@ import fedseg.privacy.keys as keys
 keys.generate_secret = lambda: bytes(range(32))
 def broken(*args, **kwargs):
     raise RuntimeError("disk vanished")
-keys.os.fdopen = broken
+keys.write_text_atomic = broken  # the write fails with the secret in a local
 from fedseg.cli import app
 sys.argv = ["fedseg", "keygen", "--out", sys.argv[1]]
 app()

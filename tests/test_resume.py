@@ -160,7 +160,8 @@ def test_killed_run_resumes_to_completion(tmp_path):
         env=ENV,
     )
     assert refused.returncode == 2
-    assert "different config" in refused.stdout and "training.umn_rounds: 3 -> 4" in refused.stdout
+    said = refused.stderr  # CLI errors are one line on stderr
+    assert "different config" in said and "training.umn_rounds: 3 -> 4" in said
 
 
 def test_checkpoint_from_before_a_new_field_counts_it_as_its_default(tmp_path):

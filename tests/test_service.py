@@ -354,7 +354,7 @@ def test_serve_and_segment_commands(run_dir, site_config, tmp_path):
         result = subprocess.run(
             [*segment, "-o", str(tmp_path / "out.jpg")], capture_output=True, text=True
         )
-        assert result.returncode == 2 and "lossless" in result.stdout
+        assert result.returncode == 2 and "lossless" in result.stderr  # errors: one line
     finally:
         serve.terminate()
         serve.wait(timeout=20)
