@@ -24,7 +24,7 @@ from fedseg.config import RunConfig, config_from_run_config
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit, numeric_lists
 from fedseg.privacy.redact import SiteError, public_error
-from fedseg.protocol import FinetuneRequest, LatentRequest, RoundRequest
+from fedseg.protocol import FinetuneRequest, LatentRequest, RoundRequest, SegmentRequest
 from fedseg.site import SiteSetup, resolve_site
 
 log = logging.getLogger("fedseg.client")
@@ -130,11 +130,30 @@ class Hospital:
         return site_worker.call(folder, slot, fn, cfg, node_config, *args, threads=threads, **kw)
 
     def segment(self, msg: Message, context: Context) -> Message:
+        """Plain: decode ``MAPPED`` and score. Encrypted (a ``SegmentRequest``): send the CKKS
+        public bundle, the ciphertexts of a chunk of test latents, or decrypt ``MAPPED`` and
+        score; a site whose own config does not say ``privacy.query = "ckks"`` refuses."""
         cfg, setup = self.resolve(context)
-        mapped = arrays_of(msg.content.array_records[protocol.MAPPED])
-        metrics = hospital.segment(cfg, setup, mapped)
-        result = ConfigRecord({"metrics_json": json.dumps(metrics)})
-        return Message(RecordDict({protocol.RESULT: result}), reply_to=msg)
+        config = msg.content.config_records
+        request = (
+            SegmentRequest.from_config(config[protocol.REQUEST])
+            if protocol.REQUEST in config
+            else None
+        )
+        if request is not None and cfg.privacy.query != "ckks":
+            raise PermissionError("encrypted evaluation asked, but privacy.query is not 'ckks'")
+        if request is None or request.step == protocol.SEGMENT_DECODE:
+            mapped = arrays_of(msg.content.array_records[protocol.MAPPED])
+            metrics = hospital.segment(cfg, setup, mapped, encrypted=request is not None)
+            result = ConfigRecord({"metrics_json": json.dumps(metrics)})
+            return Message(RecordDict({protocol.RESULT: result}), reply_to=msg)
+        if request.step == protocol.SEGMENT_KEYS:
+            keys = hospital.ckks_keys(cfg, setup)
+            return Message(RecordDict({protocol.CKKS_KEYS: to_record(keys)}), reply_to=msg)
+        if request.step == protocol.SEGMENT_QUERY:
+            query = hospital.ckks_query(cfg, setup, request.start, request.stop)
+            return Message(RecordDict({protocol.CKKS_QUERY: to_record(query)}), reply_to=msg)
+        raise ValueError(f"unknown segment step {request.step!r}")
 
     def outgoing_guard(self, msg: Message, context: Context, call_next) -> Message:
         """No reply leaves with key material in it (arrays, metrics, config, text)."""

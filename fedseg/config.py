@@ -24,6 +24,7 @@ TAMPERING = ("missing-record", "extra-items", "scaled", "huge", "forged-metrics"
 Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
 KeyScope = Literal["site", "federation"]
+QueryMode = Literal["plain", "ckks"]
 
 
 class ConfigError(ValueError):
@@ -254,6 +255,9 @@ class PrivacyConfig:
     key_scope: KeyScope = "federation"
     bias_scale: float = 1.0
     audit_dir: str = ""  # keep a copy of every payload each site sends (for audits and tests)
+    # How evaluation queries travel: "plain" (keyed fp16 latents) or "ckks" (CKKS ciphertexts of
+    # them; the server maps them encrypted: needs model.umn_arch = "he"; docs/privacy.md)
+    query: QueryMode = "plain"
 
 
 @dataclass
@@ -337,6 +341,11 @@ class RunConfig:
             ),
             (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
             (self.model.umn_adapters in ("site", "shared"), "model.umn_adapters: site/shared"),
+            (self.privacy.query in ("plain", "ckks"), "privacy.query: 'plain' or 'ckks'"),
+            (
+                self.privacy.query != "ckks" or self.model.umn_arch == "he",
+                "privacy.query = 'ckks' needs model.umn_arch = 'he' (a network CKKS can evaluate)",
+            ),
             (
                 self.privacy.key_scope in ("site", "federation"),
                 "privacy.key_scope: site/federation",

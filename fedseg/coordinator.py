@@ -9,6 +9,7 @@ answers.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from fedseg.config import RunConfig
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import build_umn
+from fedseg.models.umn_he import FoldedLayer, HEMappingNetwork
+from fedseg.privacy.ckks import CkksError, EncryptedMapper, ServerCkks, query_packing
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
@@ -54,6 +57,8 @@ class Coordinator:
         self._finetune_opt: torch.optim.Optimizer | None = None
         self._finetune_graphs: dict[str, tuple[list, list]] = {}
         self._magnitudes = MagnitudeGuard(cfg.federation.magnitude_bound)
+        self._ckks: dict[str, ServerCkks] = {}  # each hospital's public CKKS keys
+        self._mappers: dict[str, tuple[str, EncryptedMapper]] = {}  # compiled, per weights
         if cfg.privacy.transform != "none" and cfg.privacy.custody == "server":
             if key_dir is None:
                 raise ValueError("server custody needs the sites' key files (privacy.key_dir)")
@@ -166,6 +171,42 @@ class Coordinator:
         mapped = map_latents(self.umn, site, image)
         return pack(t.forward(mapped, "mask"), "mask")
 
+    def register_ckks(self, site: str, bundle: dict[str, np.ndarray]) -> None:
+        """Keep a hospital's CKKS public bundle (checked: 128-bit parameters with the depth
+        this network needs, no secret key); once per hospital, never per query."""
+        self._check_site(site)
+        umn = self._he_umn()
+        self._ckks[site] = ServerCkks.from_bundle(bundle, umn.depth)
+        self._mappers.pop(site, None)
+
+    def map_encrypted(
+        self, site: str, arrays: dict[str, np.ndarray], max_items: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """CKKS ciphertexts of keyed image latents in, of keyed mask latents out: the HE
+        network evaluated with the hospital's public keys only. The network is compiled for
+        a hospital's keys once per set of weights (encoding every weight vector)."""
+        self._check_site(site)
+        if site not in self._ckks:
+            raise CkksError(f"site {site!r} registered no CKKS keys: refusing its encrypted query")
+        if self.cfg.privacy.custody == "server" and self.cfg.privacy.transform != "none":
+            raise CkksError("encrypted queries need client key custody (the server cannot key)")
+        umn = self._he_umn()
+        folded = umn.folded(site)
+        digest = hashlib.sha256(
+            b"".join(m.tobytes() for layers in folded for lay in layers for m in _matrices(lay))
+        ).hexdigest()
+        cached = self._mappers.get(site)
+        if cached is None or cached[0] != digest:
+            keys = self._ckks[site]
+            packing = query_packing(self.shapes, keys.params)
+            self._mappers[site] = (digest, EncryptedMapper(keys, folded, packing))
+        return self._mappers[site][1].map(arrays, max_items)
+
+    def _he_umn(self) -> HEMappingNetwork:
+        if not isinstance(self.umn, HEMappingNetwork):
+            raise CkksError("encrypted queries need model.umn_arch = 'he'")
+        return self.umn
+
     def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph. A
         batch is at most ``training.batch_size`` items."""
@@ -270,6 +311,10 @@ class Coordinator:
             except ValueError as err:
                 raise CheckpointMismatch(f"UMN optimizer state does not fit: {err}") from err
         self.umn.eval()
+
+
+def _matrices(layer: FoldedLayer) -> list[np.ndarray]:
+    return [m for m in (layer.lin, layer.bias, layer.quad) if m is not None]
 
 
 def _round_lr_factor(round_index: int, rounds: int) -> float:

@@ -27,7 +27,10 @@ from fedseg.config import RunConfig, method_name
 from fedseg.data.stats import site_statistics
 from fedseg.figures import Examples, write_overlays
 from fedseg.finetune import SiteFinetuner, kept_finetuners
+from fedseg.models.autoencoder import latent_shapes
+from fedseg.privacy.audit import ckks_secret_file
 from fedseg.privacy.blind import mask_label
+from fedseg.privacy.ckks import HospitalCkks, Packing, query_packing
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest, LatentRequest, RoundRequest
 from fedseg.site import (
     SiteModels,
@@ -186,9 +189,20 @@ def finetune_backward(
     return grad, loss, latents
 
 
-def segment(cfg: RunConfig, setup: SiteSetup, mapped: Arrays) -> dict[str, Any]:
-    """Decode the server's mapped test latents and score them here; only metrics leave."""
+def segment(
+    cfg: RunConfig, setup: SiteSetup, mapped: Arrays, encrypted: bool = False
+) -> dict[str, Any]:
+    """Decode the server's mapped test latents and score them here; only metrics leave.
+    ``encrypted``: ``mapped`` holds CKKS ciphertexts of them (``privacy.query = "ckks"``),
+    decrypted here with the key only this hospital holds."""
     started = time.perf_counter()
+    if encrypted:
+        keys = hospital_ckks(cfg, setup)
+        mapped = keys.decrypt(mapped, _packing(cfg, keys))
+        if mapped["mask0"].shape[0] != len(setup.split.test):
+            raise ValueError(
+                f"{mapped['mask0'].shape[0]} mapped images for {len(setup.split.test)} test images"
+            )
     models = load_models(cfg, setup)
     transform = site_transform(cfg, setup.key_file)
     test = setup.split.test
@@ -205,6 +219,40 @@ def segment(cfg: RunConfig, setup: SiteSetup, mapped: Arrays) -> dict[str, Any]:
     )
     metrics["decode_seconds"] = time.perf_counter() - started
     return metrics
+
+
+def ckks_key_file(setup: SiteSetup) -> Path:
+    """The hospital's CKKS secret context: beside its other secret (where the outgoing guard
+    looks for it), else in its own models folder."""
+    if setup.key_file is not None:
+        return ckks_secret_file(setup.key_file, setup.split.name)
+    return site_models_path(setup.out_dir, setup.split.name).with_name("ckks.key")
+
+
+def hospital_ckks(cfg: RunConfig, setup: SiteSetup) -> HospitalCkks:
+    """The hospital's CKKS keys (made on first use, 0600); the secret key never leaves."""
+    return HospitalCkks.load_or_create(ckks_key_file(setup))
+
+
+def _packing(cfg: RunConfig, keys: HospitalCkks) -> Packing:
+    shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
+    return query_packing(shapes, keys.params)
+
+
+def ckks_keys(cfg: RunConfig, setup: SiteSetup) -> Arrays:
+    """The public bundle the server needs to map this hospital's encrypted queries (public,
+    relinearisation and one Galois key; no secret key)."""
+    keys = hospital_ckks(cfg, setup)
+    return keys.public_bundle(_packing(cfg, keys))
+
+
+def ckks_query(cfg: RunConfig, setup: SiteSetup, start: int, stop: int) -> Arrays:
+    """CKKS ciphertexts of the keyed latents of test images [start, stop)."""
+    if not 0 <= start < stop <= len(setup.split.test):
+        raise ValueError(f"test images [{start}, {stop}) outside [0, {len(setup.split.test)})")
+    arrays = latent_chunk(cfg, setup, LatentRequest("test", start, stop))
+    keys = hospital_ckks(cfg, setup)
+    return keys.encrypt(arrays, _packing(cfg, keys))
 
 
 def check_finetune_share(cfg: RunConfig, site: str) -> None:

@@ -19,6 +19,10 @@ Flow of one run (the server's phases send them in this order):
   or ``BLINDED`` (the shared model, plain or as a masked sum); the site answers ``LATENTS``,
   ``GRAD`` (the decoder's), ``BLINDED`` or ``WEIGHTS`` (its shared model), ``METRICS`` (loss).
 - ``SEGMENT``: the site decodes ``MAPPED`` test latents and answers ``RESULT`` (metrics JSON).
+  With ``privacy.query = "ckks"`` a ``SegmentRequest`` in ``REQUEST`` names the step: ``keys``
+  (the site answers its CKKS public bundle, ``CKKS_KEYS``, once), ``query`` (the ciphertexts of
+  test images [start, stop), ``CKKS_QUERY``), ``decode`` (``MAPPED`` holds the server's mapped
+  ciphertexts; the site decrypts, decodes and answers ``RESULT``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ GRAD = "grad"  # a gradient (either way)
 MAPPED = "mapped"  # keyed mask latents from the server
 WEIGHTS = "weights"  # the shared encoder/decoder in the clear (finetune_share = "average")
 BLINDED = "blinded"  # the shared encoder/decoder as a masked uint64 vector, or the masked sum
+CKKS_KEYS = "ckks_keys"  # a hospital's CKKS public bundle (no secret key: privacy/ckks.py)
+CKKS_QUERY = "ckks_query"  # CKKS ciphertexts of keyed test latents
+
+# SegmentRequest steps (privacy.query = "ckks")
+SEGMENT_KEYS = "keys"
+SEGMENT_QUERY = "query"
+SEGMENT_DECODE = "decode"
 
 # Split-training steps beyond a batch index: the site applies the gradient it is owed, then
 FINAL_STEP = -1  # saves its fine-tuned models (the end of the phase)
@@ -129,3 +140,12 @@ class FinetuneRequest(Request):
     share_epoch: int | None = None  # SHARE_STEP: the aggregation round (blind masks' label)
     blind_epoch: int | None = None  # BLINDED carries the masked sum of this round
     blind_sites: list[str] = field(default_factory=list)  # ... over these sites
+
+
+@dataclass
+class SegmentRequest(Request):
+    """An encrypted evaluation's step (``SEGMENT_*``); a plain SEGMENT carries none."""
+
+    step: str
+    start: int = 0  # SEGMENT_QUERY: test images [start, stop)
+    stop: int = 0

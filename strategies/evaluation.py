@@ -10,14 +10,16 @@ import json
 import time
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedseg import protocol
 from fedseg.coordinator import Coordinator
+from fedseg.privacy import ckks
+from fedseg.protocol import SegmentRequest
 from fedseg.results import SiteScores
 from fedseg.wire import check_fields, unpack
-from strategies.common import Federation, exchange, site_progress, to_record
+from strategies.common import Federation, arrays_of, exchange, site_progress, to_record
 from strategies.latents import LatentCollection
 
 
@@ -34,6 +36,8 @@ class SegmentationEvaluation:
 
     def run(self, grid: Grid, federation: Federation) -> tuple[dict[str, dict], float]:
         """Per-site metrics, and the server's mapping time per query (seconds)."""
+        if self.coordinator.cfg.privacy.query == "ckks":
+            return self.run_encrypted(grid, federation)
         queries: dict[str, list[dict[str, np.ndarray]]] = {}
 
         def collect(site: str, arrays: dict[str, np.ndarray], asked: int) -> int:
@@ -74,15 +78,109 @@ class SegmentationEvaluation:
             )
         for node_id, reason in failed.items():
             federation.drop(node_id, "evaluation", reason)
-        metrics = {}
+        return site_metrics(federation, replies), map_seconds / max(n_items, 1)
+
+    def run_encrypted(self, grid: Grid, federation: Federation) -> tuple[dict[str, dict], float]:
+        """``privacy.query = "ckks"``: each site sends its CKKS public bundle once, then the
+        ciphertexts of its test latents chunk by chunk; the server maps them encrypted and
+        sends the mapped ciphertexts back for the site to decrypt, decode and score."""
+        phase = "evaluation (ckks)"
+
+        def step(name: str, start: int = 0, stop: dict[int, int] | None = None):
+            def content(node_id: int) -> RecordDict:
+                request = SegmentRequest(name, start, (stop or {}).get(node_id, 0))
+                return RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
+
+            return content
+
+        nodes = list(federation.sites)
+        with site_progress("CKKS keys") as on_reply:
+            replies, failed = exchange(
+                grid, nodes, protocol.SEGMENT, step(protocol.SEGMENT_KEYS), self.timeout_s, on_reply
+            )
+        for node_id, reason in failed.items():
+            federation.drop(node_id, phase, reason)
         for node_id, reply in replies.items():
             site = federation.sites[node_id]
             try:
-                text = str(reply.content.config_records[protocol.RESULT]["metrics_json"])
-                metrics[site.name] = checked_metrics(text, site.n_test)
-            except (KeyError, ValueError) as err:  # forged or malformed: refused, the others stand
-                federation.drop(node_id, "evaluation", f"metrics refused: {err}")
-        return metrics, map_seconds / max(n_items, 1)
+                bundle = arrays_of(reply.content.array_records[protocol.CKKS_KEYS])
+                self.coordinator.register_ckks(site.name, bundle)
+            except (KeyError, ValueError) as err:
+                federation.drop(node_id, phase, f"CKKS keys refused: {err}")
+
+        chunk = min(self.chunk_size, CKKS_CHUNK)
+        mapped_parts: dict[int, list[dict[str, np.ndarray]]] = {}
+        map_seconds, n_items, offset = 0.0, 0, 0
+        while True:
+            pending = [n for n, s in federation.sites.items() if s.n_test > offset]
+            if not pending:
+                break
+            stop = {n: min(offset + chunk, federation.sites[n].n_test) for n in pending}
+            with site_progress(f"encrypted queries from {offset}") as on_reply:
+                replies, failed = exchange(
+                    grid,
+                    pending,
+                    protocol.SEGMENT,
+                    step(protocol.SEGMENT_QUERY, offset, stop),
+                    self.timeout_s,
+                    on_reply,
+                )
+            for node_id, reason in failed.items():
+                federation.drop(node_id, phase, reason)
+            for node_id, reply in replies.items():
+                site = federation.sites[node_id]
+                asked = stop[node_id] - offset
+                started = time.perf_counter()
+                try:
+                    query = arrays_of(reply.content.array_records[protocol.CKKS_QUERY])
+                    out = self.coordinator.map_encrypted(site.name, query, max_items=asked)
+                    if int(json.loads(out[ckks.HEADER].tobytes())["items"]) != asked:
+                        raise ValueError(f"the query does not hold the {asked} images asked for")
+                except (KeyError, ValueError) as err:
+                    federation.drop(node_id, phase, f"bad encrypted query: {err}")
+                    mapped_parts.pop(node_id, None)
+                    continue
+                map_seconds += time.perf_counter() - started
+                n_items += asked
+                mapped_parts.setdefault(node_id, []).append(out)
+            offset += chunk
+
+        mapped = {n: ckks.concat(p) for n, p in mapped_parts.items() if n in federation.sites}
+        with site_progress("evaluation") as on_reply:
+            replies, failed = exchange(
+                grid,
+                list(mapped),
+                protocol.SEGMENT,
+                lambda n: RecordDict(
+                    {
+                        protocol.REQUEST: ConfigRecord(
+                            SegmentRequest(protocol.SEGMENT_DECODE).to_config()
+                        ),
+                        protocol.MAPPED: to_record(mapped[n]),
+                    }
+                ),
+                self.timeout_s,
+                on_reply,
+            )
+        for node_id, reason in failed.items():
+            federation.drop(node_id, phase, reason)
+        return site_metrics(federation, replies), map_seconds / max(n_items, 1)
+
+
+CKKS_CHUNK = 16  # images per encrypted query message (0.74 MiB each at 128 px)
+
+
+def site_metrics(federation: Federation, replies: dict[int, Message]) -> dict[str, dict]:
+    """Each replying site's checked metrics; a site whose metrics are refused is dropped."""
+    metrics = {}
+    for node_id, reply in replies.items():
+        site = federation.sites[node_id]
+        try:
+            text = str(reply.content.config_records[protocol.RESULT]["metrics_json"])
+            metrics[site.name] = checked_metrics(text, site.n_test)
+        except (KeyError, ValueError) as err:  # forged or malformed: refused, the others stand
+            federation.drop(node_id, "evaluation", f"metrics refused: {err}")
+    return metrics
 
 
 def checked_metrics(text: str, n_test: int) -> dict:

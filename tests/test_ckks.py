@@ -353,3 +353,50 @@ def test_packing_round_trip():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ckks.CkksError, match="do not fit"):
         _ = ckks.Packing(((32, 64, 64), (32, 32, 32), (32, 16, 16)), 4096).groups
+
+
+# --- the wiring (library level: what clients/app.py and strategies/evaluation.py call) -------
+
+
+def test_encrypted_evaluation_through_the_hospital_and_coordinator(tmp_path):
+    """Keys once, queries in chunks, mapped encrypted, decrypted and scored by the hospital:
+    the same predictions as the plaintext path of the same network."""
+    from fedseg import hospital as site_api
+    from fedseg.config import ConfigError
+    from fedseg.protocol import LatentRequest
+    from fedseg.site import resolve_site
+
+    cfg = he_config()
+    cfg.privacy.query = "ckks"
+    cfg.out_dir = str(tmp_path)
+    cfg.overlays_per_site = 0
+    setup = resolve_site(cfg, {"partition-id": 0})
+    site_api.register(cfg, setup, False)
+    name, n = setup.split.name, len(setup.split.test)
+    coordinator = Coordinator(cfg, [name, "other"])
+    plain_query = site_api.latent_chunk(cfg, setup, LatentRequest("test", 0, n))
+    coordinator.finetune_forward(name, plain_query)
+    coordinator.umn.eval()
+    plain = site_api.segment(cfg, setup, coordinator.map_query(name, plain_query))
+
+    coordinator.register_ckks(name, site_api.ckks_keys(cfg, setup))
+    key_file = site_api.ckks_key_file(setup)
+    assert key_file.parent == setup.key_file.parent and key_file.stat().st_mode & 0o777 == 0o600
+    parts = [
+        coordinator.map_encrypted(name, site_api.ckks_query(cfg, setup, a, min(a + 3, n)), 3)
+        for a in range(0, n, 3)
+    ]
+    encrypted = site_api.segment(cfg, setup, ckks.concat(parts), encrypted=True)
+    assert encrypted["n_test"] == plain["n_test"] == n
+    assert encrypted["dice_mean"] == pytest.approx(plain["dice_mean"], abs=1e-3)
+
+    query = site_api.ckks_query(cfg, setup, 0, 1)
+    with pytest.raises(ckks.CkksError, match="registered no CKKS keys"):
+        coordinator.map_encrypted("other", query)
+    with pytest.raises(ckks.CkksError, match="the limit is 1"):
+        coordinator.map_encrypted(name, site_api.ckks_query(cfg, setup, 0, 2), max_items=1)
+    with pytest.raises(ValueError, match="outside"):
+        site_api.ckks_query(cfg, setup, 0, n + 1)
+    cfg.model.umn_arch = "fast"
+    with pytest.raises(ConfigError, match="privacy.query = 'ckks' needs model.umn_arch = 'he'"):
+        cfg.validate()

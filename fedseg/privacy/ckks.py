@@ -299,6 +299,24 @@ def _tenseal() -> Any:
     return tenseal
 
 
+def query_packing(shapes: Sequence[Sequence[int]], params: CkksParams) -> Packing:
+    """The packing both sides use for latents of these (C, h, w) shapes."""
+    return Packing(tuple((int(c), int(h), int(w)) for c, h, w in shapes), params.slots)
+
+
+def concat(payloads: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several queries or replies of one hospital as one (their images in order)."""
+    headers = [_header(p) for p in payloads]
+    if not headers:
+        raise CkksError("nothing to concatenate")
+    blobs: list[bytes] = []
+    for p in payloads:
+        data, offsets = p[CIPHER].tobytes(), p[OFFSETS]
+        blobs += [data[int(a) : int(b)] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    header = {**headers[0], "items": sum(int(h["items"]) for h in headers)}
+    return {HEADER: _json_bytes(header), **_blobs(blobs)}
+
+
 def galois_element(step: int, n: int) -> int:
     """SEAL's Galois element for a left rotation by ``step`` slots in ring dimension ``n``."""
     return pow(3, step % (n // 2), 2 * n)
@@ -399,12 +417,12 @@ class HospitalCkks:
         context.global_scale = 2.0**params.scale_bits
         return cls(context, params)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, replace: bool = True) -> Path:
         """The secret context (secret key included): 0600, written whole or not at all."""
         blob = self.context.serialize(save_secret_key=True)
         params = json.dumps(self.params.to_dict()).encode()
         data = len(params).to_bytes(4, "little") + params + blob
-        return write_atomic(path, lambda handle: handle.write(data), mode=0o600)
+        return write_atomic(path, lambda handle: handle.write(data), mode=0o600, replace=replace)
 
     @classmethod
     def load(cls, path: str | Path) -> HospitalCkks:
@@ -425,7 +443,10 @@ class HospitalCkks:
             return keys
         keys = cls.create(depth=depth)
         path.parent.mkdir(parents=True, exist_ok=True)
-        keys.save(path)
+        try:
+            keys.save(path, replace=False)
+        except FileExistsError:  # another process of this hospital made them first: theirs
+            return cls.load(path)
         return keys
 
     def public_bundle(self, packing: Packing) -> dict[str, np.ndarray]:
