@@ -161,11 +161,12 @@ def scenario(name: str, text: str, kills: list[float], work: Path) -> dict:
     rc = proc.wait()
     metrics = out / "metrics.json"
     final = check_files(out)
+    dice = json.loads(metrics.read_text())["mean"]["dice"] if metrics.is_file() else None
     result = {
         "events": events,
         "final_rc": rc,
         "final_metrics": metrics.is_file(),
-        "final_dice": json.loads(metrics.read_text())["mean"]["dice"] if metrics.is_file() else None,
+        "final_dice": dice,
         "final_files": final,
         "log_tail": log.read_text(errors="replace")[-600:],
     }

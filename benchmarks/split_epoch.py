@@ -14,12 +14,47 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kill_resume import descendants  # noqa: E402
 from fedseg.config import demo_config  # noqa: E402
 from simulations.engine import simulate  # noqa: E402
+
+
+class PeakMemory:
+    """The largest resident memory of this process and all its descendants (Ray's processes,
+    the site workers), sampled twice a second."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            pids = [os.getpid(), *descendants(os.getpid())]
+            self.peak = max(self.peak, sum(_rss(pid) for pid in pids))
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:
@@ -34,9 +69,11 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=-1, help="federation.site_workers (-1 = auto, 0 = off)"
     )
+    parser.add_argument("--sites", type=int, default=3, help="synthetic hospitals (32 images)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    peak = PeakMemory()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = os.environ.get("SPLIT_EPOCH_DIR", tmp)
         cfg = demo_config(str(Path(tmp) / "run"))
@@ -47,7 +84,9 @@ def main() -> None:
         cfg.federation.client_cpus = args.client_cpus or cfg.federation.client_cpus
         cfg.training.threads = args.threads or cfg.training.threads
         cfg.federation.site_workers = args.workers
-        simulate(cfg.validate())
+        cfg.federation.num_sites = args.sites
+        with peak:
+            simulate(cfg.validate())
         metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
     result = {
         "epochs": args.epochs,
@@ -58,6 +97,8 @@ def main() -> None:
         "client_cpus": cfg.federation.client_cpus,
         "threads": cfg.training.threads,
         "workers": args.workers,
+        "sites": args.sites,
+        "peak_rss_mib": round(peak.peak / 2**20),
         "load_before": load,
     }
     print(json.dumps(result))
