@@ -21,7 +21,13 @@ from fedseg.models.autoencoder import latent_shapes
 from fedseg.models.canonical import canonical_basis
 from fedseg.models.umn import build_umn
 from fedseg.models.umn_he import FoldedLayer, HEMappingNetwork
-from fedseg.privacy.ckks import CkksError, EncryptedMapper, ServerCkks, query_packing
+from fedseg.privacy.ckks import (
+    CkksError,
+    CkksParams,
+    EncryptedMapper,
+    ServerCkks,
+    query_packing,
+)
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
@@ -201,6 +207,13 @@ class Coordinator:
             packing = query_packing(self.shapes, keys.params)
             self._mappers[site] = (digest, EncryptedMapper(keys, folded, packing))
         return self._mappers[site][1].map(arrays, max_items)
+
+    def ckks_key_ids(self) -> dict[str, str]:
+        """Each registered hospital's CKKS key id (public: a hash of its secret key)."""
+        return {site: keys.key_id for site, keys in self._ckks.items()}
+
+    def ckks_params(self, site: str) -> CkksParams:
+        return self._ckks[site].params
 
     def _he_umn(self) -> HEMappingNetwork:
         if not isinstance(self.umn, HEMappingNetwork):

@@ -400,3 +400,57 @@ def test_encrypted_evaluation_through_the_hospital_and_coordinator(tmp_path):
     cfg.model.umn_arch = "fast"
     with pytest.raises(ConfigError, match="privacy.query = 'ckks' needs model.umn_arch = 'he'"):
         cfg.validate()
+
+
+def test_segmentation_service_maps_encrypted_queries(tmp_path):
+    """``fedseg segment --encrypted`` against ``fedseg serve``'s app: the bundle once, then
+    ciphertexts only; the site's prediction equals the plaintext route's."""
+    from starlette.testclient import TestClient
+
+    from fedseg.data import site_for_partition
+    from fedseg.serving import protocol as wire
+    from fedseg.serving.client import SegmentationClient, SiteClientConfig, Timing
+    from fedseg.serving.server import MappingService, create_app
+    from fedseg.site import SiteModels, query_chunk, site_transform
+
+    cfg = he_config()
+    split = site_for_partition(cfg, 0)
+    key_file = tmp_path / "federation.key"
+    load_or_create_key(key_file, simulated_secret(0, "federation"))
+    models = SiteModels.build(cfg, split.test.num_classes)
+    coordinator = Coordinator(cfg, [split.name])
+    transform = site_transform(cfg, key_file)
+    coordinator.finetune_forward(split.name, query_chunk(split.test, models, transform, 0, 4))
+    coordinator.umn.eval()
+    http = TestClient(create_app(MappingService(coordinator, tmp_path), 4, authenticate=False))
+
+    def client(encrypted: bool) -> SegmentationClient:
+        c = object.__new__(SegmentationClient)
+        c.site_cfg = SiteClientConfig(
+            cfg, split.name, key_file, tmp_path, "https://x", tmp_path, tmp_path, tmp_path
+        )
+        c.models, c.transform, c.shapes = models, transform, list(coordinator.shapes)
+        c.http, c.max_items, c.timing, c.ckks, c.encrypted = http, 4, Timing(), None, encrypted
+        if encrypted:
+            c._start_encrypted(http.get("/v1/info").json())
+        return c
+
+    images = split.test.images[:6]
+    plain = client(False).segment(images)
+    first = client(True)
+    assert first.timing.key_bytes > 0  # registered its public bundle
+    assert np.array_equal(first.segment(images), plain)
+    again = client(True)
+    assert again.timing.key_bytes == 0  # the service already holds this site's key
+    assert (tmp_path / f"{split.name}.ckks.key").stat().st_mode & 0o777 == 0o600
+
+    # Refusals: an oversized body before it is read, a query under no registered key.
+    huge = {"content-length": str(10**9), "content-type": wire.CKKS_MEDIA_TYPE}
+    response = http.post(f"/v1/map-encrypted/{split.name}", content=b"x", headers=huge)
+    assert response.status_code == 413
+    coordinator._ckks.clear()
+    response = http.post(f"/v1/map-encrypted/{split.name}", content=b"x")
+    assert response.status_code == 409 and "registered no CKKS keys" in response.text
+    bad = wire.arrays_body({ckks.HEADER: np.frombuffer(b"{}", np.uint8)})
+    response = http.post(f"/v1/ckks-keys/{split.name}", content=bad)
+    assert response.status_code == 422 and "fedseg-ckks" in response.text

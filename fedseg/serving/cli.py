@@ -88,6 +88,11 @@ def segment(
     site_config: Path = typer.Option(
         ..., "--site-config", help="the site's TOML (see fedseg.serving.client)"
     ),
+    encrypted: bool = typer.Option(
+        False,
+        "--encrypted",
+        help="send CKKS ciphertexts of the latents (needs a run with model.umn_arch = 'he')",
+    ),
 ) -> None:
     """Segment one scan: encode and key here, map at the service, un-key and decode here."""
     from fedseg.serving.client import ServiceError, load_site_config, segment_file
@@ -97,7 +102,7 @@ def segment(
         site_cfg = load_site_config(site_config)
         service = site_cfg.service
         check_tls_files(site_cfg)
-        path, timing = segment_file(site_config, input_path, output)
+        path, timing = segment_file(site_config, input_path, output, encrypted)
     except httpx.HTTPError as err:  # the service down, a wrong address, a TLS refusal
         raise fail(_unreachable(service, err)) from None
     except (ConfigError, DataError, ServiceError, ValueError, OSError, ssl.SSLError) as err:

@@ -1,8 +1,9 @@
 """``fedseg segment``: a site segments one scan through the mapping service.
 
 Encoding, keying, un-keying and decoding happen here, at the site; the request carries only
-keyed fp16 image latents and the reply only keyed fp16 mask latents. The site's secret, its
-autoencoders and its images stay on its machine.
+keyed fp16 image latents and the reply only keyed fp16 mask latents (``--encrypted``: CKKS
+ciphertexts of them, under a key only the site holds; the public bundle goes once). The
+site's secret, its autoencoders and its images stay on its machine.
 
 A site config (TOML; relative paths are relative to the file)::
 
@@ -28,6 +29,8 @@ import torch
 
 from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config, read_toml
 from fedseg.data import image_channels
+from fedseg.privacy.audit import ckks_secret_file
+from fedseg.privacy.ckks import HospitalCkks, query_packing
 from fedseg.privacy.keys import bind_key
 from fedseg.serving import protocol
 from fedseg.serving.images import mask_values_of, read_scan, write_mask
@@ -44,7 +47,9 @@ FIELDS = (
     "ca-cert",
     "client-cert",  # the site's certificate for the service (fedseg serve: <tls>/clients/)
     "client-key",
+    "ckks-key",  # optional: the site's CKKS secret (--encrypted; default beside key-file)
 )
+OPTIONAL = ("ckks-key",)
 
 
 class ServiceError(RuntimeError):
@@ -61,13 +66,14 @@ class SiteClientConfig:
     ca_cert: Path
     client_cert: Path
     client_key: Path
+    ckks_key: Path | None = None
 
 
 def load_site_config(path: str | Path) -> SiteClientConfig:
     path = Path(path)
     values = read_toml(path, "site config")
     unknown = sorted(set(values) - set(FIELDS))
-    missing = [f for f in FIELDS if f not in values]
+    missing = [f for f in FIELDS if f not in values and f not in OPTIONAL]
     if unknown or missing:
         raise ConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}")
 
@@ -95,6 +101,7 @@ def load_site_config(path: str | Path) -> SiteClientConfig:
         local("ca-cert"),
         local("client-cert"),
         local("client-key"),
+        local("ckks-key") if "ckks-key" in values else None,
     )
 
 
@@ -109,12 +116,16 @@ class Timing:
     sent: int = 0
     received: int = 0
     images: int = 0
+    key_bytes: int = 0  # the CKKS public bundle, if this session sent it
     calls: list[dict] = field(default_factory=list)
 
 
 class SegmentationClient:
-    def __init__(self, site_cfg: SiteClientConfig, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, site_cfg: SiteClientConfig, timeout_s: float = 120.0, encrypted: bool = False
+    ) -> None:
         self.site_cfg = site_cfg
+        self.encrypted = encrypted
         cfg = site_cfg.cfg
         if cfg.privacy.transform != "none" and not site_cfg.key_file.is_file():
             raise ConfigError(
@@ -145,6 +156,33 @@ class SegmentationClient:
             )
         self.max_items = int(info["max_items"])
         self.timing = Timing()
+        self.ckks: HospitalCkks | None = None
+        if encrypted:
+            self._start_encrypted(info)
+
+    def _start_encrypted(self, info: dict) -> None:
+        """Load (or make) the site's CKKS keys and register the public bundle once: the
+        service lists the key ids it holds, so a site whose key is there sends nothing."""
+        if not info.get("encrypted"):
+            raise ServiceError(
+                f"{self.site_cfg.service} cannot map encrypted queries (its UMN is not "
+                "model.umn_arch = 'he')"
+            )
+        path = self.site_cfg.ckks_key or ckks_secret_file(
+            self.site_cfg.key_file, self.site_cfg.site
+        )
+        self.ckks = HospitalCkks.load_or_create(path)
+        self.packing = query_packing(self.shapes, self.ckks.params)
+        if info.get("ckks_key_ids", {}).get(self.site_cfg.site) != self.ckks.key_id:
+            body = protocol.arrays_body(self.ckks.public_bundle(self.packing))
+            response = self.http.post(
+                f"/v1/ckks-keys/{self.site_cfg.site}",
+                content=body,
+                headers={"content-type": protocol.CKKS_MEDIA_TYPE},
+            )
+            if self._check(response).json().get("key_id") != self.ckks.key_id:
+                raise ServiceError("the service registered another CKKS key than this site's")
+            self.timing.key_bytes = len(body)
 
     def close(self) -> None:
         self.http.close()
@@ -180,19 +218,25 @@ class SegmentationClient:
         keyed = self.transform.forward(
             encode(self.models.image_ae, torch.from_numpy(images)), "image"
         )
-        body, items = protocol.to_body(pack(keyed, "image"), "image", self.shapes)
+        if self.ckks is not None:  # CKKS: the service sees ciphertexts only
+            items = len(images)
+            body = protocol.arrays_body(self.ckks.encrypt(pack(keyed, "image"), self.packing))
+            path = f"/v1/map-encrypted/{self.site_cfg.site}"
+            headers = {"content-type": protocol.CKKS_MEDIA_TYPE}
+        else:
+            body, items = protocol.to_body(pack(keyed, "image"), "image", self.shapes)
+            path, headers = f"/v1/map/{self.site_cfg.site}", protocol.headers(self.shapes, items)
         encoded = time.perf_counter()
         try:
-            response = self.http.post(
-                f"/v1/map/{self.site_cfg.site}",
-                content=body,
-                headers=protocol.headers(self.shapes, items),
-            )
+            response = self.http.post(path, content=body, headers=headers)
         except httpx.HTTPError as err:
             raise ServiceError(f"cannot reach {self.site_cfg.service}: {err}") from err
         self._check(response)
         answered = time.perf_counter()
-        arrays = protocol.from_body(response.content, items, "mask", self.shapes)
+        if self.ckks is not None:
+            arrays = self.ckks.decrypt(protocol.body_arrays(response.content), self.packing)
+        else:
+            arrays = protocol.from_body(response.content, items, "mask", self.shapes)
         mapped = unpack(arrays, "mask", self.shapes)
         pred = decode_masks(
             self.models.mask_ae,
@@ -228,12 +272,13 @@ def _latent_shapes(cfg: RunConfig) -> list[tuple[int, int, int]]:
 
 
 def segment_file(
-    site_config: str | Path, input_path: str | Path, output: str | Path
+    site_config: str | Path, input_path: str | Path, output: str | Path, encrypted: bool = False
 ) -> tuple[Path, Timing]:
-    """Read the scan, segment it through the service, write the mask; returns path and timing."""
+    """Read the scan, segment it through the service, write the mask; returns path and timing.
+    ``encrypted``: the latents travel as CKKS ciphertexts (``privacy/ckks.py``)."""
     site_cfg = load_site_config(site_config)
     cfg = site_cfg.cfg
     scan = read_scan(input_path, cfg.model.image_size, cfg.data.axis, image_channels(cfg))
-    with SegmentationClient(site_cfg) as client:
+    with SegmentationClient(site_cfg, encrypted=encrypted) as client:
         pred = client.segment(scan.images)
     return write_mask(scan, pred, output, mask_values_of(cfg.data)), client.timing

@@ -7,6 +7,8 @@ message saying what was expected instead of being misread.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from fedseg.wire import WIRE_DTYPE, WireError
@@ -56,4 +58,45 @@ def from_body(body: bytes, items: int, prefix: str, shapes: Shapes) -> dict[str,
         flat = np.frombuffer(body, WIRE_DTYPE, count=count, offset=offset)
         out[f"{prefix}{s}"] = flat.reshape(items, *shape)
         offset += count * np.dtype(WIRE_DTYPE).itemsize
+    return out
+
+
+# --- encrypted queries (privacy/ckks.py payloads: a few named byte/int64 arrays) -----------
+
+CKKS_MEDIA_TYPE = "application/x-fedseg-ckks"
+ARRAY_DTYPES = ("uint8", "int64")
+MAX_INDEX_BYTES = 4096
+
+
+def arrays_body(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named 1-D uint8/int64 arrays -> one body: a JSON index line, then the raw bytes."""
+    index = []
+    for name, arr in arrays.items():
+        if arr.dtype.name not in ARRAY_DTYPES or arr.ndim != 1:
+            raise WireError(f"{name}: {arr.dtype} {arr.shape} is not a 1-D uint8/int64 array")
+        index.append([name, arr.dtype.name, int(arr.nbytes)])
+    head = json.dumps(index).encode() + b"\n"
+    return head + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+
+
+def body_arrays(body: bytes) -> dict[str, np.ndarray]:
+    """The inverse of :func:`arrays_body`; lengths must add up to the body exactly."""
+    end = body.find(b"\n", 0, MAX_INDEX_BYTES)
+    if end < 0:
+        raise WireError("no index line at the start of the body")
+    try:
+        index = json.loads(body[:end])
+        fields = [(str(n), str(d), int(size)) for n, d, size in index]
+    except (ValueError, TypeError) as err:
+        raise WireError(f"unreadable body index: {err}") from None
+    if sum(size for _, _, size in fields) != len(body) - end - 1:
+        raise WireError("the body's length does not match its index")
+    out, offset = {}, end + 1
+    for name, dtype, size in fields:
+        if dtype not in ARRAY_DTYPES or size < 0 or size % np.dtype(dtype).itemsize:
+            raise WireError(f"{name}: dtype {dtype!r} / {size} bytes not accepted")
+        out[name] = np.frombuffer(
+            body, dtype, count=size // np.dtype(dtype).itemsize, offset=offset
+        )
+        offset += size
     return out

@@ -27,6 +27,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from fedseg.checkpoint import UMN_NAME, read_checkpoint
 from fedseg.config import ConfigError, config_from_dict
 from fedseg.coordinator import Coordinator, UnknownSiteError
+from fedseg.models.umn_he import HEMappingNetwork
+from fedseg.privacy import ckks
 from fedseg.serving import protocol
 from fedseg.wire import WIRE_DTYPE, WireError
 
@@ -57,6 +59,9 @@ class MappingService:
             "max_items": max_items,
             "transform": cfg.privacy.transform,
             "custody": cfg.privacy.custody,
+            # CKKS queries (fedseg segment --encrypted): an HE-friendly UMN only
+            "encrypted": cfg.model.umn_arch == "he",
+            "ckks_key_ids": self.coordinator.ckks_key_ids(),
         }
 
 
@@ -140,6 +145,54 @@ def create_app(
         headers = protocol.headers(shapes, items)
         headers["x-fedseg-map-ms"] = f"{map_ms:.3f}"
         return Response(out, media_type=protocol.MEDIA_TYPE, headers=headers)
+
+    @app.post("/v1/ckks-keys/{site}")
+    async def register_keys(site: str, request: Request) -> dict:
+        """A hospital's CKKS public bundle, once (kept while the service runs)."""
+        allowed(site, caller(request))
+        body = await _read_capped(request, ckks.MAX_BUNDLE_BYTES + protocol.MAX_INDEX_BYTES)
+        try:
+            bundle = protocol.body_arrays(body)
+            await run_in_threadpool(service.coordinator.register_ckks, site, bundle)
+        except (WireError, ckks.CkksError) as err:
+            raise HTTPException(422, str(err)) from err
+        return {"site": site, "key_id": service.coordinator.ckks_key_ids()[site]}
+
+    @app.post("/v1/map-encrypted/{site}")
+    async def map_encrypted(site: str, request: Request) -> Response:
+        """CKKS ciphertexts of keyed image latents in, of keyed mask latents out."""
+        allowed(site, caller(request))
+        if site not in service.coordinator.ckks_key_ids():
+            raise HTTPException(409, f"site {site!r} registered no CKKS keys (POST them first)")
+        keys_params = service.coordinator.ckks_params(site)
+        per_image = ckks.query_packing(shapes, keys_params).cts(shapes[0][0])
+        cap = max_items * per_image * ckks.max_ciphertext_bytes(keys_params)
+        body = await _read_capped(request, cap + 2 * ckks.MAX_HEADER_BYTES)
+        try:
+            query = protocol.body_arrays(body)
+            started = time.perf_counter()
+            mapped = await run_in_threadpool(
+                service.coordinator.map_encrypted, site, query, max_items
+            )
+            map_ms = 1000 * (time.perf_counter() - started)
+        except (WireError, ckks.CkksError) as err:
+            raise HTTPException(422, str(err)) from err
+        headers = {"x-fedseg-map-ms": f"{map_ms:.3f}"}
+        return Response(
+            protocol.arrays_body(mapped), media_type=protocol.CKKS_MEDIA_TYPE, headers=headers
+        )
+
+    def allowed(site: str, who: str | None) -> None:
+        if who is not None and who != site:
+            raise HTTPException(403, f"this certificate is {who!r}'s; it cannot query as {site!r}")
+        if site not in service.coordinator.sites:
+            raise HTTPException(
+                404, f"unknown site {site!r}; this service serves {service.coordinator.sites}"
+            )
+        if not isinstance(service.coordinator.umn, HEMappingNetwork):
+            raise HTTPException(
+                409, "this run's mapping network cannot be evaluated encrypted (umn_arch != 'he')"
+            )
 
     return app
 
