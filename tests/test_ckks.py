@@ -454,3 +454,91 @@ def test_segmentation_service_maps_encrypted_queries(tmp_path):
     bad = wire.arrays_body({ckks.HEADER: np.frombuffer(b"{}", np.uint8)})
     response = http.post(f"/v1/ckks-keys/{split.name}", content=bad)
     assert response.status_code == 422 and "fedseg-ckks" in response.text
+
+
+class _InProcessGrid:
+    """A Grid that hands each message to the ClientApp in this process (its mods included:
+    the outgoing key guard), so the Flower layer is exercised without a simulation."""
+
+    def __init__(self, app, contexts) -> None:
+        self.app, self.contexts, self.inbox, self.sent = app, contexts, {}, []
+
+    def push_messages(self, messages):
+        ids = []
+        for i, message in enumerate(messages):
+            mid = f"{len(self.sent)}-{i}"
+            message.metadata.__dict__["_message_id"] = mid
+            self.inbox[mid] = message
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for mid in list(ids):
+            message = self.inbox.pop(mid)
+            reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            self.sent.append((message, reply))
+            replies.append(reply)
+        return replies
+
+
+def test_encrypted_evaluation_through_the_flower_handlers(tmp_path, monkeypatch):
+    """strategies/evaluation.py against clients/app.py's handlers (in process): keys once,
+    ciphertexts only, the guard passes every reply, the metrics equal the plaintext run's."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import make_client_app
+    from fedseg import hospital as site_api
+    from fedseg.site import resolve_site
+    from strategies.common import Federation, SiteInfo
+    from strategies.evaluation import SegmentationEvaluation
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)  # the server's
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cfg = he_config()
+    cfg.privacy.query = "ckks"
+    cfg.out_dir = str(tmp_path)
+    cfg.overlays_per_site = 0
+    contexts, federation, names = {}, Federation(), []
+    for node, part in ((11, 0), (12, 1)):
+        contexts[node] = Context(1, node, {"partition-id": part}, RecordDict(), {})
+        setup = resolve_site(cfg, {"partition-id": part})
+        site_api.register(cfg, setup, False)
+        names.append(setup.split.name)
+        federation.sites[node] = SiteInfo(
+            node, setup.split.name, len(setup.split.train), len(setup.split.test), ["a", "b"]
+        )
+    coordinator = Coordinator(cfg, names)
+    for part in (0, 1):
+        setup = resolve_site(cfg, {"partition-id": part})
+        request = site_api.LatentRequest("test", 0, 4)
+        coordinator.finetune_forward(setup.split.name, site_api.latent_chunk(cfg, setup, request))
+    coordinator.umn.eval()
+
+    grid = _InProcessGrid(make_client_app(cfg), contexts)
+    metrics, per_image = SegmentationEvaluation(coordinator, 3, 60).run(grid, federation)
+    assert set(metrics) == set(names) and not federation.dropped and per_image > 0
+    kinds = [m.content.config_records["request"]["step"] for m, _ in grid.sent]
+    assert kinds.count("keys") == 2 and kinds.count("decode") == 2 and "query" in kinds
+    for message, reply in grid.sent:  # nothing in the clear: only CKKS payloads or metrics
+        for record in (
+            *message.content.array_records.values(),
+            *reply.content.array_records.values(),
+        ):
+            assert set(record) <= {
+                ckks.HEADER,
+                ckks.CONTEXT,
+                ckks.GALOIS,
+                ckks.CIPHER,
+                ckks.OFFSETS,
+            }
+
+    plain_cfg = he_config()
+    plain_cfg.out_dir, plain_cfg.overlays_per_site = str(tmp_path), 0
+    plain_grid = _InProcessGrid(make_client_app(plain_cfg), contexts)
+    coordinator.cfg = plain_cfg
+    plain, _ = SegmentationEvaluation(coordinator, 3, 60).run(plain_grid, federation)
+    for name in names:
+        assert metrics[name]["dice_mean"] == pytest.approx(plain[name]["dice_mean"], abs=1e-3)
