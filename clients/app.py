@@ -100,7 +100,6 @@ class Hospital:
         cfg, setup = self.resolve(context)
         records = msg.content.array_records
         request = FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST])
-        blinded = records.get(protocol.BLINDED)
         grad, loss, latents = self.split_step(
             "finetune_backward",
             cfg,
@@ -109,8 +108,6 @@ class Hospital:
             request,
             arrays_of(records[protocol.MAPPED]),
             owed=optional_arrays(records, protocol.GRAD),
-            run_id=msg.metadata.run_id,
-            blinded_sum=blinded["sum"].numpy() if blinded is not None else None,
         )
         content = RecordDict(
             {protocol.GRAD: to_record(grad), protocol.METRICS: MetricRecord({"loss": loss})}

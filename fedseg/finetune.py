@@ -309,9 +309,9 @@ def finetune_in_process(
 
     losses = []
     sites = list(finetuners)
-    latents: dict[str, dict] = {}  # pipelined: the next batch's latents, sent with a reply
     for epoch in range(epochs):
         epoch_losses = []
+        latents = {}  # pipelined: the next step's latents, sent with this step's gradient
         for step in range(max(finetuners[s].steps for s in sites)):
             active = [s for s in sites if step < finetuners[s].steps]
             mapped = {}
@@ -343,8 +343,6 @@ def finetune_in_process(
             flush(sites)
             label = mask_label(run_nonce, epoch)
             total = add_blinded(f.blinded_state(label) for f in finetuners.values())
-            if pipeline and epoch + 1 < epochs:  # the next epoch's first batch, pre-average
-                latents = {s: finetuners[s].forward(epoch + 1, 0) for s in sites}
             for f in finetuners.values():
                 f.adopt_blinded(total, label, sites)
         losses.append(float(np.mean(epoch_losses)))

@@ -166,17 +166,11 @@ def finetune_backward(
     request: FinetuneRequest,
     mapped: Arrays,
     owed: Arrays | None = None,
-    run_id: int = 0,
-    blinded_sum: np.ndarray | None = None,
 ) -> tuple[Arrays, float, Arrays | None]:
     """Decode the mapped latents against the batch's masks: (the gradient for the server, the
     loss, and with ``next_step`` the next batch's latents, after the encoder step ``owed``
-    (``training.finetune_pipeline``)). Pipelined, an epoch's first batch comes with the masked
-    sum of the last aggregation, which the site adopts before it decodes."""
+    (``training.finetune_pipeline``))."""
     tuner, path = _finetuner(cfg, setup, start=False)
-    if blinded_sum is not None:
-        label = mask_label(run_id, _field(request.blind_epoch))
-        tuner.adopt_blinded(blinded_sum, label, request.blind_sites)
     grad, loss = tuner.decode_and_backward(request.epoch, request.step, request.epochs, mapped)
     if owed is not None:
         tuner.backward_encoder(
@@ -285,11 +279,7 @@ def _share(
             f"site {setup.split.name}: training.finetune_share is 'blind': its weights "
             "leave only masked, and the server asked for them in the clear"
         )
-    blinded = tuner.blinded_state(mask_label(run_id, request.share_epoch))
-    latents = None
-    if request.next_step is not None:  # pipelined: the next epoch's first batch, pre-average
-        latents = tuner.forward(request.share_epoch + 1, request.next_step)
-    return ForwardReply(latents=latents, blinded=blinded)
+    return ForwardReply(blinded=tuner.blinded_state(mask_label(run_id, request.share_epoch)))
 
 
 def _finish(cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path) -> None:

@@ -66,11 +66,11 @@ class SplitFinetuning:
         timers = (TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, *timers, transient=True) as progress:
             task = progress.add_task("finetune", total=epochs, status="")
-            ahead: dict[int, dict[str, np.ndarray]] = {}  # finetune_pipeline
             for epoch in range(epochs):
                 if not federation.sites:
                     break
                 epoch_losses: list[float] = []
+                ahead: dict[int, dict[str, np.ndarray]] = {}  # finetune_pipeline
                 for step in range(max(steps[n] for n in federation.sites)):
                     active = [n for n in federation.sites if step < steps[n]]
                     epoch_losses += self._step(
@@ -81,7 +81,7 @@ class SplitFinetuning:
                     mean = self._collect(grid, federation, list(federation.sites), pending)
                     self._adopt = dict.fromkeys(federation.sites, mean) if mean else {}
                 elif self.share == "blind":
-                    self._collect_blind(grid, federation, epoch, pending, ahead)
+                    self._collect_blind(grid, federation, epoch, pending)
                 if self.share in ("average", "blind"):
                     self.share_seconds.append(time.perf_counter() - share_started)
                 losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
@@ -114,26 +114,18 @@ class SplitFinetuning:
         self.share_bytes.append(received + len(federation.sites) * _nbytes(mean))
         return mean
 
-    def _collect_blind(self, grid, federation, epoch: int, pending, ahead) -> None:
+    def _collect_blind(self, grid, federation, epoch: int, pending) -> None:
         """Every site's masked weights, added modulo 2^64; each site gets the masked sum and
         the names of the sites in it with its next request. A site whose reply is not one uint64
-        vector of the common length is dropped, never added (it would corrupt the sum).
-        Pipelined, the same reply brings the next epoch's first batch (into ``ahead``), encoded
-        before the average: one exchange an epoch fewer."""
+        vector of the common length is dropped, never added (it would corrupt the sum)."""
         nodes = list(federation.sites)
-        cfg = self.coordinator.cfg
-        more = cfg.training.finetune_pipeline and epoch + 1 < cfg.training.finetune_epochs
         replies, failed = exchange(
             grid,
             nodes,
             protocol.FINETUNE_FORWARD,
-            lambda n: self._forward_request(n, SHARE_STEP, SHARE_STEP, pending, epoch, more),
-            cfg.federation.round_timeout_s or self.timeout_s,
+            lambda n: self._forward_request(n, SHARE_STEP, SHARE_STEP, pending, epoch),
+            self.coordinator.cfg.federation.round_timeout_s or self.timeout_s,
         )
-        for node_id, reply in replies.items():
-            latents = reply.content.array_records.get(protocol.LATENTS)
-            if more and latents is not None:
-                ahead[node_id] = latents
         # A site that fails or misses the deadline is absent from this round only: it keeps
         # its own weights, trains on, and joins the next sum. (A malformed vector is dropped.)
         absent = sorted(federation.sites[n].name for n in failed)
@@ -172,14 +164,14 @@ class SplitFinetuning:
         step: int,
         pending: dict[int, tuple[int, int, dict[str, np.ndarray]]],
         share_epoch: int | None = None,
-        next_batch: bool = False,
     ) -> RecordDict:
         epochs = self.coordinator.cfg.training.finetune_epochs
         request = FinetuneRequest(epoch, epochs, step, start=epoch == 0 == step)
         request.share_epoch = share_epoch
-        request.next_step = 0 if next_batch else None
         content = RecordDict()
-        self._attach_blind(node_id, request, content)
+        if node_id in self._adopt_blind:
+            total, request.blind_epoch, request.blind_sites = self._adopt_blind.pop(node_id)
+            content[BLINDED] = total
         if node_id in self._adopt:
             content[protocol.WEIGHTS] = self._adopt.pop(node_id)
         if node_id in pending:
@@ -187,12 +179,6 @@ class SplitFinetuning:
             content[protocol.GRAD] = to_record(grad)
         content[protocol.REQUEST] = ConfigRecord(request.to_config())
         return content
-
-    def _attach_blind(self, node_id: int, request: FinetuneRequest, content: RecordDict) -> None:
-        """The masked sum a site is owed goes with its next request, whichever it is."""
-        if node_id in self._adopt_blind:
-            total, request.blind_epoch, request.blind_sites = self._adopt_blind.pop(node_id)
-            content[BLINDED] = total
 
     def _forward(self, grid, federation, nodes, epoch, step, pending, share_epoch=None) -> dict:
         """Apply each site's pending encoder gradient; ask for the step's latents (if any)."""
@@ -255,7 +241,6 @@ class SplitFinetuning:
         epoch, step = at
         request = FinetuneRequest(epoch, self.coordinator.cfg.training.finetune_epochs, step)
         content = RecordDict({protocol.MAPPED: to_record(mapped)})
-        self._attach_blind(node_id, request, content)
         if self.coordinator.cfg.training.finetune_pipeline:
             if node_id in pending:
                 request.grad_epoch, request.grad_step, grad = pending.pop(node_id)
