@@ -118,6 +118,9 @@ def check_files(folder: Path) -> dict:
             elif path.suffix == ".png":
                 with Image.open(path) as image:
                     image.verify()
+            elif path.name == "worker.key":  # the site workers' 32 random bytes
+                if len(path.read_bytes()) != 32:
+                    raise ValueError("not 32 bytes")
             elif path.suffix == ".key":
                 if not path.read_text().startswith("fedseg-secret-v1:"):
                     raise ValueError("not a key")
@@ -177,11 +180,15 @@ def scenario(name: str, text: str, kills: list[float], work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=float, nargs="+", default=[25, 40, 30, 45])
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS)
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, text in SCENARIOS.items():
+        for name in args.scenarios:
+            text = SCENARIOS[name]
             results[name] = scenario(name, text, args.kills, Path(tmp))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
