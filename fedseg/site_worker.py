@@ -255,7 +255,7 @@ class _WorkerState:
             with self.busy:
                 quiet = time.monotonic() - self.last
                 if self.pending and quiet > SAVE_WHEN_IDLE_S:
-                    self.pending.run()
+                    self._save_owed()
                 if quiet > idle_s:
                     log.info("idle for %.0f s: exiting", idle_s)
                     os._exit(0)
@@ -274,11 +274,19 @@ class _WorkerState:
                     except OSError:
                         log.warning("the caller hung up before the reply to %s", fn)
                     if self.pending.urgent:  # an epoch ended: its state goes to disk now
-                        self.pending.run()
+                        self._save_owed()
                     self.last = time.monotonic()
                     if self._finished(fn, node_config, args):
                         log.info("its hospitals have finished split training: exiting")
                         os._exit(0)
+
+    def _save_owed(self) -> None:
+        """A failed save (a full disk) is logged, not fatal: its marker stays, so a later
+        worker refuses that state instead of using an older one."""
+        try:
+            self.pending.run()
+        except Exception:
+            log.error("saving the split-training state failed", exc_info=True)
 
     def _finished(self, fn: str, node_config: dict, args: tuple) -> bool:
         """Whether the last of its hospitals has just had its final step (the run's end)."""
