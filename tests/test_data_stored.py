@@ -20,16 +20,7 @@ from fedseg.data.pairs import folder_channels, read_image
 from fedseg.figures import Examples, write_overlays
 from fedseg.models.baselines import make_unet
 from fedseg.serving.images import mask_values_of, read_scan, write_mask
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SCENARIOS = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
-
-
-def needs(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.skip(f"{path} not available")
-    return path
+from tests.test_data import SCENARIOS, needs
 
 
 def save(path: Path, array: np.ndarray, **options) -> Path:
