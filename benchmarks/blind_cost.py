@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from fedseg.config import load_config
-from fedseg.finetune import SHARED_PREFIXES, average_states
+from fedseg.finetune import SHARED_PREFIXES
 from fedseg.privacy.blind import add_blinded, blind, unblind
 from fedseg.privacy.keys import generate_secret
 from fedseg.site import SiteModels
+from simulations.in_process import weighted_mean
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -76,7 +77,8 @@ def main() -> None:
                 lambda: unblind(total, secret, "r/0", names, states[0]), args.repeats
             ),
             "plain_average": median_seconds(
-                lambda: average_states(states, [float(w) for w in weights]), args.repeats
+                lambda: weighted_mean(dict(enumerate(states)), dict(enumerate(weights))),
+                args.repeats,
             ),
         },
         "load_average": os.getloadavg()[0],

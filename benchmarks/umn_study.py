@@ -41,7 +41,7 @@ from suite import ae_tag  # noqa: E402
 from fedseg.config import ConfigError, RunConfig, apply_overrides, load_config  # noqa: E402
 from fedseg.coordinator import Coordinator, key_path  # noqa: E402
 from fedseg.data import load_federation  # noqa: E402
-from fedseg.finetune import SiteFinetuner, finetune_in_process  # noqa: E402
+from fedseg.finetune import SiteFinetuner  # noqa: E402
 from fedseg.site import (  # noqa: E402
     SiteModels,
     evaluate_predictions,
@@ -52,6 +52,7 @@ from fedseg.site import (  # noqa: E402
     train_site,
     training_chunk,
 )
+from simulations.in_process import split_train  # noqa: E402
 
 
 def parse_assignments(assignments: list[str]) -> dict:
@@ -184,7 +185,7 @@ def main() -> None:
             print(f"fine-tuning epoch {epoch}: loss {loss:.3f}, test Dice {mean:.3f} {per_site}")
             rounds.append(record)
 
-        finetune_in_process(coord, tuners, epochs, on_epoch, cfg.training.finetune_share)
+        split_train(coord, tuners, on_epoch)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result = {

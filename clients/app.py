@@ -26,6 +26,7 @@ from fedseg.privacy.audit import guard_and_audit, numeric_lists
 from fedseg.privacy.redact import SiteError, public_error
 from fedseg.protocol import FinetuneRequest, LatentRequest, RoundRequest, SegmentRequest
 from fedseg.site import SiteSetup, resolve_site
+from fedseg.split_training import BackwardCall, ForwardCall
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
@@ -49,6 +50,8 @@ class Hospital:
         options = msg.content.config_records.get(protocol.CONFIG, {})
         metrics, info = hospital.register(cfg, setup, bool(options.get("reuse", False)))
         reply = {protocol.METRICS: MetricRecord(metrics), protocol.SITE: ConfigRecord(info)}
+        if cfg.privacy.query == "ckks":  # its CKKS public bundle, once, with its registration
+            reply[protocol.CKKS_KEYS] = to_record(hospital.ckks_keys(cfg, setup))
         return Message(RecordDict(reply), reply_to=msg)
 
     def latents(self, msg: Message, context: Context) -> Message:
@@ -70,20 +73,14 @@ class Hospital:
     def finetune_forward(self, msg: Message, context: Context) -> Message:
         cfg, setup = self.resolve(context)
         records = msg.content.array_records
-        request = FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST])
-        weights = records.get(protocol.WEIGHTS)
-        blinded = records.get(protocol.BLINDED)
-        answer = self.split_step(
-            "finetune_forward",
-            cfg,
-            setup,
-            context,
-            request,
-            msg.metadata.run_id,
+        weights, blinded = records.get(protocol.WEIGHTS), records.get(protocol.BLINDED)
+        call = ForwardCall(
+            FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST]),
             grad=optional_arrays(records, protocol.GRAD),
             weights=weights.to_torch_state_dict() if weights is not None else None,
             blinded_sum=blinded["sum"].numpy() if blinded is not None else None,
         )
+        answer = self.split_step("finetune_forward", cfg, setup, context, call, msg.metadata.run_id)
         content = RecordDict()
         if answer.latents is not None:
             content[protocol.LATENTS] = to_record(answer.latents)
@@ -99,21 +96,20 @@ class Hospital:
     def finetune_backward(self, msg: Message, context: Context) -> Message:
         cfg, setup = self.resolve(context)
         records = msg.content.array_records
-        request = FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST])
-        grad, loss, latents = self.split_step(
-            "finetune_backward",
-            cfg,
-            setup,
-            context,
-            request,
+        call = BackwardCall(
+            FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST]),
             arrays_of(records[protocol.MAPPED]),
             owed=optional_arrays(records, protocol.GRAD),
         )
+        answer = self.split_step("finetune_backward", cfg, setup, context, call)
         content = RecordDict(
-            {protocol.GRAD: to_record(grad), protocol.METRICS: MetricRecord({"loss": loss})}
+            {
+                protocol.GRAD: to_record(answer.grad),
+                protocol.METRICS: MetricRecord({"loss": answer.loss}),
+            }
         )
-        if latents is not None:
-            content[protocol.LATENTS] = to_record(latents)
+        if answer.latents is not None:
+            content[protocol.LATENTS] = to_record(answer.latents)
         return Message(content, reply_to=msg)
 
     def split_step(self, fn: str, cfg: RunConfig, setup: SiteSetup, context: Context, *args, **kw):
@@ -144,9 +140,6 @@ class Hospital:
             metrics = hospital.segment(cfg, setup, mapped, encrypted=request is not None)
             result = ConfigRecord({"metrics_json": json.dumps(metrics)})
             return Message(RecordDict({protocol.RESULT: result}), reply_to=msg)
-        if request.step == protocol.SEGMENT_KEYS:
-            keys = hospital.ckks_keys(cfg, setup)
-            return Message(RecordDict({protocol.CKKS_KEYS: to_record(keys)}), reply_to=msg)
         if request.step == protocol.SEGMENT_QUERY:
             query = hospital.ckks_query(cfg, setup, request.start, request.stop)
             return Message(RecordDict({protocol.CKKS_QUERY: to_record(query)}), reply_to=msg)

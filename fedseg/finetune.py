@@ -20,7 +20,6 @@ anyway); the site newly sees gradients of the server's network. docs/privacy.md.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Hashable
 from pathlib import Path
 from typing import cast
@@ -32,29 +31,13 @@ from monai.losses import DiceCELoss
 from fedseg.config import RunConfig
 from fedseg.data import SiteData
 from fedseg.models.autoencoder import latent_shapes
-from fedseg.privacy.blind import BlindSite, add_blinded, mask_label
+from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.transforms import Keyed
 from fedseg.site import SiteModels
 from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
-
-
-def average_states(
-    states: list[dict[str, torch.Tensor]], weights: list[float]
-) -> dict[str, torch.Tensor]:
-    """Weighted mean of the sites' shared weights (the in-process twin of the Flower
-    strategy's ``aggregate_arrayrecords``; integer counters come back as integers)."""
-    total = float(sum(weights))
-    out = {}
-    for name, first in states[0].items():
-        parts = [st[name].double() * (w / total) for st, w in zip(states, weights, strict=True)]
-        mean = torch.stack(parts).sum(0)
-        out[name] = (
-            mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
-        )
-    return out
 
 
 def finetune_steps(n_train: int, batch_size: int) -> int:
@@ -281,72 +264,3 @@ def kept_finetuners() -> KeptFinetuners:
     the ClientApp for every message, and a module object captured by its handlers would be
     unpickled as a fresh, empty copy each time."""
     return _KEPT
-
-
-def finetune_in_process(
-    coordinator,
-    finetuners: dict[str, SiteFinetuner],
-    epochs: int,
-    on_epoch=None,
-    share: str = "none",
-    pipeline: bool = False,
-) -> list[float]:
-    """The whole phase without Flower (studies, tests): the same calls, in the same order, that
-    the Flower strategy makes over messages. Returns the mean loss of each epoch.
-
-    ``pipeline``: a site encodes its next batch right after decoding this one, so one message
-    each way carries both (the encoder is one step behind: that batch is encoded before the
-    previous batch's encoder gradient arrives)."""
-    pending: dict[str, tuple[int, int, dict]] = {}
-    weights = {s: float(len(f.data)) for s, f in finetuners.items()}
-    run_nonce = secrets.token_hex(8)  # blind: this run's round labels are never reused
-
-    def flush(sites: list[str]) -> None:  # the encoder gradients still owed to these sites
-        for s in sites:
-            if s in pending:
-                e, k, g = pending.pop(s)
-                finetuners[s].backward_encoder(e, k, epochs, g)
-
-    losses = []
-    sites = list(finetuners)
-    for epoch in range(epochs):
-        epoch_losses = []
-        latents = {}  # pipelined: the next step's latents, sent with this step's gradient
-        for step in range(max(finetuners[s].steps for s in sites)):
-            active = [s for s in sites if step < finetuners[s].steps]
-            mapped = {}
-            for s in active:
-                if s not in latents:
-                    flush([s])
-                    latents[s] = finetuners[s].forward(epoch, step)
-                mapped[s] = coordinator.finetune_forward(s, latents.pop(s))
-            grads = {}
-            for s in active:
-                grads[s], loss = finetuners[s].decode_and_backward(epoch, step, epochs, mapped[s])
-                epoch_losses.append(loss)
-                if pipeline and step + 1 < finetuners[s].steps:
-                    flush([s])
-                    latents[s] = finetuners[s].forward(epoch, step + 1)
-            answers, refused = coordinator.finetune_backward(grads, epoch, epochs)
-            if refused:
-                raise ValueError(f"fine-tuning gradients refused: {refused}")
-            for s, g in answers.items():
-                pending[s] = (epoch, step, g)
-        if share == "average":
-            flush(sites)
-            mean = average_states(
-                [finetuners[s].shared_state() for s in sites], [weights[s] for s in sites]
-            )
-            for s in sites:
-                finetuners[s].adopt(mean)
-        elif share == "blind":
-            flush(sites)
-            label = mask_label(run_nonce, epoch)
-            total = add_blinded(f.blinded_state(label) for f in finetuners.values())
-            for f in finetuners.values():
-                f.adopt_blinded(total, label, sites)
-        losses.append(float(np.mean(epoch_losses)))
-        if on_epoch:
-            on_epoch(epoch + 1, epochs, losses[-1])
-    flush(sites)
-    return losses

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ from fedseg.figures import Examples, write_overlays
 from fedseg.finetune import SiteFinetuner, kept_finetuners
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.audit import ckks_secret_file
-from fedseg.privacy.blind import mask_label
 from fedseg.privacy.ckks import HospitalCkks, Packing, query_packing
-from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest, LatentRequest, RoundRequest
+from fedseg.protocol import SHARE_STEP, LatentRequest, RoundRequest
 from fedseg.site import (
     SiteModels,
     SiteSetup,
@@ -44,6 +42,14 @@ from fedseg.site import (
     site_transform,
     train_site,
     training_chunk,
+)
+from fedseg.split_training import (
+    BackwardCall,
+    BackwardReply,
+    ForwardCall,
+    ForwardReply,
+    answer_backward,
+    answer_forward,
 )
 
 log = logging.getLogger("fedseg.client")
@@ -117,70 +123,26 @@ def round_latents(cfg: RunConfig, setup: SiteSetup, request: RoundRequest) -> Ar
     return latent_chunk(cfg, setup, chunk)
 
 
-@dataclass
-class ForwardReply:
-    """What a split-training forward request is answered with (one field is set)."""
-
-    latents: Arrays | None = None  # the requested batch's keyed image latents
-    blinded: np.ndarray | None = None  # SHARE_STEP, blind: the masked shared weights
-    weights: dict[str, torch.Tensor] | None = None  # SHARE_STEP, average: the shared weights
-    done: bool = False  # FINAL_STEP: the fine-tuned models are the site's models now
-
-
 def finetune_forward(
-    cfg: RunConfig,
-    setup: SiteSetup,
-    request: FinetuneRequest,
-    run_id: int,
-    grad: Arrays | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
-    blinded_sum: np.ndarray | None = None,
+    cfg: RunConfig, setup: SiteSetup, call: ForwardCall, run_id: int
 ) -> ForwardReply:
-    """Apply what the server sent (the encoder gradient owed, the shared model), then answer
-    the step: a batch's latents, the shared weights (``SHARE_STEP``) or the end."""
-    tuner, path = _finetuner(cfg, setup, start=request.start)
-    if grad is not None:
-        tuner.backward_encoder(
-            _field(request.grad_epoch), _field(request.grad_step), request.epochs, grad
-        )
-    if weights is not None:  # the shared model (average)
-        check_finetune_share(cfg, setup.split.name)
-        tuner.adopt(weights)
-    if blinded_sum is not None:  # the masked sum of the sites' weights
-        label = mask_label(run_id, _field(request.blind_epoch))
-        tuner.adopt_blinded(blinded_sum, label, request.blind_sites)
-    if request.step == FINAL_STEP:
+    """A forward step (fedseg/split_training.py) on the site's state from its disk; at the end
+    the fine-tuned models become the site's models."""
+    tuner, path = _finetuner(cfg, setup, start=call.request.start)
+    reply = answer_forward(tuner, setup.split.name, call, run_id)
+    if reply.done:
         _finish(cfg, setup, tuner, path)
-        return ForwardReply(done=True)
-    if request.step == SHARE_STEP:
-        reply = _share(cfg, setup, tuner, request, run_id)
     else:
-        reply = ForwardReply(latents=tuner.forward(request.epoch, request.step))
-    _save(cfg, setup, tuner, path, urgent=request.step == SHARE_STEP)
+        _save(cfg, setup, tuner, path, urgent=call.request.step == SHARE_STEP)
     return reply
 
 
-def finetune_backward(
-    cfg: RunConfig,
-    setup: SiteSetup,
-    request: FinetuneRequest,
-    mapped: Arrays,
-    owed: Arrays | None = None,
-) -> tuple[Arrays, float, Arrays | None]:
-    """Decode the mapped latents against the batch's masks: (the gradient for the server, the
-    loss, and with ``next_step`` the next batch's latents, after the encoder step ``owed``
-    (``training.finetune_pipeline``))."""
+def finetune_backward(cfg: RunConfig, setup: SiteSetup, call: BackwardCall) -> BackwardReply:
+    """A backward step (fedseg/split_training.py) on the site's state from its disk."""
     tuner, path = _finetuner(cfg, setup, start=False)
-    grad, loss = tuner.decode_and_backward(request.epoch, request.step, request.epochs, mapped)
-    if owed is not None:
-        tuner.backward_encoder(
-            _field(request.grad_epoch), _field(request.grad_step), request.epochs, owed
-        )
-    latents = None
-    if request.next_step is not None:
-        latents = tuner.forward(request.epoch, request.next_step)
+    reply = answer_backward(tuner, call)
     _save(cfg, setup, tuner, path)
-    return grad, loss, latents
+    return reply
 
 
 def segment(
@@ -249,37 +211,8 @@ def ckks_query(cfg: RunConfig, setup: SiteSetup, start: int, stop: int) -> Array
     return keys.encrypt(arrays, _packing(cfg, keys))
 
 
-def check_finetune_share(cfg: RunConfig, site: str) -> None:
-    """Fine-tuning weights are shared only if the site's own config says so."""
-    if cfg.training.finetune_share == "none":
-        raise PermissionError(
-            f"site {site}: refusing to exchange encoder/decoder weights: this site's "
-            "training.finetune_share is 'none'"
-        )
-
-
 def finetune_state_path(setup: SiteSetup) -> Path:
     return site_models_path(setup.out_dir, setup.split.name).with_name("finetune-state.pt")
-
-
-def _field(value: int | None) -> int:
-    if value is None:
-        raise ValueError("a gradient or sum came without the step it belongs to")
-    return value
-
-
-def _share(
-    cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, request: FinetuneRequest, run_id: int
-) -> ForwardReply:
-    check_finetune_share(cfg, setup.split.name)
-    if cfg.training.finetune_share != "blind":
-        return ForwardReply(weights=tuner.shared_state())
-    if request.share_epoch is None:
-        raise PermissionError(
-            f"site {setup.split.name}: training.finetune_share is 'blind': its weights "
-            "leave only masked, and the server asked for them in the clear"
-        )
-    return ForwardReply(blinded=tuner.blinded_state(mask_label(run_id, request.share_epoch)))
 
 
 def _finish(cfg: RunConfig, setup: SiteSetup, tuner: SiteFinetuner, path: Path) -> None:

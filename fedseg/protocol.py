@@ -9,7 +9,8 @@ thin Flower layers put in a ``ConfigRecord`` (``to_config``) and read back (``fr
 Flow of one run (the server's phases send them in this order):
 
 - ``REGISTER``: the site reports sizes, class names and aggregate statistics (paper preset:
-  after training its autoencoders), in the ``METRICS`` and ``SITE`` records.
+  after training its autoencoders), in the ``METRICS`` and ``SITE`` records; with
+  ``privacy.query = "ckks"`` also its CKKS public bundle (``CKKS_KEYS``), once a run.
 - ``LATENTS``: keyed fp16 latents of a chunk of the training stream or the test split
   (``LatentRequest``), in the ``LATENTS`` record.
 - ``ROUND``: one UMN round's participation (``RoundRequest``): fresh training latents, or a
@@ -19,10 +20,9 @@ Flow of one run (the server's phases send them in this order):
   or ``BLINDED`` (the shared model, plain or as a masked sum); the site answers ``LATENTS``,
   ``GRAD`` (the decoder's), ``BLINDED`` or ``WEIGHTS`` (its shared model), ``METRICS`` (loss).
 - ``SEGMENT``: the site decodes ``MAPPED`` test latents and answers ``RESULT`` (metrics JSON).
-  With ``privacy.query = "ckks"`` a ``SegmentRequest`` in ``REQUEST`` names the step: ``keys``
-  (the site answers its CKKS public bundle, ``CKKS_KEYS``, once), ``query`` (the ciphertexts of
-  test images [start, stop), ``CKKS_QUERY``), ``decode`` (``MAPPED`` holds the server's mapped
-  ciphertexts; the site decrypts, decodes and answers ``RESULT``).
+  With ``privacy.query = "ckks"`` a ``SegmentRequest`` in ``REQUEST`` names the step: ``query``
+  (the ciphertexts of test images [start, stop), ``CKKS_QUERY``), ``decode`` (``MAPPED`` holds
+  the server's mapped ciphertexts; the site decrypts, decodes and answers ``RESULT``).
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ GRAD = "grad"  # a gradient (either way)
 MAPPED = "mapped"  # keyed mask latents from the server
 WEIGHTS = "weights"  # the shared encoder/decoder in the clear (finetune_share = "average")
 BLINDED = "blinded"  # the shared encoder/decoder as a masked uint64 vector, or the masked sum
-CKKS_KEYS = "ckks_keys"  # a hospital's CKKS public bundle (no secret key: privacy/ckks.py)
+CKKS_KEYS = (
+    "ckks_keys"  # REGISTER: a hospital's CKKS public bundle (no secret key: privacy/ckks.py)
+)
 CKKS_QUERY = "ckks_query"  # CKKS ciphertexts of keyed test latents
 
 # SegmentRequest steps (privacy.query = "ckks")
-SEGMENT_KEYS = "keys"
 SEGMENT_QUERY = "query"
 SEGMENT_DECODE = "decode"
 

@@ -292,7 +292,8 @@ class _WorkerState:
         """Whether the last of its hospitals has just had its final step (the run's end)."""
         site = repr(sorted(node_config.items()))
         self.sites.add(site)
-        request = args[0] if args else None
+        call = args[0] if args else None
+        request = getattr(call, "request", None)
         if fn == "finetune_forward" and getattr(request, "step", None) == FINAL_STEP:
             self.sites.discard(site)
             return not self.sites and not self.pending

@@ -57,6 +57,7 @@ def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> Ru
     all_sites = sorted(federation.sites.values(), key=lambda s: s.name)
     key_dir = cfg.privacy.key_dir or Path(cfg.out_dir) / "keys"
     coordinator = Coordinator(cfg, names, key_dir=key_dir)
+    register_ckks_keys(coordinator, federation)
     train_bytes = _collect_latents(grid, coordinator, federation, saved_latents, timing, timeout)
     mapping, participation = _train_umn(grid, coordinator, federation, saved_round, timing)
     finetune: dict = {"finetune_losses": []}
@@ -66,9 +67,8 @@ def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> Ru
     timing["training_total"] = sum(timing[k] for k in phases if k in timing)
 
     started = time.perf_counter()
-    site_metrics, map_s = SegmentationEvaluation(coordinator, CHUNK_SIZE, timeout).run(
-        grid, federation
-    )
+    evaluation = SegmentationEvaluation(coordinator, CHUNK_SIZE, timeout)
+    site_metrics, map_s = evaluation.run(grid, federation)
     timing["evaluation"] = time.perf_counter() - started
     timing["server_map_per_image"] = map_s
     if not site_metrics:
@@ -83,7 +83,12 @@ def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> Ru
         cfg,
         site_metrics,
         timing=timing,
-        bytes_per_query=payload_bytes(shapes),
+        # a test image's keyed latents, or (ckks) its share of the ciphertexts that carried it
+        bytes_per_query=(
+            evaluation.query_bytes // max(evaluation.queries, 1)
+            if evaluation.queries
+            else payload_bytes(shapes)
+        ),
         dropped=federation.dropped,
         rejected=federation.rejected,
         umn_parameters=coordinator.parameter_count(),
@@ -120,7 +125,9 @@ def _register(grid, cfg, saved_latents, timing, timeout) -> tuple[Federation, li
     log.info("%d hospitals registered", len(nodes))
     federation = Federation(registry=registry)
     started = time.perf_counter()
-    LocalAutoencoderTraining(timeout, reuse=saved_latents is not None).run(grid, nodes, federation)
+    ckks = cfg.privacy.query == "ckks"
+    registering = LocalAutoencoderTraining(timeout, reuse=saved_latents is not None, ckks=ckks)
+    registering.run(grid, nodes, federation)
     if saved_latents is None:
         timing["autoencoders"] = time.perf_counter() - started
     if not federation.sites:
@@ -134,6 +141,19 @@ def _register(grid, cfg, saved_latents, timing, timeout) -> tuple[Federation, li
         elif not site.reused:  # its kept latents came from AEs it no longer has
             federation.drop(node_id, "resume", "its saved autoencoders were missing")
     return federation, names
+
+
+def register_ckks_keys(coordinator: Coordinator, federation: Federation) -> None:
+    """The CKKS public bundles the sites registered with (``privacy.query = "ckks"``); a site
+    whose bundle is refused (wrong parameters, a secret key in it) drops out."""
+    for node_id, site in list(federation.sites.items()):
+        if site.ckks_keys is None:
+            continue
+        try:
+            coordinator.register_ckks(site.name, site.ckks_keys)
+        except ValueError as err:
+            federation.drop(node_id, "autoencoders", f"CKKS keys refused: {err}")
+        site.ckks_keys = None  # held by the coordinator now
 
 
 def _collect_latents(grid, coordinator, federation, saved_latents, timing, timeout) -> int:

@@ -10,6 +10,7 @@ past the deadline) in UMN rounds and blind-aggregation rounds, and the compute-s
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -33,10 +34,26 @@ def fails_in_round(profile: HospitalConfig | None, seed: int, index: int, rnd: i
     return bool(np.random.default_rng([seed, index, rnd, 99_991]).uniform() < profile.dropout)
 
 
+class _RoutineShutdown(logging.Filter):
+    """Flower warns "Manually terminating ClientAppActor" from every actor it stops at the
+    normal end of a simulation: routine, and nothing its user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Manually terminating")
+
+
+def quiet_routine_shutdown() -> None:
+    """In a simulated hospital's Ray actor (where this mod runs): drop that one notice."""
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _RoutineShutdown) for f in flower.filters):
+        flower.addFilter(_RoutineShutdown())
+
+
 def apply_profile(
     msg: Message, context: Context, call_next, cfg: RunConfig, setup: SiteSetup
 ) -> Message:
     """The ClientApp mod: fail the rounds the profile draws, and take ``1 / speed`` as long."""
+    quiet_routine_shutdown()
     site = setup.split
     outage = outage_round(msg, cfg)
     if outage is not None and fails_in_round(

@@ -11,15 +11,16 @@ from flwr.serverapp import Grid
 
 from fedseg import protocol
 from fedseg.deploy.registry import check_site_name
-from strategies.common import Federation, SiteInfo, exchange, log, site_progress
+from strategies.common import Federation, SiteInfo, arrays_of, exchange, log, site_progress
 
 
 class LocalAutoencoderTraining:
     """Weights stay at the sites; the server learns only sizes, class names and losses."""
 
-    def __init__(self, timeout_s: float | None, reuse: bool = False) -> None:
+    def __init__(self, timeout_s: float | None, reuse: bool = False, ckks: bool = False) -> None:
         self.timeout_s = timeout_s
         self.reuse = reuse  # resuming: sites reload the AEs they saved instead of retraining
+        self.ckks = ckks  # privacy.query = "ckks": a registration brings the CKKS public keys
 
     def run(self, grid: Grid, node_ids: list[int], federation: Federation) -> None:
         def content(_: int) -> RecordDict:
@@ -38,6 +39,10 @@ class LocalAutoencoderTraining:
                 site = registration(
                     node_id, metrics, info, federation.by_name(), federation.registry
                 )
+                if self.ckks:
+                    site.ckks_keys = arrays_of(
+                        reply.content.array_records.get(protocol.CKKS_KEYS), protocol.CKKS_KEYS
+                    )
             except (KeyError, TypeError, ValueError) as err:
                 federation.drop(node_id, "autoencoders", f"registration refused: {err}")
                 continue

@@ -46,6 +46,8 @@ class SiteInfo:
     class_names: list[str]
     reused: bool = False  # reloaded its saved AEs (resume) instead of training new ones
     stats: dict = field(default_factory=dict)  # the site's aggregate data statistics (non-IID)
+    # privacy.query = "ckks": its CKKS public bundle, sent once with its registration
+    ckks_keys: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass

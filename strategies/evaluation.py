@@ -33,6 +33,7 @@ class SegmentationEvaluation:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
+        self.query_bytes, self.queries = 0, 0  # encrypted: ciphertext bytes and images received
 
     def run(self, grid: Grid, federation: Federation) -> tuple[dict[str, dict], float]:
         """Per-site metrics, and the server's mapping time per query (seconds)."""
@@ -81,92 +82,73 @@ class SegmentationEvaluation:
         return site_metrics(federation, replies), map_seconds / max(n_items, 1)
 
     def run_encrypted(self, grid: Grid, federation: Federation) -> tuple[dict[str, dict], float]:
-        """``privacy.query = "ckks"``: each site sends its CKKS public bundle once, then the
-        ciphertexts of its test latents chunk by chunk; the server maps them encrypted and
-        sends the mapped ciphertexts back for the site to decrypt, decode and score."""
-        phase = "evaluation (ckks)"
-
-        def step(name: str, start: int = 0, stop: dict[int, int] | None = None):
-            def content(node_id: int) -> RecordDict:
-                request = SegmentRequest(name, start, (stop or {}).get(node_id, 0))
-                return RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
-
-            return content
-
-        nodes = list(federation.sites)
-        with site_progress("CKKS keys") as on_reply:
-            replies, failed = exchange(
-                grid, nodes, protocol.SEGMENT, step(protocol.SEGMENT_KEYS), self.timeout_s, on_reply
-            )
-        for node_id, reason in failed.items():
-            federation.drop(node_id, phase, reason)
-        for node_id, reply in replies.items():
-            site = federation.sites[node_id]
-            try:
-                bundle = arrays_of(reply.content.array_records[protocol.CKKS_KEYS])
-                self.coordinator.register_ckks(site.name, bundle)
-            except (KeyError, ValueError) as err:
-                federation.drop(node_id, phase, f"CKKS keys refused: {err}")
-
+        """``privacy.query = "ckks"``: each site (whose CKKS public keys came with its
+        registration) sends the ciphertexts of its test latents chunk by chunk; the server maps
+        them encrypted and sends the mapped ciphertexts back for the site to decrypt, decode
+        and score."""
         chunk = min(self.chunk_size, CKKS_CHUNK)
-        mapped_parts: dict[int, list[dict[str, np.ndarray]]] = {}
+        parts: dict[int, list[dict[str, np.ndarray]]] = {}
         map_seconds, n_items, offset = 0.0, 0, 0
-        while True:
-            pending = [n for n, s in federation.sites.items() if s.n_test > offset]
-            if not pending:
-                break
+        while pending := [n for n, s in federation.sites.items() if s.n_test > offset]:
             stop = {n: min(offset + chunk, federation.sites[n].n_test) for n in pending}
             with site_progress(f"encrypted queries from {offset}") as on_reply:
                 replies, failed = exchange(
                     grid,
                     pending,
                     protocol.SEGMENT,
-                    step(protocol.SEGMENT_QUERY, offset, stop),
+                    lambda n, o=offset, s=stop: _segment_step(protocol.SEGMENT_QUERY, o, s[n]),
                     self.timeout_s,
                     on_reply,
                 )
             for node_id, reason in failed.items():
-                federation.drop(node_id, phase, reason)
+                federation.drop(node_id, CKKS_PHASE, reason)
             for node_id, reply in replies.items():
-                site = federation.sites[node_id]
-                asked = stop[node_id] - offset
                 started = time.perf_counter()
                 try:
-                    query = arrays_of(reply.content.array_records[protocol.CKKS_QUERY])
-                    out = self.coordinator.map_encrypted(site.name, query, max_items=asked)
-                    if int(json.loads(out[ckks.HEADER].tobytes())["items"]) != asked:
-                        raise ValueError(f"the query does not hold the {asked} images asked for")
+                    out = self._map_encrypted(federation, node_id, reply, stop[node_id] - offset)
                 except (KeyError, ValueError) as err:
-                    federation.drop(node_id, phase, f"bad encrypted query: {err}")
-                    mapped_parts.pop(node_id, None)
+                    federation.drop(node_id, CKKS_PHASE, f"bad encrypted query: {err}")
+                    parts.pop(node_id, None)
                     continue
                 map_seconds += time.perf_counter() - started
-                n_items += asked
-                mapped_parts.setdefault(node_id, []).append(out)
+                n_items += stop[node_id] - offset
+                parts.setdefault(node_id, []).append(out)
             offset += chunk
 
-        mapped = {n: ckks.concat(p) for n, p in mapped_parts.items() if n in federation.sites}
+        mapped = {n: ckks.concat(p) for n, p in parts.items() if n in federation.sites}
+
+        def decode(node_id: int) -> RecordDict:
+            content = _segment_step(protocol.SEGMENT_DECODE)
+            content[protocol.MAPPED] = to_record(mapped[node_id])
+            return content
+
         with site_progress("evaluation") as on_reply:
             replies, failed = exchange(
-                grid,
-                list(mapped),
-                protocol.SEGMENT,
-                lambda n: RecordDict(
-                    {
-                        protocol.REQUEST: ConfigRecord(
-                            SegmentRequest(protocol.SEGMENT_DECODE).to_config()
-                        ),
-                        protocol.MAPPED: to_record(mapped[n]),
-                    }
-                ),
-                self.timeout_s,
-                on_reply,
+                grid, list(mapped), protocol.SEGMENT, decode, self.timeout_s, on_reply
             )
         for node_id, reason in failed.items():
-            federation.drop(node_id, phase, reason)
+            federation.drop(node_id, CKKS_PHASE, reason)
         return site_metrics(federation, replies), map_seconds / max(n_items, 1)
 
+    def _map_encrypted(
+        self, federation: Federation, node_id: int, reply: Message, asked: int
+    ) -> dict[str, np.ndarray]:
+        """One chunk of a site's encrypted queries, mapped; counts its ciphertext bytes."""
+        query = arrays_of(reply.content.array_records[protocol.CKKS_QUERY], protocol.CKKS_QUERY)
+        out = self.coordinator.map_encrypted(federation.sites[node_id].name, query, asked)
+        if int(json.loads(out[ckks.HEADER].tobytes())["items"]) != asked:
+            raise ValueError(f"the query does not hold the {asked} images asked for")
+        self.query_bytes += sum(a.nbytes for a in query.values())
+        self.queries += asked
+        return out
 
+
+def _segment_step(step: str, start: int = 0, stop: int = 0) -> RecordDict:
+    request = SegmentRequest(step, start, stop)
+    return RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
+
+
+CKKS_PHASE = "evaluation (ckks)"
 CKKS_CHUNK = 16  # images per encrypted query message (0.74 MiB each at 128 px)
 
 

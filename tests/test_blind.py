@@ -12,7 +12,7 @@ import torch
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process
+from fedseg.finetune import SiteFinetuner
 from fedseg.privacy.blind import (
     FRACTION_BITS,
     BlindAggregationError,
@@ -24,9 +24,15 @@ from fedseg.privacy.blind import (
 )
 from fedseg.privacy.keys import generate_secret
 from fedseg.site import site_blinder, site_transform, train_site
+from simulations.in_process import split_train, weighted_mean
 from tests.helpers import blind_config
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
+
+
+def _mean(states: list[dict], weights: list[int]) -> dict:
+    """Flower's weighted mean: what plain averaging (SplitFed, the reference) computes."""
+    return weighted_mean(dict(enumerate(states)), dict(enumerate(weights)))
 
 
 def _state(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -53,7 +59,7 @@ def test_unmasked_sum_is_the_weighted_average_to_1e6():
     _, total = _round(secret, "run/0", states, weights)
     mean, n = unblind(total, secret, "run/0", SITES, states[0])
     assert n == sum(weights)
-    plain = average_states(states, [float(w) for w in weights])
+    plain = _mean(states, weights)
     a, b = flatten(mean), flatten(plain)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-6
     for name in plain:
@@ -105,7 +111,7 @@ def test_batch_norm_statistics_of_a_long_run_fit_the_fixed_point_range():
     weights = [5000, 68, 70]  # a large hospital too
     _, total = _round(secret, "r/9", states, weights)
     mean, _ = unblind(total, secret, "r/9", SITES, states[0])
-    plain = average_states(states, [float(w) for w in weights])
+    plain = _mean(states, weights)
     rel = (mean["norm.running_var"] - plain["norm.running_var"]).norm() / plain[
         "norm.running_var"
     ].norm()
@@ -121,7 +127,7 @@ def test_a_dropped_site_is_left_out_of_the_sum_not_corrupting_it():
     total = add_blinded(received[i] for i in present)
     names = [SITES[i] for i in present]
     mean, n = unblind(total, secret, "r/3", names, states[0])
-    plain = average_states([states[i] for i in present], [float(weights[i]) for i in present])
+    plain = _mean([states[i] for i in present], [weights[i] for i in present])
     assert n == 134
     assert np.linalg.norm(flatten(mean) - flatten(plain)) / np.linalg.norm(flatten(plain)) < 1e-6
     # A server that names the wrong sites gets a refusal, never a wrong average.
@@ -185,7 +191,7 @@ def test_blind_split_training_in_process_equals_plain_averaging(tmp_path: Path):
             tuners[s.name] = SiteFinetuner(
                 cfg, s.train, models, site_transform(cfg, key, create=True), blinder
             )
-        losses = finetune_in_process(Coordinator(cfg, list(tuners)), tuners, 1, share=share)
+        losses = split_train(Coordinator(cfg, list(tuners)), tuners)
         results[share] = (losses, [flatten(t.shared_state()) for t in tuners.values()])
     blind_losses, blind_states = results["blind"]
     plain_losses, plain_states = results["average"]

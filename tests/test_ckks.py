@@ -483,15 +483,18 @@ class _InProcessGrid:
 
 
 def test_encrypted_evaluation_through_the_flower_handlers(tmp_path, monkeypatch):
-    """strategies/evaluation.py against clients/app.py's handlers (in process): keys once,
-    ciphertexts only, the guard passes every reply, the metrics equal the plaintext run's."""
+    """strategies/ against clients/app.py's handlers (in process): the public keys once, with
+    the registration; then ciphertexts only; the guard passes every reply; the metrics equal
+    the plaintext run's."""
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients.app import make_client_app
     from fedseg import hospital as site_api
     from fedseg.site import resolve_site
-    from strategies.common import Federation, SiteInfo
+    from server.app import register_ckks_keys
+    from strategies.autoencoders import LocalAutoencoderTraining
+    from strategies.common import Federation
     from strategies.evaluation import SegmentationEvaluation
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
@@ -501,39 +504,38 @@ def test_encrypted_evaluation_through_the_flower_handlers(tmp_path, monkeypatch)
     cfg.privacy.query = "ckks"
     cfg.out_dir = str(tmp_path)
     cfg.overlays_per_site = 0
-    contexts, federation, names = {}, Federation(), []
-    for node, part in ((11, 0), (12, 1)):
-        contexts[node] = Context(1, node, {"partition-id": part}, RecordDict(), {})
-        setup = resolve_site(cfg, {"partition-id": part})
-        site_api.register(cfg, setup, False)
-        names.append(setup.split.name)
-        federation.sites[node] = SiteInfo(
-            node, setup.split.name, len(setup.split.train), len(setup.split.test), ["a", "b"]
-        )
+    contexts = {
+        node: Context(1, node, {"partition-id": part}, RecordDict(), {})
+        for node, part in ((11, 0), (12, 1))
+    }
+    grid = _InProcessGrid(make_client_app(cfg), contexts)
+    federation = Federation()
+    LocalAutoencoderTraining(60, ckks=True).run(grid, list(contexts), federation)
+    names = sorted(site.name for site in federation.sites.values())
+    assert len(names) == 2 and all(s.ckks_keys for s in federation.sites.values())
     coordinator = Coordinator(cfg, names)
+    register_ckks_keys(coordinator, federation)
+    assert not federation.dropped and set(coordinator._ckks) == set(names)
     for part in (0, 1):
         setup = resolve_site(cfg, {"partition-id": part})
         request = site_api.LatentRequest("test", 0, 4)
         coordinator.finetune_forward(setup.split.name, site_api.latent_chunk(cfg, setup, request))
     coordinator.umn.eval()
 
-    grid = _InProcessGrid(make_client_app(cfg), contexts)
-    metrics, per_image = SegmentationEvaluation(coordinator, 3, 60).run(grid, federation)
+    grid.sent.clear()
+    evaluation = SegmentationEvaluation(coordinator, 3, 60)
+    metrics, per_image = evaluation.run(grid, federation)
     assert set(metrics) == set(names) and not federation.dropped and per_image > 0
+    assert evaluation.queries == sum(s.n_test for s in federation.sites.values())
+    assert evaluation.query_bytes > evaluation.queries * 10_000  # ciphertexts, not fp16 latents
     kinds = [m.content.config_records["request"]["step"] for m, _ in grid.sent]
-    assert kinds.count("keys") == 2 and kinds.count("decode") == 2 and "query" in kinds
+    assert kinds.count("decode") == 2 and "query" in kinds and set(kinds) == {"query", "decode"}
     for message, reply in grid.sent:  # nothing in the clear: only CKKS payloads or metrics
         for record in (
             *message.content.array_records.values(),
             *reply.content.array_records.values(),
         ):
-            assert set(record) <= {
-                ckks.HEADER,
-                ckks.CONTEXT,
-                ckks.GALOIS,
-                ckks.CIPHER,
-                ckks.OFFSETS,
-            }
+            assert set(record) <= {ckks.HEADER, ckks.CIPHER, ckks.OFFSETS}
 
     plain_cfg = he_config()
     plain_cfg.out_dir, plain_cfg.overlays_per_site = str(tmp_path), 0
@@ -542,3 +544,9 @@ def test_encrypted_evaluation_through_the_flower_handlers(tmp_path, monkeypatch)
     plain, _ = SegmentationEvaluation(coordinator, 3, 60).run(plain_grid, federation)
     for name in names:
         assert metrics[name]["dice_mean"] == pytest.approx(plain[name]["dice_mean"], abs=1e-3)
+
+    # A hospital that registers without its public keys cannot take part in a CKKS run.
+    refused = Federation()
+    LocalAutoencoderTraining(60, ckks=True).run(plain_grid, list(contexts), refused)
+    assert not refused.sites and len(refused.dropped) == 2
+    assert all("ckks_keys" in d["reason"] for d in refused.dropped), refused.dropped

@@ -16,7 +16,7 @@ from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, 
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_in_process, finetune_steps
+from fedseg.finetune import KeptFinetuners, SiteFinetuner, finetune_steps
 from fedseg.hospital import FINETUNED
 from fedseg.models.autoencoder import SkipAutoencoder
 from fedseg.privacy.keys import KeyRing, read_key_file, write_key_file
@@ -34,6 +34,7 @@ from fedseg.site import (
 from fedseg.training import nhwc
 from fedseg.wire import GRAD_DTYPE, unpack
 from simulations.engine import simulate
+from simulations.in_process import split_train
 from tests.helpers import small_config
 
 
@@ -61,10 +62,14 @@ def setup(tmp_path_factory):
     return cfg, sites, models, transforms, coord
 
 
-def _fresh(setup):
+def _fresh(setup, epochs: int | None = None):
     cfg, sites, models, transforms, coord = setup
     models = copy.deepcopy(models)
     coord = copy.deepcopy(coord)
+    if epochs is not None:  # the phase takes its epochs from the config, as in a run
+        cfg = copy.deepcopy(cfg)
+        cfg.training.finetune_epochs = epochs
+        coord.cfg = cfg
     tuners = {
         s.name: SiteFinetuner(cfg, s.train, models[s.name], transforms[s.name]) for s in sites
     }
@@ -219,11 +224,11 @@ def test_local_skips_need_split_training(tmp_path):
 
 
 def test_finetuning_lowers_the_training_loss_and_changes_only_the_trained_parts(setup):
-    cfg, sites, tuners, coord = _fresh(setup)
+    cfg, sites, tuners, coord = _fresh(setup, epochs=8)
     site = sites[0].name
     before = {k: v.clone() for k, v in tuners[site].models.state().items()}
     umn_before = copy.deepcopy(coord.umn.state_dict())
-    losses = finetune_in_process(coord, tuners, epochs=8)
+    losses = split_train(coord, tuners)
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < losses[0], losses
     after = tuners[site].models.state()

@@ -15,12 +15,13 @@ from fedseg.checkpoint import LATENTS_NAME, checkpoint_dir
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner, average_states, finetune_in_process
-from fedseg.hospital import check_finetune_share
+from fedseg.finetune import SiteFinetuner
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import SiteModels, site_models_path, site_transform, train_site
+from fedseg.split_training import check_finetune_share
 from simulations.engine import simulate
+from simulations.in_process import split_train, weighted_mean
 from tests.helpers import small_config
 
 
@@ -49,7 +50,7 @@ def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_p
     tuners = _tuners(cfg, tmp_path / "keys")
     first = {k: v.clone() for k, v in next(iter(tuners.values())).shared_state().items()}
     coord = Coordinator(cfg, list(tuners))
-    losses = finetune_in_process(coord, tuners, cfg.training.finetune_epochs, share=share)
+    losses = split_train(coord, tuners)
     assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
     states = [t.shared_state() for t in tuners.values()]
     for name, value in states[0].items():
@@ -60,20 +61,21 @@ def test_shared_split_training_from_scratch_ends_with_one_model_and_learns(tmp_p
 
 def test_without_sharing_each_site_keeps_its_own_model(tmp_path):
     cfg = _split_config(tmp_path, "none", sites=2)
+    cfg.training.finetune_epochs = 2
     tuners = _tuners(cfg, tmp_path / "keys")
-    finetune_in_process(Coordinator(cfg, list(tuners)), tuners, 2)
+    split_train(Coordinator(cfg, list(tuners)), tuners)
     a, b = (t.shared_state() for t in tuners.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_average_is_weighted_and_keeps_integer_counters():
-    states = [
-        {"w": torch.tensor([0.0, 3.0]), "n": torch.tensor(10)},
-        {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(20)},
-    ]
-    mean = average_states(states, [2.0, 1.0])
+def test_the_mean_is_flowers_weighted_mean():
+    states = {
+        "a": {"w": torch.tensor([0.0, 3.0]), "n": torch.tensor(10)},
+        "b": {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(20)},
+    }
+    mean = weighted_mean(states, {"a": 2, "b": 1})
     assert torch.allclose(mean["w"], torch.tensor([1.0, 4.0]))
-    assert mean["n"].dtype == torch.int64 and int(mean["n"]) == 13
+    assert float(mean["n"]) == pytest.approx(40 / 3)  # a site casts it back to its own dtype
 
 
 def test_bad_shared_weights_are_refused_by_name(tmp_path):

@@ -14,8 +14,9 @@ from fedseg.attacks.context import RunContext
 from fedseg.config import AttackConfig
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner, finetune_in_process
+from fedseg.finetune import SiteFinetuner
 from fedseg.site import site_blinder, site_models_path, site_transform, train_site
+from simulations.in_process import split_train
 from tests.helpers import blind_config
 
 
@@ -68,7 +69,7 @@ def split_run(tmp_path_factory) -> Path:
         )
         tuners[s.name] = SiteFinetuner(cfg, s.train, models, transform, blinder)
     coordinator = Coordinator(cfg, list(tuners))
-    finetune_in_process(coordinator, tuners, 2, share="average")
+    split_train(coordinator, tuners)
     for s in load_federation(cfg):
         tuners[s.name].models.save(site_models_path(out, s.name), s.train.class_names)
     coordinator.save_checkpoint(out / "checkpoints")

@@ -19,6 +19,7 @@ from fedseg import hospital, site_worker
 from fedseg.config import demo_config
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest
 from fedseg.site import resolve_site
+from fedseg.split_training import BackwardCall, ForwardCall
 
 pytestmark = [
     pytest.mark.skipif(not site_worker.available(), reason="Linux only"),
@@ -42,7 +43,7 @@ def _site(tmp_path: Path):
 
 def _steps(run, n_steps: int = 2):
     """One epoch, pipelined as the demo runs it: (latents, grads) of every step."""
-    first = run("finetune_forward", FinetuneRequest(0, EPOCHS, 0, start=True), 1)
+    first = run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 0, start=True)), 1)
     latents, out, owed = first.latents, [], None
     for step in range(n_steps):
         request = FinetuneRequest(0, EPOCHS, step)
@@ -50,7 +51,8 @@ def _steps(run, n_steps: int = 2):
             request.grad_epoch, request.grad_step = 0, step - 1
         request.next_step = step + 1 if step + 1 < n_steps else None
         mapped = {k.replace("image", "mask"): v for k, v in latents.items()}
-        grad, loss, latents_next = run("finetune_backward", request, mapped, owed=owed)
+        answer = run("finetune_backward", BackwardCall(request, mapped, owed=owed))
+        grad, loss, latents_next = answer.grad, answer.loss, answer.latents
         out.append((latents, grad, loss))
         owed = {k.replace("mask", "image"): v for k, v in grad.items()}
         latents = latents_next
@@ -148,36 +150,38 @@ def test_state_saved_after_the_reply_and_a_stale_state_refused(tmp_path):
     request = FinetuneRequest(0, EPOCHS, 0)
     mapped = {
         k.replace("image", "mask"): v
-        for k, v in run("finetune_forward", request, 1).latents.items()
+        for k, v in run("finetune_forward", ForwardCall(request), 1).latents.items()
     }
-    run("finetune_backward", request, mapped)
+    run("finetune_backward", BackwardCall(request, mapped))
     assert marker.exists()
     pid = _pid(folder, slot)
     os.kill(pid, signal.SIGKILL)
     _wait_gone(pid)
     time.sleep(1.0)  # a zombie's socket can take a moment to read as closed
     with pytest.raises(RuntimeError, match="was not saved after its last step"):
-        run("finetune_forward", FinetuneRequest(0, EPOCHS, 1), 1)
+        run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 1)), 1)
 
 
 def test_errors_come_back_as_their_kind_and_the_worker_goes_on(tmp_path):
     cfg, setup = _site(tmp_path)
     run = _in_worker(cfg, setup)
-    run("finetune_forward", FinetuneRequest(0, EPOCHS, 0, start=True), 1)
+    run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 0, start=True)), 1)
     with pytest.raises(ValueError, match="outside"):
-        run("finetune_forward", FinetuneRequest(0, EPOCHS, 99), 1)
-    assert run("finetune_forward", FinetuneRequest(0, EPOCHS, 0), 1).latents
+        run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 99)), 1)
+    assert run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 0)), 1).latents
 
 
 def test_a_stranger_without_the_key_is_refused(tmp_path):
     cfg, setup = _site(tmp_path)
     folder, slot, _ = site_worker.placement(cfg, NODE, setup.out_dir)
     run = _in_worker(cfg, setup)
-    run("finetune_forward", FinetuneRequest(0, EPOCHS, 0, start=True), 1)
+    run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 0, start=True)), 1)
     key = (folder / "worker.key").read_bytes()
     with pytest.raises(Exception, match="digest"):
         Client(site_worker.address(folder, slot, key), family="AF_UNIX", authkey=b"x" * 32)
-    assert run("finetune_forward", FinetuneRequest(0, EPOCHS, 0), 1).latents  # still serving
+    assert run(
+        "finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, 0)), 1
+    ).latents  # still serving
     with pytest.raises(ValueError, match="runs"):
         site_worker.call(folder, slot, "segment", cfg, NODE)
 
@@ -191,8 +195,8 @@ def test_the_worker_exits_when_its_hospitals_are_done(tmp_path):
     share = FinetuneRequest(0, EPOCHS, SHARE_STEP)
     share.share_epoch = 0
     share.grad_epoch, share.grad_step = 0, 1
-    assert run("finetune_forward", share, 1, grad=owed).blinded is not None
-    assert run("finetune_forward", FinetuneRequest(0, EPOCHS, FINAL_STEP), 1).done
+    assert run("finetune_forward", ForwardCall(share, grad=owed), 1).blinded is not None
+    assert run("finetune_forward", ForwardCall(FinetuneRequest(0, EPOCHS, FINAL_STEP)), 1).done
     _wait_gone(pid)
     # The fine-tuned models are the site's now, and no state is left to resume from.
     assert not hospital.finetune_state_path(setup).exists()
