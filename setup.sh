@@ -9,8 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+# pip byte-compiles every file it installs, one at a time; compileall does the same work on
+# every core (a fresh setup: 111 s -> 71 s, both beside other jobs at load 3, 2026-12-06).
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q --no-compile torch==2.13.0
+.venv/bin/pip install -q --no-compile -e ".[dev]"
+.venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || true  # a few test files fail
 # A deployment's coordinator fronts its SuperLink with nginx (fedseg deploy superlink); the
 # deployment test needs it too. Installed from Debian's packages when we may, else say so.
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
