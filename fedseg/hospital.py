@@ -69,6 +69,8 @@ def register(cfg: RunConfig, setup: SiteSetup, reuse: bool) -> tuple[dict, dict]
     saved = site_models_path(setup.out_dir, site.name)
     tag = saved.with_suffix(".config")
     metrics: dict[str, Any] = {"n_train": len(site.train), "n_test": len(site.test)}
+    if cfg.mode == "inr":  # no latent models: the site fits its implicit networks per chunk
+        return metrics, _site_record(site)
     # Fine-tuned AEs (tag + FINETUNED) no longer match the latents the server kept.
     if reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(cfg):
         _, names = SiteModels.load(cfg, saved)
@@ -87,13 +89,17 @@ def register(cfg: RunConfig, setup: SiteSetup, reuse: bool) -> tuple[dict, dict]
             epochs=stats.epochs,
             seconds=stats.seconds,
         )
-    info = {
+    return metrics, _site_record(site)
+
+
+def _site_record(site) -> dict[str, Any]:
+    """REGISTER's site record: name, class names and aggregate statistics only (sizes, class
+    fractions, an intensity histogram)."""
+    return {
         "site": site.name,
         "class_names": list(site.train.class_names),
-        # Aggregates only (sizes, class fractions, an intensity histogram).
         "stats_json": json.dumps(site_statistics(site.train, site.test)),
     }
-    return metrics, info
 
 
 def latent_chunk(cfg: RunConfig, setup: SiteSetup, request: LatentRequest) -> Arrays:

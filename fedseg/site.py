@@ -257,7 +257,11 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key_file = node_config.get("key-file")
-    needs_secret = cfg.privacy.transform != "none" or cfg.training.finetune_share == "blind"
+    needs_secret = (
+        cfg.privacy.transform != "none"
+        or cfg.training.finetune_share == "blind"
+        or cfg.mode == "inr"  # its code mixing is drawn from the secret
+    )
     if key_file is None and needs_secret:
         if "partition-id" not in node_config:
             raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")
