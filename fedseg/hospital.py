@@ -23,9 +23,8 @@ import torch
 
 from fedseg.atomic import write_text_atomic
 from fedseg.checkpoint import fingerprint, save_private
-from fedseg.config import RunConfig, method_name
+from fedseg.config import RunConfig
 from fedseg.data.stats import site_statistics
-from fedseg.figures import Examples, write_overlays
 from fedseg.finetune import SiteFinetuner, kept_finetuners
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.audit import ckks_secret_file
@@ -35,9 +34,8 @@ from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest, LatentReque
 from fedseg.site import (
     SiteModels,
     SiteSetup,
-    evaluate_predictions,
-    pick_examples,
     query_chunk,
+    score_on_test,
     segment_mapped,
     site_blinder,
     site_models_path,
@@ -205,18 +203,8 @@ def segment(
             )
     models = load_models(cfg, setup)
     transform = site_transform(cfg, setup.key_file)
-    test = setup.split.test
-    pred = segment_mapped(cfg, models, transform, mapped, test.images)
-    metrics = evaluate_predictions(test, pred)
-    pick = pick_examples(test, cfg.overlays_per_site)
-    # Overlays show patient images: they are written locally, never sent.
-    write_overlays(
-        setup.out_dir,
-        setup.split.name,
-        Examples(test.images[pick], test.masks[pick], pred[pick]),
-        test.class_names,
-        method=method_name(cfg),
-    )
+    pred = segment_mapped(cfg, models, transform, mapped, setup.split.test.images)
+    metrics = score_on_test(cfg, setup, pred)
     metrics["decode_seconds"] = time.perf_counter() - started
     return metrics
 

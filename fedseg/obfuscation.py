@@ -25,15 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedseg.config import RunConfig, method_name
+from fedseg.config import RunConfig
 from fedseg.data import SiteData
-from fedseg.figures import Examples, write_overlays
 from fedseg.models.baselines import make_unet
 from fedseg.privacy import inr
 from fedseg.privacy.keys import read_key_file
 from fedseg.protocol import LatentRequest
 from fedseg.reference_runs import fit_reference
-from fedseg.site import SiteSetup, evaluate_predictions, pick_examples
+from fedseg.site import SiteSetup, score_on_test
 from fedseg.training import predict
 
 Arrays = dict[str, np.ndarray]
@@ -219,15 +218,6 @@ def score_network(
     test = setup.split.test
     net = make_unet(test.num_classes, cfg.baselines.unet_channels, test.channels)
     net.load_state_dict(state)  # a network of another shape is refused here
-    pred = predict(net, test.images)
-    metrics = evaluate_predictions(test, pred)
-    pick = pick_examples(test, cfg.overlays_per_site)
-    write_overlays(
-        setup.out_dir,
-        setup.split.name,
-        Examples(test.images[pick], test.masks[pick], pred[pick]),
-        test.class_names,
-        method=method_name(cfg),
-    )
+    metrics = score_on_test(cfg, setup, predict(net, test.images))
     metrics["decode_seconds"] = time.perf_counter() - started
     return metrics

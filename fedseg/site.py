@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from fedseg.atomic import torch_save_atomic
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, method_name
 from fedseg.data import SiteData, SiteSplit, image_channels, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
+from fedseg.figures import Examples, write_overlays
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.keys import (
@@ -224,6 +225,22 @@ def evaluate_predictions(data: SiteData, pred: np.ndarray) -> dict:
         raise ValueError(f"prediction shape {pred.shape} != test masks {data.masks.shape}")
     spacing = data.spacing if data.spacing_known else None
     return segmentation_metrics(pred, data.masks, data.class_names, spacing)
+
+
+def score_on_test(cfg: RunConfig, setup: SiteSetup, pred: np.ndarray) -> dict:
+    """The site's metrics of ``pred`` on its test split, and its overlay figure: overlays show
+    patient images, so they are written locally, never sent."""
+    test = setup.split.test
+    metrics = evaluate_predictions(test, pred)
+    pick = pick_examples(test, cfg.overlays_per_site)
+    write_overlays(
+        setup.out_dir,
+        setup.split.name,
+        Examples(test.images[pick], test.masks[pick], pred[pick]),
+        test.class_names,
+        method=method_name(cfg),
+    )
+    return metrics
 
 
 def pick_examples(data: SiteData, k: int) -> np.ndarray:

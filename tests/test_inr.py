@@ -245,3 +245,22 @@ def test_inr_federation_through_flower(tmp_path):
         for original in train.images:  # and none of the originals is among them
             assert not any(np.allclose(original, im, atol=1e-2) for im in images)
     assert types == {"train_autoencoders", "query_inr_release", "evaluate_network"}
+
+    # The attack suite on this mode: what applies runs on the server's view; the rest refuses.
+    from typer.testing import CliRunner
+
+    from fedseg.cli import app
+
+    result = CliRunner().invoke(app, ["attack", "--run", str(out), "--attack", "all"])
+    assert result.exit_code == 0, result.output
+    attacks = json.loads((out / "metrics.json").read_text())["attacks"]
+    assert set(attacks) == {"inversion", "membership"}  # reid: synthetic images are patients
+    shared = attacks["inversion"]["inr"]
+    assert 0 < shared["shared image"]["ssim"] < 1 and shared["n"] == 10
+    assert 0 <= attacks["membership"]["loss_threshold"]["auc"] <= 1
+    refused = CliRunner().invoke(app, ["attack", "--run", str(out), "--attack", "key-recovery"])
+    assert refused.exit_code == 2 and "does not apply" in refused.output.replace("\n", " ")
+    figure = CliRunner().invoke(app, ["attack", "--run", str(out), "--attack", "tradeoff"])
+    assert figure.exit_code == 0, figure.output
+    assert "inr (rho 0.04)" in figure.output
+    assert (out / "figures" / "attacks" / "tradeoff.png").is_file()
