@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
+from torch.nn import functional as F
 
 from fedseg.attacks import reid
 from fedseg.attacks.context import RunFolderError, load_run_config
@@ -106,13 +107,15 @@ def inversion(view: InrView) -> tuple[dict, str]:
 @torch.no_grad()
 def image_losses(net: torch.nn.Module, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """The network's Dice + CE loss on each image (its own training loss, per image)."""
-    loss = DiceCELoss(softmax=True, to_onehot_y=True, reduction="none")
+    dice = DiceLoss(softmax=True, to_onehot_y=True, reduction="none")  # DiceCELoss: no "none"
     out = []
     for i in range(0, len(images), 32):
         x = torch.from_numpy(images[i : i + 32])
-        y = torch.from_numpy(masks[i : i + 32])[:, None]
-        per = loss(net(x), y)
-        out.append(per.reshape(len(x), -1).mean(1).numpy())
+        y = torch.from_numpy(masks[i : i + 32])
+        logits = net(x)
+        per = dice(logits, y[:, None]).reshape(len(x), -1).mean(1)
+        per = per + F.cross_entropy(logits, y, reduction="none").mean((1, 2))
+        out.append(per.numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
