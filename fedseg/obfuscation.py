@@ -95,7 +95,7 @@ def release_chunk(
     check_not_copies(images, originals)
     if train.num_classes > 256:
         raise ValueError(f"{train.num_classes} classes do not fit the uint8 masks")
-    arrays = {
+    arrays: Arrays = {
         "images": images.astype(IMAGE_DTYPE),
         "masks": train.masks[request.start : request.stop].astype(np.uint8),
     }

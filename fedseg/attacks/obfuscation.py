@@ -81,7 +81,8 @@ class InrView:
 
 
 def inversion(view: InrView) -> tuple[dict, str]:
-    rows, result = [], {}
+    rows: list[list] = []
+    per_site: dict[str, dict] = {}
     for i, split in enumerate(view.sites):
         originals, released = view.released(split.name)
         if not len(released):
@@ -91,10 +92,10 @@ def inversion(view: InrView) -> tuple[dict, str]:
         truth = torch.from_numpy(originals)
         q = image_quality(torch.from_numpy(released), truth)
         floor = image_quality(torch.from_numpy(np.ascontiguousarray(mean)), truth)
-        result[split.name] = {"shared image": q, "mean image": floor, "n": len(released)}
+        per_site[split.name] = {"shared image": q, "mean image": floor, "n": len(released)}
         rows.append([split.name, len(released), q["ssim"], q["psnr"], floor["ssim"]])
     victim = view.sites[view.cfg.attack.victim % len(view.sites)].name
-    result = {MODE: {**result[victim], "per_site": result}, "victim": victim}
+    result = {MODE: {**per_site[victim], "per_site": per_site}, "victim": victim}
     md = (
         "## Inversion (inr: the released images themselves)\n\n"
         f"rho {view.cfg.privacy.inr_rho:g}. The server holds each released image: SSIM/PSNR "
@@ -194,8 +195,8 @@ def reid_compare(
     runs: dict[str, list[dict]] = {name: [] for name in records}
     for r in range(max(1, attack.reid_repeats)):
         attacker = reid._split(patients, sites, attack.seed + r)
-        for name, x in records.items():
-            x = torch.as_tensor(x, dtype=torch.float32)
+        for name, array in records.items():
+            x = torch.as_tensor(array, dtype=torch.float32)
             net = reid.train_embedder(
                 x[attacker], patients[attacker], True, attack.reid_epochs, attack.seed + r
             )
@@ -204,15 +205,15 @@ def reid_compare(
             one = reid.score(emb, patients[~attacker], slices[~attacker], sites[~attacker])
             one.pop("_curve")
             runs[name].append(one)
-    out = {}
+    out: dict[str, dict] = {}
     for name, ones in runs.items():
         out[name] = {k: float(np.mean([o[k] for o in ones])) for k in ("auc", "top1", "top5")}
         out[name]["auc_std"] = float(np.std([o["auc"] for o in ones]))
         out[name]["auc_per_repeat"] = [o["auc"] for o in ones]
     raw = out.get("raw")
-    for name, r in out.items():
+    for name, entry in out.items():
         if raw and name != "raw" and raw["auc"] > 0.5:
-            r["reduction_vs_raw"] = 1 - (r["auc"] - 0.5) / (raw["auc"] - 0.5)
+            entry["reduction_vs_raw"] = 1 - (entry["auc"] - 0.5) / (raw["auc"] - 0.5)
     return out
 
 

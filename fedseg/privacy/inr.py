@@ -132,6 +132,7 @@ class SeparableSsimLoss(nn.Module):
         super().__init__()
         dist = torch.arange((1 - win) / 2, (1 + win) / 2, 1.0)
         g = torch.exp(-((dist / sigma) ** 2) / 2)
+        self.window: torch.Tensor
         self.register_buffer("window", g / g.sum())
         self.c1, self.c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
 
