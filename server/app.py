@@ -244,7 +244,7 @@ def _run_inr(grid, cfg: RunConfig, federation, timing, timeout) -> RunResults:
         cfg,
         site_metrics,
         timing=timing,
-        bytes_per_query=0,  # inference runs at each site on the network it got back
+        bytes_per_query=None,  # no queries: each site runs the network it got back
         dropped=federation.dropped,
         rejected=federation.rejected,
         data_stats={s.name: s.stats for s in sites if s.stats},
