@@ -6,8 +6,6 @@ release fails or is malformed is dropped; what the other sites sent stands.
 
 from __future__ import annotations
 
-import json
-
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
@@ -76,8 +74,3 @@ def evaluate_network(
     for node_id, reason in failed.items():
         federation.drop(node_id, "evaluation", reason)
     return site_metrics(federation, replies)
-
-
-def describe(shared: SharedSet) -> str:
-    s = shared.summary()
-    return json.dumps({k: v for k, v in s.items() if k != "chunks"})
