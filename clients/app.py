@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg import hospital, protocol, site_worker
+from fedseg import hospital, obfuscation, protocol, site_worker
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.privacy.audit import guard_and_audit, numeric_lists
@@ -145,6 +145,22 @@ class Hospital:
             return Message(RecordDict({protocol.CKKS_QUERY: to_record(query)}), reply_to=msg)
         raise ValueError(f"unknown segment step {request.step!r}")
 
+    def inr_release(self, msg: Message, context: Context) -> Message:
+        """``mode = "inr"``: one chunk of training images, re-rendered from mixed codes."""
+        cfg, setup = self.resolve(context)
+        request = LatentRequest.from_config(msg.content.config_records[protocol.REQUEST])
+        arrays, fit = obfuscation.release_chunk(cfg, setup, request, msg.metadata.run_id)
+        content = {protocol.RELEASE: to_record(arrays), protocol.METRICS: MetricRecord(fit)}
+        return Message(RecordDict(content), reply_to=msg)
+
+    def inr_evaluate(self, msg: Message, context: Context) -> Message:
+        """``mode = "inr"``: score the server's network on this site's own test images."""
+        cfg, setup = self.resolve(context)
+        state = msg.content.array_records[protocol.WEIGHTS].to_torch_state_dict()
+        metrics = obfuscation.score_network(cfg, setup, state)
+        result = ConfigRecord({"metrics_json": json.dumps(metrics)})
+        return Message(RecordDict({protocol.RESULT: result}), reply_to=msg)
+
     def outgoing_guard(self, msg: Message, context: Context, call_next) -> Message:
         """No reply leaves with key material in it (arrays, metrics, config, text)."""
         reply = call_next(msg, context)
@@ -185,6 +201,8 @@ def make_client_app(cfg: RunConfig | None = None, mods: tuple = ()) -> ClientApp
     app.train("finetune_forward")(site.finetune_forward)
     app.train("finetune_backward")(site.finetune_backward)
     app.evaluate("segment")(site.segment)
+    app.query("inr_release")(site.inr_release)
+    app.evaluate("network")(site.inr_evaluate)
     return app
 
 

@@ -234,6 +234,7 @@ def run(
     out: Path | None = typer.Option(None, help="results folder (default results/<name>)"),
     custody: str | None = typer.Option(None, help="override privacy.custody: client | server"),
     transform: str | None = typer.Option(None, help="override privacy.transform: none | klt | knt"),
+    rho: float | None = typer.Option(None, help="override privacy.inr_rho (mode = 'inr')"),
     baselines: bool = typer.Option(True, help="train the centralized and local UNets too"),
     resume: bool = typer.Option(False, help="continue a killed run from its checkpoints"),
     overwrite: bool = typer.Option(False, help="replace an earlier run in the results folder"),
@@ -248,6 +249,8 @@ def run(
             cfg.privacy.custody = custody  # type: ignore[assignment]
         if transform:
             cfg.privacy.transform = transform  # type: ignore[assignment]
+        if rho is not None:
+            cfg.privacy.inr_rho = rho
         cfg.out_dir = str(out or Path("results") / cfg.name)
         cfg.resume = resume
         cfg.validate()

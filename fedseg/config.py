@@ -25,6 +25,7 @@ Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
 KeyScope = Literal["site", "federation"]
 QueryMode = Literal["plain", "ckks"]
+Mode = Literal["latents", "inr"]
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,20 @@ class PrivacyConfig:
     # How evaluation queries travel: "plain" (keyed fp16 latents) or "ckks" (CKKS ciphertexts of
     # them; the server maps them encrypted: needs model.umn_arch = "he"; docs/privacy.md)
     query: QueryMode = "plain"
+    # Implicit neural obfuscation (``mode = "inr"``, fedseg/privacy/inr.py): a hospital fits one
+    # small NeRV-style network to each chunk of its training images and shares the images it
+    # re-renders from k-anonymity-mixed codes, (I + rho R) E with R Gaussian, fresh per release.
+    inr_rho: float = 0.04  # mixing strength; 0 = no mixing (re-rendering only)
+    inr_chunk: int = 64  # images per network (a site's images split into equal chunks);
+    #   the codes' perturbation grows like rho * sqrt(chunk)
+    inr_code_dim: int = 32  # length of each image's learnable code
+    # Channels from the fully connected stem to the last conv + pixel-shuffle stage; the stem
+    # is image_size / 2**(len - 1) pixels wide. Sets the compression ratio (pixels per fitted
+    # parameter, codes included): 8.2x for 68 grey 128 px images with these.
+    inr_widths: list[int] = field(default_factory=lambda: [48, 32, 24, 16, 12, 8])
+    inr_steps: int = 800  # Adam steps of the 1 - SSIM fit per chunk
+    inr_batch: int = 8  # images per fitting step
+    inr_lr: float = 1e-2
 
 
 @dataclass
@@ -294,6 +309,13 @@ class RunConfig:
     name: str = "demo"
     # The defaults above are blind split training; "paper" is PPCMI-SF as published (see PRESETS).
     preset: Preset = "blind-split"
+    # What a hospital shares. "latents": keyed latents (the default's split training, or the
+    # paper preset's pipeline). "inr": images re-rendered by implicit networks with mixed codes,
+    # and its masks (privacy.inr_*); the server trains the centralized baseline's UNet
+    # (baselines.unet_channels, epochs, lr) on them and sends it back for each hospital to
+    # score on its own test split. The model and training settings of the latent pipelines
+    # are unused then.
+    mode: Mode = "latents"
     data: DatasetConfig = field(default_factory=DatasetConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,6 +364,13 @@ class RunConfig:
             (self.training.ae_epochs >= 0, "training.ae_epochs must be >= 0"),
             (self.model.umn_adapters in ("site", "shared"), "model.umn_adapters: site/shared"),
             (self.privacy.query in ("plain", "ckks"), "privacy.query: 'plain' or 'ckks'"),
+            (self.mode in ("latents", "inr"), "mode: 'latents' or 'inr'"),
+            (len(self.privacy.inr_widths) >= 1, "privacy.inr_widths needs at least one width"),
+            (
+                self.model.image_size % 2 ** (len(self.privacy.inr_widths) - 1) == 0,
+                "privacy.inr_widths: model.image_size must be a multiple of 2**(stages) "
+                f"({len(self.privacy.inr_widths) - 1} stages)",
+            ),
             (
                 self.privacy.query != "ckks" or self.model.umn_arch == "he",
                 "privacy.query = 'ckks' needs model.umn_arch = 'he' (a network CKKS can evaluate)",
@@ -461,7 +490,15 @@ RANGES: dict[type, dict[str, Range]] = {
         "threads": COUNT,
         "seed": SEED,
     },
-    PrivacyConfig: {"bias_scale": NON_NEGATIVE},
+    PrivacyConfig: {
+        "bias_scale": NON_NEGATIVE,
+        "inr_rho": NON_NEGATIVE,
+        "inr_chunk": COUNT,
+        "inr_code_dim": COUNT,
+        "inr_steps": NON_NEGATIVE,
+        "inr_batch": COUNT,
+        "inr_lr": POSITIVE,
+    },
     BaselineConfig: {"epochs": COUNT, "minutes": NON_NEGATIVE, "lr": POSITIVE},
     AttackConfig: {
         "victim": NON_NEGATIVE,
@@ -477,6 +514,7 @@ RANGES: dict[type, dict[str, Range]] = {
 ELEMENT_RANGES: dict[type, dict[str, Range]] = {
     DatasetConfig: {"label_values": NON_NEGATIVE, "label_colors": Range(0, 255)},
     ModelConfig: {"ae_widths": COUNT},
+    PrivacyConfig: {"inr_widths": COUNT},
     BaselineConfig: {"unet_channels": COUNT},
     AttackConfig: {"key_recovery_pairs": COUNT},
 }
@@ -814,6 +852,8 @@ def error_text(message: str) -> Any:
 
 def method_name(cfg: RunConfig) -> str:
     """The method's display name in reports and figures, from what the run does."""
+    if cfg.mode == "inr":
+        return f"implicit neural obfuscation (rho {cfg.privacy.inr_rho:g})"
     if not cfg.training.finetune_epochs:
         return "PPCMI-SF"  # the paper preset's pipeline
     return {

@@ -22,9 +22,8 @@ import torch
 
 from fedseg.atomic import write_text_atomic
 from fedseg.checkpoint import fingerprint, save_private
-from fedseg.config import RunConfig, method_name
+from fedseg.config import RunConfig
 from fedseg.data.stats import site_statistics
-from fedseg.figures import Examples, write_overlays
 from fedseg.finetune import SiteFinetuner, kept_finetuners
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.audit import ckks_secret_file
@@ -33,9 +32,8 @@ from fedseg.protocol import SHARE_STEP, LatentRequest, RoundRequest
 from fedseg.site import (
     SiteModels,
     SiteSetup,
-    evaluate_predictions,
-    pick_examples,
     query_chunk,
+    score_on_test,
     segment_mapped,
     site_blinder,
     site_models_path,
@@ -75,6 +73,8 @@ def register(cfg: RunConfig, setup: SiteSetup, reuse: bool) -> tuple[dict, dict]
     saved = site_models_path(setup.out_dir, site.name)
     tag = saved.with_suffix(".config")
     metrics: dict[str, Any] = {"n_train": len(site.train), "n_test": len(site.test)}
+    if cfg.mode == "inr":  # no latent models: the site fits its implicit networks per chunk
+        return metrics, _site_record(site)
     # Fine-tuned AEs (tag + FINETUNED) no longer match the latents the server kept.
     if reuse and saved.is_file() and tag.is_file() and tag.read_text() == fingerprint(cfg):
         _, names = SiteModels.load(cfg, saved)
@@ -93,13 +93,17 @@ def register(cfg: RunConfig, setup: SiteSetup, reuse: bool) -> tuple[dict, dict]
             epochs=stats.epochs,
             seconds=stats.seconds,
         )
-    info = {
+    return metrics, _site_record(site)
+
+
+def _site_record(site) -> dict[str, Any]:
+    """REGISTER's site record: name, class names and aggregate statistics only (sizes, class
+    fractions, an intensity histogram)."""
+    return {
         "site": site.name,
         "class_names": list(site.train.class_names),
-        # Aggregates only (sizes, class fractions, an intensity histogram).
         "stats_json": json.dumps(site_statistics(site.train, site.test)),
     }
-    return metrics, info
 
 
 def latent_chunk(cfg: RunConfig, setup: SiteSetup, request: LatentRequest) -> Arrays:
@@ -161,18 +165,8 @@ def segment(
             )
     models = load_models(cfg, setup)
     transform = site_transform(cfg, setup.key_file)
-    test = setup.split.test
-    pred = segment_mapped(cfg, models, transform, mapped, test.images)
-    metrics = evaluate_predictions(test, pred)
-    pick = pick_examples(test, cfg.overlays_per_site)
-    # Overlays show patient images: they are written locally, never sent.
-    write_overlays(
-        setup.out_dir,
-        setup.split.name,
-        Examples(test.images[pick], test.masks[pick], pred[pick]),
-        test.class_names,
-        method=method_name(cfg),
-    )
+    pred = segment_mapped(cfg, models, transform, mapped, setup.split.test.images)
+    metrics = score_on_test(cfg, setup, pred)
     metrics["decode_seconds"] = time.perf_counter() - started
     return metrics
 

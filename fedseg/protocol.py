@@ -23,6 +23,11 @@ Flow of one run (the server's phases send them in this order):
   With ``privacy.query = "ckks"`` a ``SegmentRequest`` in ``REQUEST`` names the step: ``query``
   (the ciphertexts of test images [start, stop), ``CKKS_QUERY``), ``decode`` (``MAPPED`` holds
   the server's mapped ciphertexts; the site decrypts, decodes and answers ``RESULT``).
+- ``mode = "inr"`` (implicit neural obfuscation) instead of the latent phases:
+  ``INR_RELEASE`` asks for one chunk of a site's training images (``LatentRequest`` with split
+  "train" and the chunk's bounds); the site answers ``RELEASE`` (``images``: re-rendered from
+  mixed codes, fp16; ``masks``: uint8) and ``METRICS`` (the fit's figures). ``INR_EVALUATE``
+  carries the server's network in ``WEIGHTS``; the site answers ``RESULT`` (metrics JSON).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ ROUND = "query.round"
 FINETUNE_FORWARD = "train.finetune_forward"
 FINETUNE_BACKWARD = "train.finetune_backward"
 SEGMENT = "evaluate.segment"
+INR_RELEASE = "query.inr_release"
+INR_EVALUATE = "evaluate.network"
 
 # Record keys.
 REQUEST = "request"  # the typed request below
@@ -57,6 +64,7 @@ CKKS_KEYS = (
     "ckks_keys"  # REGISTER: a hospital's CKKS public bundle (no secret key: privacy/ckks.py)
 )
 CKKS_QUERY = "ckks_query"  # CKKS ciphertexts of keyed test latents
+RELEASE = "release"  # inr: a chunk's re-rendered images and its masks
 
 # SegmentRequest steps (privacy.query = "ckks")
 SEGMENT_QUERY = "query"

@@ -25,7 +25,7 @@ Progress = Callable[[int, int, float], None]
 Reference = Literal["unet", "split-path"]  # split-path: fedseg.models.split_path, pooled
 
 
-def _fit(
+def fit_reference(
     cfg: RunConfig,
     train: SiteData,
     minutes: float,
@@ -33,6 +33,8 @@ def _fit(
     on_epoch: Progress | None,
     reference: Reference = "unet",
 ):
+    """A reference network trained on ``train`` (the centralized UNet's recipe: its channels,
+    epochs or ``minutes``, learning rate, augmentation); also the inr mode's server network."""
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.training.threads)  # the same threads the federated run had
     b = cfg.baselines
@@ -81,7 +83,7 @@ def centralized_unet(
     ``reference="split-path"`` trains the federated run's own layers this way instead."""
     pooled = SiteData.concat([s.train for s in sites], "pooled")
     started = time.perf_counter()
-    net, epochs = _fit(cfg, pooled, minutes, cfg.training.seed, on_epoch, reference)
+    net, epochs = fit_reference(cfg, pooled, minutes, cfg.training.seed, on_epoch, reference)
     train_s = time.perf_counter() - started
     metrics, examples, per_image = _score(cfg, net, sites)
     extra = {"epochs": epochs, "train_seconds": train_s, "seconds_per_image": per_image}
@@ -98,7 +100,8 @@ def local_unets(
     """One UNet per site, trained and scored on that site alone."""
     metrics, examples, epochs = {}, {}, {}
     for i, site in enumerate(sites):
-        net, epochs[site.name] = _fit(cfg, site.train, minutes, cfg.training.seed + i, on_epoch)
+        seed = cfg.training.seed + i
+        net, epochs[site.name] = fit_reference(cfg, site.train, minutes, seed, on_epoch)
         m, ex, _ = _score(cfg, net, [site])
         metrics.update(m)
         examples.update(ex)

@@ -283,7 +283,7 @@ def federated_metrics(
     cfg: RunConfig,
     site_metrics: dict[str, dict],
     timing: dict[str, float],
-    bytes_per_query: int,
+    bytes_per_query: int | None,
     dropped: list[dict],
     rejected: list[dict] | None = None,
     **extra: Any,

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from fedseg.atomic import torch_save_atomic
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, method_name
 from fedseg.data import SiteData, SiteSplit, image_channels, load_local_site, site_for_partition
 from fedseg.evaluation import segmentation_metrics
+from fedseg.figures import Examples, write_overlays
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.keys import (
@@ -226,6 +227,22 @@ def evaluate_predictions(data: SiteData, pred: np.ndarray) -> dict:
     return segmentation_metrics(pred, data.masks, data.class_names, spacing)
 
 
+def score_on_test(cfg: RunConfig, setup: SiteSetup, pred: np.ndarray) -> dict:
+    """The site's metrics of ``pred`` on its test split, and its overlay figure: overlays show
+    patient images, so they are written locally, never sent."""
+    test = setup.split.test
+    metrics = evaluate_predictions(test, pred)
+    pick = pick_examples(test, cfg.overlays_per_site)
+    write_overlays(
+        setup.out_dir,
+        setup.split.name,
+        Examples(test.images[pick], test.masks[pick], pred[pick]),
+        test.class_names,
+        method=method_name(cfg),
+    )
+    return metrics
+
+
 def pick_examples(data: SiteData, k: int) -> np.ndarray:
     """Indices of k test images spread over the set, preferring ones with foreground."""
     fg = np.flatnonzero(data.masks.reshape(len(data), -1).max(1) > 0)
@@ -257,7 +274,11 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key_file = node_config.get("key-file")
-    needs_secret = cfg.privacy.transform != "none" or cfg.training.finetune_share == "blind"
+    needs_secret = (
+        cfg.privacy.transform != "none"
+        or cfg.training.finetune_share == "blind"
+        or cfg.mode == "inr"  # its code mixing is drawn from the secret
+    )
     if key_file is None and needs_secret:
         if "partition-id" not in node_config:
             raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")

@@ -1,4 +1,5 @@
-"""Flower ServerApp: runs the PPCMI-SF phases in order and writes the results folder."""
+"""Flower ServerApp: runs the PPCMI-SF phases in order (or the inr mode's) and writes the
+results folder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg.atomic import savez_atomic, torch_save_atomic
 from fedseg.checkpoint import (
     LATENTS_NAME,
     UMN_NAME,
@@ -21,9 +23,11 @@ from fedseg.checkpoint import (
 )
 from fedseg.config import RunConfig, config_from_run_config
 from fedseg.coordinator import Coordinator
+from fedseg.data import image_channels
 from fedseg.deploy.registry import load_registry
 from fedseg.deploy.runtime import resolve_scenario
 from fedseg.models.autoencoder import latent_shapes
+from fedseg.obfuscation import INR_NET_NAME, INR_SHARED_NAME, SharedSet, train_network
 from fedseg.report import federated_metrics
 from fedseg.results import RunResults
 from fedseg.wire import payload_bytes
@@ -32,6 +36,7 @@ from strategies.autoencoders import LocalAutoencoderTraining
 from strategies.common import Federation, log, wait_for_nodes
 from strategies.evaluation import SegmentationEvaluation
 from strategies.finetune import SplitFinetuning
+from strategies.inr import ReleaseCollection, evaluate_network
 from strategies.latents import LatentCollection
 from strategies.mapping import MappingTraining
 from strategies.rounds import RoundParticipation
@@ -55,6 +60,8 @@ def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> Ru
     timing: dict[str, float] = dict(saved_latents["timing"]) if saved_latents else {}
     federation, names = _register(grid, cfg, saved_latents, timing, timeout)
     all_sites = sorted(federation.sites.values(), key=lambda s: s.name)
+    if cfg.mode == "inr":
+        return _run_inr(grid, cfg, federation, timing, timeout)
     key_dir = cfg.privacy.key_dir or Path(cfg.out_dir) / "keys"
     coordinator = Coordinator(cfg, names, key_dir=key_dir)
     register_ckks_keys(coordinator, federation)
@@ -227,6 +234,47 @@ def _split_train(grid, coordinator, federation, timing, timeout) -> dict:
         "share_seconds": finetuning.share_seconds,
         "aggregation_absent": finetuning.absent,
     }
+
+
+def _run_inr(grid, cfg: RunConfig, federation, timing, timeout) -> RunResults:
+    """``mode = "inr"``: collect the sites' re-rendered chunks, train the UNet on them, send it
+    back for each site to score on its own test split. The server keeps what it received
+    (``checkpoints/inr_shared.npz``) and its network (``checkpoints/inr_unet.pt``): its view,
+    which the attack suite attacks."""
+    sites = sorted(federation.sites.values(), key=lambda s: s.name)
+    first = sites[0]
+    channels = image_channels(cfg)
+    size = cfg.model.image_size
+    shared = SharedSet((channels, size, size), len(first.class_names))
+    started = time.perf_counter()
+    received = ReleaseCollection(cfg.privacy.inr_chunk, timeout).run(grid, federation, shared)
+    timing["inr_release"] = time.perf_counter() - started
+    if not len(shared):
+        raise RuntimeError(f"no hospital released images; dropped: {federation.dropped}")
+    log.info("received %d re-rendered images (%.1f MiB)", len(shared), received / 2**20)
+    folder = checkpoint_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    savez_atomic(folder / INR_SHARED_NAME, shared.to_arrays(), mode=0o600)
+    started = time.perf_counter()
+    net, network = train_network(cfg, shared.as_site_data(first.class_names))
+    timing["inr_training"] = time.perf_counter() - started
+    torch_save_atomic({"state": net.state_dict(), "config": cfg.to_dict()}, folder / INR_NET_NAME)
+    timing["training_total"] = timing["inr_release"] + timing["inr_training"]
+    started = time.perf_counter()
+    site_metrics = evaluate_network(grid, federation, net, timeout)
+    timing["evaluation"] = time.perf_counter() - started
+    if not site_metrics:
+        raise RuntimeError(f"no hospital was evaluated; dropped: {federation.dropped}")
+    return federated_metrics(
+        cfg,
+        site_metrics,
+        timing=timing,
+        bytes_per_query=None,  # no queries: each site runs the network it got back
+        dropped=federation.dropped,
+        rejected=federation.rejected,
+        data_stats={s.name: s.stats for s in sites if s.stats},
+        inr={**shared.summary(), "received_bytes": received, "network": network},
+    )
 
 
 def claimed_config(run_config: dict) -> RunConfig:

@@ -32,7 +32,7 @@ def attack(
     import torch
 
     from fedseg.attacks import report
-    from fedseg.attacks.context import RunContext, RunFolderError
+    from fedseg.attacks.context import RunContext, RunFolderError, load_run_config
 
     if name not in CHOICES:
         raise typer.BadParameter(f"unknown attack {name!r}; choose one of {', '.join(CHOICES)}")
@@ -46,6 +46,9 @@ def attack(
             console.print(md)
             return
         for folder in run:
+            if load_run_config(folder).mode == "inr":
+                _attack_inr(folder, name, victim, epochs)
+                continue
             ctx = RunContext.load(folder)
             torch.manual_seed(ctx.cfg.attack.seed)
             torch.set_num_threads(max(1, ctx.cfg.training.threads))
@@ -65,6 +68,30 @@ def attack(
     except (RunFolderError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from err
+
+
+def _attack_inr(folder: Path, name: str, victim: int | None, epochs: int | None) -> None:
+    """The attacks that apply to the inr mode (fedseg/attacks/obfuscation.py)."""
+    import torch
+
+    from fedseg.attacks import obfuscation, report
+
+    view = obfuscation.InrView.load(folder)
+    torch.manual_seed(view.cfg.attack.seed)
+    torch.set_num_threads(max(1, view.cfg.training.threads))
+    if victim is not None:
+        view.cfg.attack.victim = victim
+    if epochs is not None:
+        view.cfg.attack.reid_epochs = epochs
+    for one in obfuscation.ATTACKS if name == "all" else (name,):
+        if one == "reid" and name == "all" and view.cfg.data.kind != "nifti":
+            console.print("reid: skipped (needs a volume data set: patients = volumes)")
+            continue
+        started = time.perf_counter()
+        result, md = obfuscation.run(view, one)
+        result["seconds"] = time.perf_counter() - started
+        report.record(view.run, one, result, md)
+        console.print(md)
 
 
 def _run(name: str, ctx) -> tuple[dict, str]:

@@ -13,11 +13,13 @@ from fedseg.attacks.context import RunFolderError
 from fedseg.attacks.figures import tradeoff
 from fedseg.attacks.report import figure_dir, table
 
-# (label, where in metrics["attacks"] for a run of mode m); higher = attack more successful
+# (label, where in metrics["attacks"] for a run of mode m); higher = attack more successful.
+# An inr run (mode "inr", fedseg/attacks/obfuscation.py): the released image is the inversion.
+INVERSION_VARIANT = {"none": "no key", "inr": "shared image"}
 MEASURES = {
     "cross-decoder SSIM": lambda a, m: a["cross-decoder"][m + "_mean"]["ssim"],
     "inversion SSIM (pairs, no key)": lambda a, m: a["inversion"][m][
-        "no key" if m == "none" else "pairs, no key"
+        INVERSION_VARIANT.get(m, "pairs, no key")
     ]["ssim"],
     "inversion SSIM (encoder, no key)": lambda a, m: a["inversion"][m][
         "no key" if m == "none" else "encoder, no key"
@@ -43,8 +45,7 @@ def collect(runs: list[Path]) -> tuple[dict, list[list]]:
     for metrics in loaded:
         if "mean" not in metrics:  # an attack-only folder (no UMN, no Dice): a source only
             continue
-        mode = metrics["config"]["privacy"]["transform"]
-        label = f"{mode} ({metrics['config']['privacy']['custody']})"
+        mode, label = run_mode(metrics["config"])
         dice = metrics["mean"]["dice"]
         row = [label, dice]
         for name, get in MEASURES.items():
@@ -61,6 +62,14 @@ def collect(runs: list[Path]) -> tuple[dict, list[list]]:
                 points.setdefault(name, {})[label] = (value, dice)
         rows.append(row)
     return points, rows
+
+
+def run_mode(config: dict) -> tuple[str, str]:
+    """(the key of a run's results in each attack's entry, its label in the figure)."""
+    privacy = config["privacy"]
+    if config.get("mode") == "inr":
+        return "inr", f"inr (rho {privacy['inr_rho']:g})"
+    return privacy["transform"], f"{privacy['transform']} ({privacy['custody']})"
 
 
 def run(runs: list[Path], out: Path) -> tuple[dict, str]:

@@ -57,7 +57,8 @@ def guard_and_audit(
 ) -> None:
     texts = list(texts)
     findings = ckks_findings(arrays, ckks_secret_file(key_file, site) if key_file else None)
-    if cfg.privacy.transform != "none" and key_file is not None:
+    # inr: the secret draws the code mixing, so it is looked for whatever the latent transform
+    if key_file is not None and (cfg.privacy.transform != "none" or cfg.mode == "inr"):
         secret = read_key_file(key_file)
         material = _key_material(secret, cfg.model.latent_channels, cfg.privacy.bias_scale)
         findings += material.find(arrays, texts)
