@@ -67,7 +67,7 @@ def execute(cfg: RunConfig, with_baselines: bool = True, debug: bool = False) ->
     results = RunResults.from_dict(load_metrics(out))
     wall = time.perf_counter() - started
     b = cfg.baselines
-    if with_baselines and (b.centralized_unet or b.local_unet):
+    if with_baselines and (b.centralized_unet or b.local_unet or b.unet3d):
         minutes = _baseline_minutes(cfg, results)
         results = _train_baselines(cfg, minutes, {"federated_wall": wall})
     _summary(results)
@@ -93,7 +93,7 @@ def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -
     The centralized UNet gets ``minutes``; each local UNet that divided by the site count."""
     from fedseg.data import load_federation
     from fedseg.evaluation import mean_over_sites
-    from fedseg.reference_runs import centralized_unet, local_unets
+    from fedseg.reference_runs import centralized_unet, centralized_unet3d, local_unets
     from fedseg.report import add_baselines
 
     b = cfg.baselines
@@ -114,6 +114,13 @@ def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -
                 cfg, sites, minutes / len(sites), _advance(progress, task, minutes / len(sites))
             )
             timing["local_unet"] = time.perf_counter() - started
+        if b.unet3d:
+            task = progress.add_task("centralized 3D UNet", total=1.0, epoch=0, loss="-")
+            started = time.perf_counter()
+            baselines["centralized_unet3d"], _ = centralized_unet3d(
+                cfg, sites, minutes, _advance(progress, task, minutes)
+            )
+            timing["centralized_unet3d"] = time.perf_counter() - started
     for block in baselines.values():
         block["mean"] = mean_over_sites(block["sites"])
     return add_baselines(Path(cfg.out_dir), baselines, timing)
@@ -265,6 +272,9 @@ def baselines(
     ),
     centralized: bool = typer.Option(True, help="the centralized UNet, if the scenario has it"),
     local: bool = typer.Option(True, help="the local UNets, if the scenario has them"),
+    unet3d: bool = typer.Option(
+        False, "--unet3d", help="also the 3D UNet on native volumes (volume data)"
+    ),
 ) -> None:
     """Train the baselines of a finished run and add them to its results folder: for a run made
     with --no-baselines (two custodies side by side, then one reference), or to re-train them."""
@@ -285,7 +295,8 @@ def baselines(
     cfg.out_dir = str(run_dir)
     cfg.baselines.centralized_unet &= centralized
     cfg.baselines.local_unet &= local
-    if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet):
+    cfg.baselines.unet3d |= unet3d
+    if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet or cfg.baselines.unet3d):
         raise typer.Exit(code=_fail("no baseline left to train (see --centralized / --local)"))
     budget = minutes if minutes > 0 else _baseline_minutes(cfg, results)
     console.print(f"baselines for {run_dir}: {budget:.1f} min of training")

@@ -35,9 +35,9 @@ from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest, LatentReque
 from fedseg.site import (
     SiteModels,
     SiteSetup,
-    evaluate_predictions,
     pick_examples,
     query_chunk,
+    score_test,
     segment_mapped,
     site_blinder,
     site_models_path,
@@ -201,13 +201,14 @@ def segment(
     transform = site_transform(cfg, setup.key_file)
     test = setup.split.test
     pred = segment_mapped(cfg, models, transform, mapped, test.images)
-    metrics = evaluate_predictions(test, pred)
+    # Predicted volumes, if written, stay on this site's disk with its models.
+    metrics = score_test(cfg, test, pred, (setup.out_dir, setup.split.name, method_name(cfg)))
     pick = pick_examples(test, cfg.overlays_per_site)
     # Overlays show patient images: they are written locally, never sent.
     write_overlays(
         setup.out_dir,
         setup.split.name,
-        Examples(test.images[pick], test.masks[pick], pred[pick]),
+        Examples(test.shown(pick), test.masks[pick], pred[pick]),
         test.class_names,
         method=method_name(cfg),
     )

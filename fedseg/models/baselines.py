@@ -18,3 +18,16 @@ def make_unet(num_classes: int, channels: list[int], in_channels: int = 1) -> nn
         strides=(2,) * (len(channels) - 1),
         num_res_units=2,
     )
+
+
+def make_unet3d(num_classes: int, channels: list[int], in_channels: int = 1) -> nn.Module:
+    """The 3D reference for volume data (``baselines.unet3d``): the same residual UNet with
+    3D convolutions, trained on whole volumes at their native resolution."""
+    return UNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+    )
