@@ -17,7 +17,7 @@ import torch
 from fedseg.atomic import torch_save_atomic
 from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit, input_channels, load_local_site, site_for_partition
-from fedseg.data.volumes import predicted_volumes, write_volumes
+from fedseg.data.volumes import is_whole, predicted_volumes, write_volumes
 from fedseg.evaluation import segmentation_metrics, volume_metrics
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
@@ -230,7 +230,7 @@ def evaluate_predictions(
         raise ValueError(f"prediction shape {pred.shape} != test masks {data.masks.shape}")
     spacing = data.spacing if data.spacing_known else None
     metrics = segmentation_metrics(pred, data.masks, data.class_names, spacing)
-    if data.volumes and len(data):
+    if volumes is not None or is_whole(data):
         if volumes is None:
             volumes = predicted_volumes(data, pred)
         refs = [data.volumes[g] for g in volumes]
@@ -245,7 +245,7 @@ def evaluate_predictions(
 
 def whole_volume_predictions(data: SiteData, pred: np.ndarray) -> dict[str, np.ndarray] | None:
     """The predicted volumes of a test split of whole volumes; None for other data."""
-    return predicted_volumes(data, pred) if data.volumes and len(data) else None
+    return predicted_volumes(data, pred) if is_whole(data) else None
 
 
 def predictions_dir(out_dir: str | Path, site: str, method: str) -> Path:

@@ -220,7 +220,7 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
         "data": dataclasses.asdict(data),
         "federation": dataclasses.asdict(cfg.federation),
         "model": {"image_size": cfg.model.image_size},
-        "per_volume": cfg.evaluation.per_volume,
+        "evaluation": {"per_volume": cfg.evaluation.per_volume},
         "sources": {k: dataclasses.asdict(v) for k, v in cfg.sources.items()},
         "hospitals": [dataclasses.asdict(h) for h in cfg.hospitals],
     }

@@ -108,6 +108,18 @@ def whole_volumes(data: SiteData) -> SiteData:
     )
 
 
+def is_whole(data: SiteData) -> bool:
+    """Whether ``data`` is volume data holding every slice of each of its volumes (a test
+    split that :func:`whole_volumes` made), so that it can be scored per volume."""
+    if not data.volumes or data.slice_index is None or not len(data):
+        return False
+    for group in dict.fromkeys(data.groups.tolist()):
+        positions = data.slice_index[data.groups == group]
+        if sorted(positions.tolist()) != list(range(data.volumes[group].depth)):
+            return False
+    return True
+
+
 def to_plane(pred: np.ndarray, shape: tuple[int, int], num_classes: int) -> np.ndarray:
     """A (S, S) class map resampled to (rows, cols): each class's indicator is resized
     (bilinear, area-aware when shrinking) and the largest wins, so classes keep their extent
@@ -179,14 +191,3 @@ def write_volumes(
     return [
         save_like(refs[g].path, labels, folder / f"{g}.nii.gz") for g, labels in volumes.items()
     ]
-
-
-def native_label(volume: Volume) -> np.ndarray:
-    return volume.label.astype(np.int64)
-
-
-def check_volumes(data: SiteData) -> None:
-    """Every group of volume data has its volume (a loader bug otherwise)."""
-    missing = set(data.groups.tolist()) - set(data.volumes)
-    if data.volumes and missing:
-        raise DataError(f"{data.name}: no volume for {sorted(missing)[:3]}")
