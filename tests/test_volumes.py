@@ -284,3 +284,35 @@ def test_the_3d_unet_reference_scores_per_volume_and_per_slice(volumes, tmp_path
         assert scores["n_test"] == len(site.test)
         assert scores["volume"]["n_volumes"] == len(site.test.volumes)
         assert 0 <= scores["volume"]["dice_mean"] <= 1
+
+
+@pytest.mark.slow
+def test_a_flower_run_on_volumes_reports_per_volume_and_writes_volumes_at_the_sites(
+    volumes, tmp_path
+):
+    """Through Flower and Ray: the sites score whole test volumes, only metrics come back, and
+    each site's predicted volumes are on its own disk with their sources' geometry."""
+    import json
+
+    from simulations.engine import simulate
+    from tests.helpers import blind_config
+
+    cfg = blind_config(tmp_path / "out", sites=2, epochs=1)
+    cfg.data = nifti_config(volumes, context=3)
+    cfg.data.class_names = ["background", "a", "b"]
+    cfg.data.channels = 1
+    cfg.federation.test_fraction = 0.5
+    cfg.evaluation.write_volumes = True
+    cfg.validate()
+    simulate(cfg)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert not metrics["dropped"]
+    assert metrics["mean"]["volume"]["n_volumes"] == 2
+    for site, scores in metrics["sites"].items():
+        assert scores["n_test"] == 9 and scores["volume"]["units"] == "mm"
+        written = list(predictions_dir(tmp_path / "out", site, "blind split training").iterdir())
+        assert len(written) == 1
+        mask, source = nib.load(written[0]), nib.load(volumes / "images" / written[0].name)
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine)
+    assert "Per volume (3D" in (tmp_path / "out" / "report.md").read_text()
