@@ -99,28 +99,20 @@ def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -
     b = cfg.baselines
     sites = load_federation(cfg)
     baselines, timing = {}, dict(timing)
+    share = minutes / len(sites)
+    runs = [  # (key, label, enabled, trainer, progress units, minutes per unit)
+        ("centralized_unet", "centralized UNet", b.centralized_unet, centralized_unet, 1, minutes),
+        ("local_unet", "local UNets", b.local_unet, local_unets, len(sites), share),
+        ("centralized_unet3d", "centralized 3D UNet", b.unet3d, centralized_unet3d, 1, minutes),
+    ]
     with _progress() as progress:
-        if b.centralized_unet:
-            task = progress.add_task("centralized UNet", total=1.0, epoch=0, loss="-")
+        for key, label, enabled, trainer, units, budget in runs:
+            if not enabled:
+                continue
+            task = progress.add_task(label, total=float(units), epoch=0, loss="-")
             started = time.perf_counter()
-            baselines["centralized_unet"], _ = centralized_unet(
-                cfg, sites, minutes, _advance(progress, task, minutes)
-            )
-            timing["centralized_unet"] = time.perf_counter() - started
-        if b.local_unet:
-            task = progress.add_task("local UNets", total=float(len(sites)), epoch=0, loss="-")
-            started = time.perf_counter()
-            baselines["local_unet"], _ = local_unets(
-                cfg, sites, minutes / len(sites), _advance(progress, task, minutes / len(sites))
-            )
-            timing["local_unet"] = time.perf_counter() - started
-        if b.unet3d:
-            task = progress.add_task("centralized 3D UNet", total=1.0, epoch=0, loss="-")
-            started = time.perf_counter()
-            baselines["centralized_unet3d"], _ = centralized_unet3d(
-                cfg, sites, minutes, _advance(progress, task, minutes)
-            )
-            timing["centralized_unet3d"] = time.perf_counter() - started
+            baselines[key], _ = trainer(cfg, sites, budget, _advance(progress, task, budget))
+            timing[key] = time.perf_counter() - started
     for block in baselines.values():
         block["mean"] = mean_over_sites(block["sites"])
     return add_baselines(Path(cfg.out_dir), baselines, timing)

@@ -18,7 +18,7 @@ from fedseg.config import RunConfig
 from fedseg.data import SiteData, SiteSplit
 from fedseg.data.dataset import resize_mask
 from fedseg.figures import Examples
-from fedseg.models.baselines import make_unet, make_unet3d
+from fedseg.models.baselines import make_unet
 from fedseg.models.split_path import SplitPathNet
 from fedseg.site import pick_examples, score_test
 from fedseg.training import Budget, predict, train_segmenter
@@ -125,7 +125,7 @@ def centralized_unet3d(
     torch.manual_seed(cfg.training.seed)
     torch.set_num_threads(cfg.training.threads)
     b = cfg.baselines
-    net = make_unet3d(pooled.num_classes, b.unet3d_channels)
+    net = make_unet(pooled.num_classes, b.unet3d_channels, spatial_dims=3)
     multiple = 2 ** (len(b.unet3d_channels) - 1)
     refs = list(pooled.volumes.values())
     started = time.perf_counter()

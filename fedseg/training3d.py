@@ -13,13 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 
 from fedseg.data.dataset import normalise
 from fedseg.data.nifti import read_volume
 from fedseg.data.volumes import Volume
-from fedseg.training import Budget, cosine_lr
+from fedseg.training import Budget, train_segmenter
 
 Progress = Callable[[int, int, float], None]
 
@@ -41,6 +40,21 @@ def pad_to(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(array, [(0, t - n) for n, t in zip(array.shape, shape, strict=True)])
 
 
+def flip_and_gain(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of volumes (N, 1, X, Y, Z), flipped along the first axis at random (a volume
+    mirrored left to right is still a volume of the set), with a random intensity gain and
+    shift as the 2D augmentation draws them."""
+    n = len(images)
+    flip = torch.rand(n, generator=generator) < 0.5
+    images, masks = images.clone(), masks.clone()
+    images[flip], masks[flip] = images[flip].flip(2), masks[flip].flip(1)
+    gain = 0.8 + 0.45 * torch.rand(n, 1, 1, 1, 1, generator=generator)
+    shift = -0.2 + 0.4 * torch.rand(n, 1, 1, 1, 1, generator=generator)
+    return images * gain + shift, masks
+
+
 def train_volumes(
     net: nn.Module,
     images: list[np.ndarray],
@@ -52,38 +66,15 @@ def train_volumes(
     multiple: int,
     on_epoch: Progress | None = None,
 ) -> int:
-    """Dice + CE on whole volumes padded to one shape, a random flip along the first axis and
-    a random gain and shift of intensity; cosine learning rate over the budget. Returns the
-    epochs run."""
+    """Dice + CE on whole volumes padded to one shape (``train_segmenter``'s loop, with
+    :func:`flip_and_gain`); cosine learning rate over the budget. Returns the epochs run."""
     shape = padded_shape([i.shape for i in images], multiple)
-    x_all = torch.from_numpy(np.stack([pad_to(i, shape) for i in images])[:, None])
-    y_all = torch.from_numpy(np.stack([pad_to(v.astype(np.int64), shape) for v in labels]))
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
-    net.train()
-    epoch = 0
-    while not budget.done(epoch):
-        cosine_lr(optimizer, lr, budget.progress(epoch))
-        losses = []
-        order = torch.randperm(len(x_all), generator=gen)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            x, y = x_all[idx].clone(), y_all[idx].clone()
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x[flip], y[flip] = x[flip].flip(2), y[flip].flip(1)
-            gain = 0.8 + 0.45 * torch.rand(len(idx), 1, 1, 1, 1, generator=gen)
-            shift = -0.2 + 0.4 * torch.rand(len(idx), 1, 1, 1, 1, generator=gen)
-            loss = loss_fn(net(x * gain + shift), y[:, None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        epoch += 1
-        if on_epoch:
-            on_epoch(epoch, budget.epochs, float(np.mean(losses)))
-    net.eval()
-    return epoch
+    x_all = np.stack([pad_to(i, shape) for i in images])[:, None]
+    y_all = np.stack([pad_to(v.astype(np.int64), shape) for v in labels])
+    classes = int(y_all.max()) + 1
+    return train_segmenter(
+        net, x_all, y_all, classes, budget, lr, batch_size, seed, on_epoch, flip_and_gain, False
+    )
 
 
 @torch.no_grad()
