@@ -316,3 +316,27 @@ def test_a_flower_run_on_volumes_reports_per_volume_and_writes_volumes_at_the_si
         assert mask.shape == source.shape
         np.testing.assert_allclose(mask.affine, source.affine)
     assert "Per volume (3D" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_fedseg_segment_reads_a_volume_as_training_did_and_writes_it_back_in_place(
+    volumes, tmp_path
+):
+    from fedseg.serving.images import read_scan, write_mask
+
+    source = volumes / "images" / "case_000.nii.gz"
+    flat = read_scan(source, 64, 2)
+    stacked = read_scan(source, 64, 2, context=3)
+    assert stacked.images.shape == (9, 3, 64, 64)
+    np.testing.assert_array_equal(stacked.images[:, 1], flat.images[:, 0])
+    np.testing.assert_array_equal(stacked.images[0, 0], flat.images[0, 0])  # edge repeats
+    truth = np.asarray(nib.load(volumes / "labels" / "case_000.nii.gz").dataobj).astype(np.int64)
+    data = whole_volumes(load_nifti(volumes, nifti_config(volumes), 64, "site"))
+    mine = np.flatnonzero(data.groups == "case_000")
+    pred = data.masks[mine][np.argsort(data.slice_index[mine])]  # slices in order, at 64 px
+    out = write_mask(stacked, pred, tmp_path / "mask.nii.gz", [])
+    written = nib.load(out)
+    assert written.shape == truth.shape
+    np.testing.assert_allclose(written.affine, nib.load(source).affine)
+    # the same resampling evaluation scores with
+    expected = predicted_volumes(data.subset(mine), data.masks[mine])["case_000"]
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
