@@ -236,6 +236,17 @@ def test_context_slices_are_checked(volumes):
         config_from_dict({"data": {**base["data"], "context_slices": 2}})
     with pytest.raises(ConfigError, match="needs volumes"):
         config_from_dict({"data": {"kind": "pairs", "path": "x", "context_slices": 3}})
+    # 0 (the default): 3 slices when the run reads only volumes, else 1
+    auto = config_from_dict({"data": {"kind": "nifti", "path": str(volumes)}})
+    assert auto.data.context_slices == 3
+    assert config_from_dict({"data": {"kind": "pairs", "path": "x"}}).data.context_slices == 1
+    mixed = config_from_dict(
+        {
+            "sources": {"mri": {"kind": "nifti", "path": str(volumes)}},
+            "hospitals": [{"source": "mri"}, {"source": "synthetic"}],
+        }
+    )
+    assert mixed.sources["mri"].context_slices == 1
 
 
 def test_a_federation_of_volumes_scores_whole_test_volumes_and_trains_on_samples(volumes):

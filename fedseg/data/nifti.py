@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from rich.progress import track
 
-from fedseg.config import DatasetConfig
+from fedseg.config import AUTO_CONTEXT, DatasetConfig
 from fedseg.data.dataset import (
     DataError,
     SiteData,
@@ -116,7 +116,7 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
     label_map = LabelMap.from_config(cfg)
 
-    context = cfg.context_slices
+    context = cfg.context_slices or AUTO_CONTEXT  # 0: not resolved by a run: volumes, so 3
     Slice = tuple[np.ndarray, np.ndarray, np.ndarray, str, str, int]
     #           image, mask, spacing, group, name, position
 
