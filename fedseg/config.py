@@ -418,6 +418,7 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        _resolve_context(self)  # what a run records and compares is what it loads
         return dataclasses.asdict(self)
 
 

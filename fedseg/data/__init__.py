@@ -124,6 +124,7 @@ def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
     ``only``: just that hospital (as a list of one), loading its own source and no other."""
     data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
     channels = image_channels(cfg)
+    context_slices(cfg)  # resolves context_slices = 0 (auto) before any source is loaded
     if only is not None and not 0 <= only < fed.num_sites:
         raise DataError(f"partition_id {only} out of range: {fed.num_sites} sites")
     if cfg.hospitals:
@@ -215,6 +216,7 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
         raise DataError(
             f"partition_id {partition_id} out of range: {cfg.federation.num_sites} sites"
         )
+    context_slices(cfg)  # resolves context_slices = 0 (auto): part of the key below
     data = dataclasses.replace(cfg.data, channels=image_channels(cfg))
     key = {
         "data": dataclasses.asdict(data),
@@ -235,6 +237,7 @@ def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
     models are built for what it loaded (a deployment should set it explicitly: every
     hospital's encoder must take the same channels)."""
     size = cfg.model.image_size
+    context_slices(cfg)  # resolves context_slices = 0 (auto)
     if not cfg.data.channels:
         image_dir = data_dir / cfg.data.image_dir
         colour = cfg.data.kind == "pairs" and _folder_channels(str(image_dir)) == 3
