@@ -82,7 +82,7 @@ def volume_metrics(
     if not len(preds) == len(truths) == len(spacings):
         raise ValueError("preds, truths and spacings: one entry per volume")
     units = "mm" if all(np.isfinite(s).all() for s in spacings) else "px"
-    scores = {m: [] for m in _METRICS}
+    scores: dict[str, list[np.ndarray]] = {m: [] for m in _METRICS}
     present = []
     for pred, truth, spacing in zip(preds, truths, spacings, strict=True):
         if pred.shape != truth.shape or pred.ndim != 3:

@@ -151,16 +151,12 @@ def centralized_unet3d(
         }
         seconds += time.perf_counter() - started
         count += len(volumes)
-        pred = (
-            np.stack(
-                [
-                    resize_mask(np.take(volumes[g], int(z), axis=test.volumes[g].axis), size)
-                    for g, z in zip(test.groups.tolist(), test.slice_index.tolist(), strict=True)
-                ]
-            )
-            if len(test)
-            else test.masks.copy()
-        )
+        positions = test.slice_index if test.slice_index is not None else np.zeros(0, np.int64)
+        planes = [
+            resize_mask(np.take(volumes[g], int(z), axis=test.volumes[g].axis), size)
+            for g, z in zip(test.groups.tolist(), positions.tolist(), strict=True)
+        ]
+        pred = np.stack(planes) if planes else test.masks.copy()
         where = (cfg.out_dir, site.name, "centralized 3D UNet")
         metrics[site.name] = score_test(cfg, test, pred, where, volumes)
         pick = pick_examples(test, cfg.overlays_per_site)

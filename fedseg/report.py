@@ -207,8 +207,8 @@ def _volume_section(metrics: dict[str, Any], method: str) -> list[str]:
     """Per-volume (3D) means over every test volume, one row per method, beside the per-slice
     tables above."""
     blocks = [(method, metrics)] + [(baseline_label(k), b) for k, b in baselines_of(metrics)]
-    rows = [(label, mean_of(b).get("volume")) for label, b in blocks]
-    rows = [(label, v) for label, v in rows if isinstance(v, dict)]
+    found = [(label, mean_of(b).get("volume")) for label, b in blocks]
+    rows: list[tuple[str, dict[str, Any]]] = [(k, v) for k, v in found if isinstance(v, dict)]
     if not rows:
         return []
     classes = list((rows[0][1].get("dice") or {}).keys())

@@ -10,6 +10,7 @@ of the network can halve; predictions are cropped back to the volume's own grid.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ Progress = Callable[[int, int, float], None]
 
 def volume_image(volume: Volume) -> np.ndarray:
     """The volume's intensities from its file, normalised over the whole volume."""
-    image, _ = read_volume(volume.path, label=False)
+    image, _ = read_volume(Path(volume.path), label=False)
     return normalise(image)
 
 

@@ -164,7 +164,7 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         )
     classes = resolve_classes(label_map, set().union(*(v for _, v, _ in results)), str(label_dir))
     slices = [one for volume_slices, _, _ in results for one in volume_slices]
-    volumes = {
+    kept = {
         volume_stem(Path(volume.path)): dataclasses.replace(
             volume, label=classes.apply(volume.label.astype(np.int64)).astype(volume.label.dtype)
         )
@@ -182,6 +182,6 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         names=list(names),
         class_names=classes.class_names,
         slice_index=np.array(positions, dtype=np.int64),
-        volumes=volumes,
+        volumes=kept,
         context=context,
     )

@@ -85,7 +85,8 @@ def whole_volumes(data: SiteData) -> SiteData:
     positions = np.concatenate(index)
     volume_rank = {g: i for i, g in enumerate(dict.fromkeys(data.groups.tolist()))}
     all_groups = np.concatenate(groups)
-    order = np.lexsort((positions, [volume_rank[g] for g in all_groups.tolist()]))
+    ranks = np.array([volume_rank[g] for g in all_groups.tolist()], dtype=np.int64)
+    order = np.lexsort((positions, ranks))
     emptied = {
         g: dataclasses.replace(
             v,
