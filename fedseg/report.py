@@ -200,7 +200,8 @@ def _comparison_section(metrics: dict[str, Any], method: str) -> list[str]:
         values = [((b.get("sites") or {}).get(site) or {}).get("dice_mean") for _, b in blocks]
         rows.append(_row([site, *[_fmt(v) for v in values]]))
     rows.append(_row(["**mean**", *[_fmt(mean_of(b).get("dice")) for _, b in blocks]]))
-    return ["## Mean foreground Dice by site", "", *rows, ""]
+    per_slice = " (per slice)" if mean_of(metrics).get("volume") else ""
+    return [f"## Mean foreground Dice by site{per_slice}", "", *rows, ""]
 
 
 def _volume_section(metrics: dict[str, Any], method: str) -> list[str]:

@@ -351,3 +351,26 @@ def test_fedseg_segment_reads_a_volume_as_training_did_and_writes_it_back_in_pla
     # the same resampling evaluation scores with
     expected = predicted_volumes(data.subset(mine), data.masks[mine])["case_000"]
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+
+
+def test_the_report_labels_per_slice_and_per_volume_figures():
+    from fedseg.report import render_report
+
+    per_slice = {"dice": {"a": 0.7}, "hd95": {"a": 3.0}, "asd": {"a": 1.0}, "units": "mm"}
+    volume = {
+        "dice": {"a": 0.85},
+        "hd95": {"a": 2.5},
+        "asd": {"a": 0.6},
+        "dice_mean": 0.85,
+        "units": "mm",
+        "n_volumes": 5,
+        "n_scored": {"a": 5},
+    }
+    site = {**per_slice, "dice_mean": 0.7, "hd95_mean": 3.0, "asd_mean": 1.0, "n_test": 40}
+    metrics = {"method": "blind split training", "sites": {"h1": {**site, "volume": volume}}}
+    metrics["mean"] = mean_over_sites(metrics["sites"])
+    text = render_report(metrics, [], "run")
+    assert "0.700 per slice (0.850 per volume)" in text
+    assert "## Blind split training (per slice): per site" in text
+    assert "## Per volume (3D, the Decathlon convention)" in text
+    assert "| blind split training | 5 | 0.850 | 0.850 | 2.50 | 0.60 | mm |" in text
