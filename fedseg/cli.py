@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -171,6 +172,30 @@ def _summary(results: RunResults) -> None:
         for name, block in blocks:
             cells = [_cell(block.sites.get(s)) for s in sites]
             table.add_row(name, *cells, _num(block.mean.get("dice")))
+    if any(isinstance(block.mean.get("volume"), dict) for _, block in blocks):
+        table.title = "per slice: " + str(table.title)
+    console.print(table)
+    _volume_summary(blocks)
+
+
+def _volume_summary(blocks: list[tuple[str, Any]]) -> None:
+    """Per-volume (3D) means over every test volume, where the sites scored whole volumes."""
+    rows = [(name, block.mean.get("volume")) for name, block in blocks]
+    rows = [(name, v) for name, v in rows if isinstance(v, dict)]
+    if not rows:
+        return
+    table = Table(title="per volume (3D): Dice per class (mean) / HD95 / ASD")
+    for column in ("method", "volumes", "Dice", "HD95", "ASD"):
+        table.add_column(column)
+    for name, v in rows:
+        dice = " / ".join(_num(x) for x in (v.get("dice") or {}).values())
+        table.add_row(
+            name,
+            str(v.get("n_volumes")),
+            f"{dice} ({_num(v.get('dice_mean'))})",
+            f"{_num(v.get('hd95_mean'), 2)} {v.get('units')}",
+            f"{_num(v.get('asd_mean'), 2)} {v.get('units')}",
+        )
     console.print(table)
 
 
