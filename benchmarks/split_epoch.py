@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kill_resume import descendants  # noqa: E402
-from fedseg.config import demo_config  # noqa: E402
+from fedseg.config import apply_overrides, demo_config  # noqa: E402
 from simulations.engine import simulate  # noqa: E402
 
 
@@ -57,6 +57,11 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _override(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    return key, json.loads(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -71,6 +76,13 @@ def main() -> None:
     )
     parser.add_argument("--sites", type=int, default=3, help="synthetic hospitals (32 images)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=JSON",
+        help="any other config field, e.g. --set 'model.ae_widths=[24,48,72,96,144]'",
+    )
     args = parser.parse_args()
     load = os.getloadavg()[0]
     peak = PeakMemory()
@@ -85,6 +97,7 @@ def main() -> None:
         cfg.training.threads = args.threads or cfg.training.threads
         cfg.federation.site_workers = args.workers
         cfg.federation.num_sites = args.sites
+        apply_overrides(cfg, dict(_override(item) for item in args.set))
         with peak:
             simulate(cfg.validate())
         metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
@@ -100,6 +113,7 @@ def main() -> None:
         "sites": args.sites,
         "peak_rss_mib": round(peak.peak / 2**20),
         "load_before": load,
+        "set": args.set,
     }
     print(json.dumps(result))
     if args.out:

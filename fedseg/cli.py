@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -67,7 +68,7 @@ def execute(cfg: RunConfig, with_baselines: bool = True, debug: bool = False) ->
     results = RunResults.from_dict(load_metrics(out))
     wall = time.perf_counter() - started
     b = cfg.baselines
-    if with_baselines and (b.centralized_unet or b.local_unet):
+    if with_baselines and (b.centralized_unet or b.local_unet or b.unet3d):
         minutes = _baseline_minutes(cfg, results)
         results = _train_baselines(cfg, minutes, {"federated_wall": wall})
     _summary(results)
@@ -93,27 +94,26 @@ def _train_baselines(cfg: RunConfig, minutes: float, timing: dict[str, float]) -
     The centralized UNet gets ``minutes``; each local UNet that divided by the site count."""
     from fedseg.data import load_federation
     from fedseg.evaluation import mean_over_sites
-    from fedseg.reference_runs import centralized_unet, local_unets
+    from fedseg.reference_runs import centralized_unet, centralized_unet3d, local_unets
     from fedseg.report import add_baselines
 
     b = cfg.baselines
     sites = load_federation(cfg)
     baselines, timing = {}, dict(timing)
+    share = minutes / len(sites)
+    runs = [  # (key, label, enabled, trainer, progress units, minutes per unit)
+        ("centralized_unet", "centralized UNet", b.centralized_unet, centralized_unet, 1, minutes),
+        ("local_unet", "local UNets", b.local_unet, local_unets, len(sites), share),
+        ("centralized_unet3d", "centralized 3D UNet", b.unet3d, centralized_unet3d, 1, minutes),
+    ]
     with _progress() as progress:
-        if b.centralized_unet:
-            task = progress.add_task("centralized UNet", total=1.0, epoch=0, loss="-")
+        for key, label, enabled, trainer, units, budget in runs:
+            if not enabled:
+                continue
+            task = progress.add_task(label, total=float(units), epoch=0, loss="-")
             started = time.perf_counter()
-            baselines["centralized_unet"], _ = centralized_unet(
-                cfg, sites, minutes, _advance(progress, task, minutes)
-            )
-            timing["centralized_unet"] = time.perf_counter() - started
-        if b.local_unet:
-            task = progress.add_task("local UNets", total=float(len(sites)), epoch=0, loss="-")
-            started = time.perf_counter()
-            baselines["local_unet"], _ = local_unets(
-                cfg, sites, minutes / len(sites), _advance(progress, task, minutes / len(sites))
-            )
-            timing["local_unet"] = time.perf_counter() - started
+            baselines[key], _ = trainer(cfg, sites, budget, _advance(progress, task, budget))
+            timing[key] = time.perf_counter() - started
     for block in baselines.values():
         block["mean"] = mean_over_sites(block["sites"])
     return add_baselines(Path(cfg.out_dir), baselines, timing)
@@ -172,6 +172,30 @@ def _summary(results: RunResults) -> None:
         for name, block in blocks:
             cells = [_cell(block.sites.get(s)) for s in sites]
             table.add_row(name, *cells, _num(block.mean.get("dice")))
+    if any(isinstance(block.mean.get("volume"), dict) for _, block in blocks):
+        table.title = "per slice: " + str(table.title)
+    console.print(table)
+    _volume_summary(blocks)
+
+
+def _volume_summary(blocks: list[tuple[str, Any]]) -> None:
+    """Per-volume (3D) means over every test volume, where the sites scored whole volumes."""
+    rows = [(name, block.mean.get("volume")) for name, block in blocks]
+    rows = [(name, v) for name, v in rows if isinstance(v, dict)]
+    if not rows:
+        return
+    table = Table(title="per volume (3D): Dice per class (mean) / HD95 / ASD")
+    for column in ("method", "volumes", "Dice", "HD95", "ASD"):
+        table.add_column(column)
+    for name, v in rows:
+        dice = " / ".join(_num(x) for x in (v.get("dice") or {}).values())
+        table.add_row(
+            name,
+            str(v.get("n_volumes")),
+            f"{dice} ({_num(v.get('dice_mean'))})",
+            f"{_num(v.get('hd95_mean'), 2)} {v.get('units')}",
+            f"{_num(v.get('asd_mean'), 2)} {v.get('units')}",
+        )
     console.print(table)
 
 
@@ -268,6 +292,9 @@ def baselines(
     ),
     centralized: bool = typer.Option(True, help="the centralized UNet, if the scenario has it"),
     local: bool = typer.Option(True, help="the local UNets, if the scenario has them"),
+    unet3d: bool = typer.Option(
+        False, "--unet3d", help="also the 3D UNet on native volumes (volume data)"
+    ),
 ) -> None:
     """Train the baselines of a finished run and add them to its results folder: for a run made
     with --no-baselines (two custodies side by side, then one reference), or to re-train them."""
@@ -288,7 +315,8 @@ def baselines(
     cfg.out_dir = str(run_dir)
     cfg.baselines.centralized_unet &= centralized
     cfg.baselines.local_unet &= local
-    if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet):
+    cfg.baselines.unet3d |= unet3d
+    if not (cfg.baselines.centralized_unet or cfg.baselines.local_unet or cfg.baselines.unet3d):
         raise typer.Exit(code=_fail("no baseline left to train (see --centralized / --local)"))
     budget = minutes if minutes > 0 else _baseline_minutes(cfg, results)
     console.print(f"baselines for {run_dir}: {budget:.1f} min of training")

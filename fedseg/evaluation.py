@@ -11,6 +11,11 @@ are comparable. Conventions:
   diagonal (MONAI returns nan/inf there). Dropping those images instead would reward a model
   that predicts nothing: its distances would be averaged only over the easy images it found.
 * Distances are in mm when every image has a known spacing, else in pixels (``units``).
+
+Volume data is also scored per volume (:func:`volume_metrics`): each test volume whole, on its
+own grid, in 3D, with the voxel spacing of its NIfTI header; a site reports the mean over its
+volumes per class and how many volumes each mean is over, so the means over a federation's
+volumes (the Medical Segmentation Decathlon's convention) follow from the sites' metrics alone.
 """
 
 from __future__ import annotations
@@ -58,11 +63,56 @@ def segmentation_metrics(
     return _assemble(per_class, foreground, units, len(pred))
 
 
+def volume_metrics(
+    preds: list[np.ndarray],
+    truths: list[np.ndarray],
+    spacings: list[tuple[float, ...]],
+    class_names: list[str],
+) -> dict[str, Any]:
+    """3D Dice, HD95 and ASD of each volume and foreground class, with MONAI, averaged over the
+    volumes: per class (``dice``, ...), their means over classes (``dice_mean``, ...), and the
+    count of volumes each class was scored on (``n_scored``).
+
+    ``preds`` and ``truths`` are class maps on each volume's own grid; ``spacings`` its voxel
+    size in mm (any NaN: all distances in voxels). The conventions of the per-slice metrics
+    hold per volume: a class counts where the truth has it; present but not predicted gives
+    Dice 0 and the volume's diagonal as its distances.
+    """
+    num_classes = _check_classes(class_names)
+    if not len(preds) == len(truths) == len(spacings):
+        raise ValueError("preds, truths and spacings: one entry per volume")
+    units = "mm" if all(np.isfinite(s).all() for s in spacings) else "px"
+    scores: dict[str, list[np.ndarray]] = {m: [] for m in _METRICS}
+    present = []
+    for pred, truth, spacing in zip(preds, truths, spacings, strict=True):
+        if pred.shape != truth.shape or pred.ndim != 3:
+            raise ValueError(f"volume: prediction {pred.shape} and truth {truth.shape} differ")
+        grid = [float(v) for v in spacing] if units == "mm" else [1.0, 1.0, 1.0]
+        has = np.array([(truth == c).any() for c in range(1, num_classes)])
+        y_pred = _one_hot(pred[None].astype(np.int64), num_classes)
+        y = _one_hot(truth[None].astype(np.int64), num_classes)
+        dice, hd95, asd = _monai_volume(y_pred, y, grid)
+        diagonal = float(np.sqrt(np.sum((np.array(truth.shape) * np.array(grid)) ** 2)))
+        scores["dice"].append(np.where(has, dice, np.nan))
+        scores["hd95"].append(_worst_if_missing(hd95[None], has[None], np.array([diagonal]))[0])
+        scores["asd"].append(_worst_if_missing(asd[None], has[None], np.array([diagonal]))[0])
+        present.append(has)
+    foreground = list(class_names[1:])
+    if not preds:
+        return {**_assemble({m: [None] * len(foreground) for m in _METRICS}, foreground, units, 0)}
+    per_class = {m: _class_means(np.stack(v)) for m, v in scores.items()}
+    out = _assemble(per_class, foreground, units, len(preds))
+    out["n_volumes"] = out.pop("n_test")
+    out["n_scored"] = dict(zip(foreground, np.stack(present).sum(0).tolist(), strict=True))
+    return out
+
+
 def mean_over_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Unweighted mean over sites, so a large hospital does not hide a poor small one.
 
     ``units`` is "mixed" when sites report distances in different units; the distance means
-    are then only indicative.
+    are then only indicative. Where every site scored whole volumes, ``volume`` holds the means
+    over all their volumes (:func:`pooled_volume_means`).
     """
     out: dict[str, Any] = {}
     for name in _METRICS:
@@ -70,6 +120,33 @@ def mean_over_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[name] = _mean_or_none(values)
     units = {s.get("units") for s in sites.values()} - {None}
     out["units"] = None if not units else units.pop() if len(units) == 1 else "mixed"
+    blocks = [s.get("volume") for s in sites.values()]
+    if blocks and all(isinstance(b, dict) for b in blocks):
+        out["volume"] = pooled_volume_means(cast(list[dict[str, Any]], blocks))
+    return out
+
+
+def pooled_volume_means(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-class means over every volume of several sites, from each site's per-volume means
+    and counts (``volume_metrics``): the Decathlon's mean over test volumes."""
+    classes = list((blocks[0].get("dice") or {}).keys())
+    out: dict[str, Any] = {}
+    for name in _METRICS:
+        per_class: dict[str, float | None] = {}
+        for c in classes:
+            pairs = [
+                (b[name].get(c), (b.get("n_scored") or {}).get(c, 0))
+                for b in blocks
+                if isinstance(b.get(name), dict)
+            ]
+            pairs = [(v, n) for v, n in pairs if v is not None and n]
+            total = sum(n for _, n in pairs)
+            per_class[c] = sum(v * n for v, n in pairs) / total if total else None
+        out[name] = per_class
+        out[f"{name}_mean"] = _mean_or_none(list(per_class.values()))
+    units = {b.get("units") for b in blocks} - {None}
+    out["units"] = None if not units else units.pop() if len(units) == 1 else "mixed"
+    out["n_volumes"] = int(sum(int(b.get("n_volumes") or 0) for b in blocks))
     return out
 
 
@@ -171,6 +248,20 @@ def _monai_chunk(
         hd95 = cast(torch.Tensor, hd_metric(y_pred, y, spacing=monai_spacing))
         asd = cast(torch.Tensor, asd_metric(y_pred, y, spacing=monai_spacing))
     return tuple(t.cpu().numpy().astype(np.float64) for t in (dice, hd95, asd))  # type: ignore[return-value]
+
+
+def _monai_volume(
+    y_pred: torch.Tensor, y: torch.Tensor, spacing: list[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C-1,) Dice, HD95 and symmetric ASD of one volume (one-hot, batch of one)."""
+    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    hd_metric = HausdorffDistanceMetric(percentile=95, include_background=False, reduction="none")
+    asd_metric = SurfaceDistanceMetric(symmetric=True, include_background=False, reduction="none")
+    with _quiet_monai():  # tensors in, so tensors out
+        dice = cast(torch.Tensor, dice_metric(y_pred, y))
+        hd95 = cast(torch.Tensor, hd_metric(y_pred, y, spacing=spacing))
+        asd = cast(torch.Tensor, asd_metric(y_pred, y, spacing=spacing))
+    return tuple(t.cpu().numpy()[0].astype(np.float64) for t in (dice, hd95, asd))  # type: ignore[return-value]
 
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -127,10 +127,13 @@ def render_report(metrics: dict[str, Any], figures: list[tuple[str, str]], fallb
     method = metrics.get("method") or DEFAULT_METHOD
     name = (metrics.get("config") or {}).get("name") or fallback
     lines = [f"# Results: {name}", "", _summary(metrics, method), "", _UNITS_NOTE, ""]
-    lines += _method_section(method, metrics.get("sites") or {}, mean_of(metrics))
+    per_slice = " (per slice)" if mean_of(metrics).get("volume") else ""
+    lines += _method_section(method + per_slice, metrics.get("sites") or {}, mean_of(metrics))
     for key, block in baselines_of(metrics):
-        lines += _method_section(baseline_label(key), block.get("sites") or {}, mean_of(block))
+        title = baseline_label(key) + per_slice
+        lines += _method_section(title, block.get("sites") or {}, mean_of(block))
     lines += _comparison_section(metrics, method)
+    lines += _volume_section(metrics, method)
     lines += _timing_section(metrics.get("timing_s") or {})
     lines += _bytes_section(metrics.get("bytes_per_query"))
     lines += _config_section(metrics.get("config") or {}, list(metrics.get("sites") or {}))
@@ -153,11 +156,17 @@ _UNITS_NOTE = (
 
 def _summary(metrics: dict[str, Any], method: str) -> str:
     sites = metrics.get("sites") or {}
-    ours = mean_of(metrics).get("dice")
-    text = f"{method} reached a mean foreground Dice of {_fmt(ours)} over {len(sites)} site(s)"
+
+    def dice(block: dict[str, Any]) -> str:
+        mean = mean_of(block)
+        volume = mean.get("volume")
+        if not isinstance(volume, dict):
+            return _fmt(mean.get("dice"))
+        return f"{_fmt(mean.get('dice'))} per slice ({_fmt(volume.get('dice_mean'))} per volume)"
+
+    text = f"{method} reached a mean foreground Dice of {dice(metrics)} over {len(sites)} site(s)"
     others = [
-        f"{_fmt(mean_of(block).get('dice'))} for the {baseline_label(key)}"
-        for key, block in baselines_of(metrics)
+        f"{dice(block)} for the {baseline_label(key)}" for key, block in baselines_of(metrics)
     ]
     return text + (", versus " + " and ".join(others) if others else "") + "."
 
@@ -191,7 +200,37 @@ def _comparison_section(metrics: dict[str, Any], method: str) -> list[str]:
         values = [((b.get("sites") or {}).get(site) or {}).get("dice_mean") for _, b in blocks]
         rows.append(_row([site, *[_fmt(v) for v in values]]))
     rows.append(_row(["**mean**", *[_fmt(mean_of(b).get("dice")) for _, b in blocks]]))
-    return ["## Mean foreground Dice by site", "", *rows, ""]
+    per_slice = " (per slice)" if mean_of(metrics).get("volume") else ""
+    return [f"## Mean foreground Dice by site{per_slice}", "", *rows, ""]
+
+
+def _volume_section(metrics: dict[str, Any], method: str) -> list[str]:
+    """Per-volume (3D) means over every test volume, one row per method, beside the per-slice
+    tables above."""
+    blocks = [(method, metrics)] + [(baseline_label(k), b) for k, b in baselines_of(metrics)]
+    found = [(label, mean_of(b).get("volume")) for label, b in blocks]
+    rows: list[tuple[str, dict[str, Any]]] = [(k, v) for k, v in found if isinstance(v, dict)]
+    if not rows:
+        return []
+    classes = list((rows[0][1].get("dice") or {}).keys())
+    header = ["Method", "Volumes", *[f"Dice {c}" for c in classes], "Mean Dice"]
+    header += [f"HD95 {c}" for c in classes] + [f"ASD {c}" for c in classes] + ["Units"]
+    table = [_table_header(header)]
+    for label, v in rows:
+        cells = [label, str(v.get("n_volumes", "–"))]
+        cells += [_fmt((v.get("dice") or {}).get(c)) for c in classes] + [_fmt(v.get("dice_mean"))]
+        cells += [_fmt((v.get("hd95") or {}).get(c), 2) for c in classes]
+        cells += [_fmt((v.get("asd") or {}).get(c), 2) for c in classes]
+        table.append(_row(cells + [str(v.get("units", "–"))]))
+    return ["## Per volume (3D, the Decathlon convention)", "", _VOLUME_NOTE, "", *table, ""]
+
+
+_VOLUME_NOTE = (
+    "Each test volume is scored whole: its slices' predictions put back in order on the "
+    "volume's own grid, then 3D Dice, HD95 and ASD per class with the voxel spacing of its "
+    "NIfTI header; figures are means over all test volumes of all sites. The per-site tables "
+    "above are per slice (2D): a class counts on the slices where it is in the ground truth."
+)
 
 
 def _timing_section(timing: dict[str, Any]) -> list[str]:

@@ -15,7 +15,11 @@ from typing import Any
 from fedseg.evaluation import mean_over_sites
 
 DEFAULT_METHOD = "fedseg"  # a metrics.json without a method (config.method_name names it)
-BASELINE_LABELS = {"centralized_unet": "centralized UNet", "local_unet": "local UNets"}
+BASELINE_LABELS = {
+    "centralized_unet": "centralized UNet",
+    "local_unet": "local UNets",
+    "centralized_unet3d": "centralized 3D UNet",
+}
 
 
 @dataclass

@@ -16,8 +16,9 @@ import torch
 
 from fedseg.atomic import torch_save_atomic
 from fedseg.config import RunConfig, method_name
-from fedseg.data import SiteData, SiteSplit, image_channels, load_local_site, site_for_partition
-from fedseg.evaluation import segmentation_metrics
+from fedseg.data import SiteData, SiteSplit, input_channels, load_local_site, site_for_partition
+from fedseg.data.volumes import is_whole, predicted_volumes, write_volumes
+from fedseg.evaluation import segmentation_metrics, volume_metrics
 from fedseg.figures import Examples, write_overlays
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
 from fedseg.privacy.blind import BlindSite
@@ -50,7 +51,7 @@ class SiteModels:
 
     @classmethod
     def build(cls, cfg: RunConfig, num_classes: int) -> SiteModels:
-        m, c = cfg.model, image_channels(cfg)  # 3: colour images (data.channels)
+        m, c = cfg.model, input_channels(cfg)  # 3: colour images; 2.5D: slices per sample
         return cls(
             SkipAutoencoder(c, c, m.ae_widths, m.latent_channels),
             SkipAutoencoder(
@@ -220,25 +221,72 @@ def segment_mapped(
     return decode_masks(models.mask_ae, transform.inverse(mapped, "mask"), models.image_ae, images)
 
 
-def evaluate_predictions(data: SiteData, pred: np.ndarray) -> dict:
+def evaluate_predictions(
+    data: SiteData, pred: np.ndarray, volumes: dict[str, np.ndarray] | None = None
+) -> dict:
+    """Per-slice (2D) metrics of ``pred`` on ``data``'s test slices; for whole volumes also
+    ``volume``: each volume scored in 3D on its own grid (``volumes``: the predicted volumes,
+    else reassembled from ``pred``)."""
     if pred.shape != data.masks.shape:
         raise ValueError(f"prediction shape {pred.shape} != test masks {data.masks.shape}")
     spacing = data.spacing if data.spacing_known else None
-    return segmentation_metrics(pred, data.masks, data.class_names, spacing)
+    metrics = segmentation_metrics(pred, data.masks, data.class_names, spacing)
+    if volumes is not None or is_whole(data):
+        if volumes is None:
+            volumes = predicted_volumes(data, pred)
+        refs = [data.volumes[g] for g in volumes]
+        metrics["volume"] = volume_metrics(
+            list(volumes.values()),
+            [r.label for r in refs],
+            [r.spacing for r in refs],
+            data.class_names,
+        )
+    return metrics
+
+
+def whole_volume_predictions(data: SiteData, pred: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The predicted volumes of a test split of whole volumes; None for other data."""
+    return predicted_volumes(data, pred) if is_whole(data) else None
+
+
+def predictions_dir(out_dir: str | Path, site: str, method: str) -> Path:
+    """Where a site keeps one method's predicted volumes (its own disk)."""
+    slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
+    return site_models_path(out_dir, site).parent / "predictions" / slug
+
+
+def score_test(
+    cfg: RunConfig,
+    data: SiteData,
+    pred: np.ndarray,
+    where: tuple[str | Path, str, str],
+    volumes: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """:func:`evaluate_predictions`, and with ``evaluation.write_volumes`` the predicted
+    volumes as NIfTI beside the site's models; ``where``: (out dir, site, method), as
+    :func:`predictions_dir` takes them."""
+    if volumes is None:
+        volumes = whole_volume_predictions(data, pred)
+    metrics = evaluate_predictions(data, pred, volumes)
+    if volumes and cfg.evaluation.write_volumes:
+        write_volumes(volumes, data.volumes, predictions_dir(*where))
+    return metrics
 
 
 def score_on_test(cfg: RunConfig, setup: SiteSetup, pred: np.ndarray) -> dict:
-    """The site's metrics of ``pred`` on its test split, and its overlay figure: overlays show
+    """The site's metrics of ``pred`` on its test split (:func:`score_test`: per volume too,
+    and the predicted volumes written where asked), and its overlay figure: overlays show
     patient images, so they are written locally, never sent."""
     test = setup.split.test
-    metrics = evaluate_predictions(test, pred)
+    method = method_name(cfg)
+    metrics = score_test(cfg, test, pred, (setup.out_dir, setup.split.name, method))
     pick = pick_examples(test, cfg.overlays_per_site)
     write_overlays(
         setup.out_dir,
         setup.split.name,
-        Examples(test.images[pick], test.masks[pick], pred[pick]),
+        Examples(test.shown(pick), test.masks[pick], pred[pick]),
         test.class_names,
-        method=method_name(cfg),
+        method=method,
     )
     return metrics
 

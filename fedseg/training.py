@@ -92,6 +92,9 @@ def augment(
     return out_images * gain + shift, out_masks
 
 
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
 def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
 
@@ -310,21 +313,26 @@ def train_segmenter(
     batch_size: int,
     seed: int,
     on_epoch: Progress | None = None,
+    augment_fn: Augment = augment,
+    channels_last: bool = True,
 ) -> int:
-    """Supervised baseline (MONAI UNet, Dice + CE), with the same augmentation as the AEs."""
+    """Supervised baseline (MONAI UNet, Dice + CE), with the same augmentation as the AEs
+    (``augment_fn``: another, e.g. for volumes; ``channels_last``: 2D images in NHWC)."""
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
-    to_nhwc(net)
+    layout = nhwc if channels_last else (lambda x: x)
+    if channels_last:
+        to_nhwc(net)
     net.train()
     epoch = 0
     while not budget.done(epoch):
         cosine_lr(optimizer, lr, budget.progress(epoch))
         losses = []
         for idx in _batches(len(x_all), batch_size, gen):
-            x, y = augment(x_all[idx], y_all[idx], gen)
-            loss = loss_fn(net(nhwc(x)), y[:, None])
+            x, y = augment_fn(x_all[idx], y_all[idx], gen)
+            loss = loss_fn(net(layout(x)), y[:, None])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

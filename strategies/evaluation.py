@@ -165,6 +165,20 @@ def site_metrics(federation: Federation, replies: dict[int, Message]) -> dict[st
     return metrics
 
 
+def _check_scores(metrics: dict, where: str) -> None:
+    for name in ("dice", "hd95", "asd"):
+        per_class = metrics.get(name, {})
+        values = [metrics.get(f"{name}_mean")]
+        values += list(per_class.values()) if isinstance(per_class, dict) else [per_class]
+        for value in values:
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"{where}{name} = {value!r} is not a score")
+            if name == "dice" and value > 1:
+                raise ValueError(f"{where}dice = {value} is outside [0, 1]")
+
+
 def checked_metrics(text: str, n_test: int) -> dict:
     """A site's evaluation metrics, refused unless they are JSON, scores are scores (Dice in
     [0, 1], distances >= 0) and the image count is the one the site registered."""
@@ -174,17 +188,12 @@ def checked_metrics(text: str, n_test: int) -> dict:
         raise ValueError(f"no metrics JSON ({err})") from err
     if not isinstance(metrics, dict):
         raise ValueError("metrics JSON is not an object")
-    for name in ("dice", "hd95", "asd"):
-        per_class = metrics.get(name, {})
-        values = [metrics.get(f"{name}_mean")]
-        values += list(per_class.values()) if isinstance(per_class, dict) else [per_class]
-        for value in values:
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} = {value!r} is not a score")
-            if name == "dice" and value > 1:
-                raise ValueError(f"dice = {value} is outside [0, 1]")
+    _check_scores(metrics, "")
+    volume = metrics.get("volume")
+    if volume is not None:  # per-volume scores of whole test volumes (fedseg/evaluation.py)
+        if not isinstance(volume, dict):
+            raise ValueError("volume metrics are not an object")
+        _check_scores(volume, "volume ")
     if metrics.get("n_test") != n_test:
         raise ValueError(f"scored {metrics.get('n_test')} images, registered {n_test}")
     SiteScores.from_dict(metrics)  # every field the results record needs, or refused by name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg.config import DatasetConfig, HospitalConfig, RunConfig
+from fedseg.config import DatasetConfig, HospitalConfig, RunConfig, context_slices
 from fedseg.data.dataset import DataError, SiteData
 from fedseg.data.hospitals import build_hospitals
 from fedseg.data.labels import LabelMap, default_class_names, mask_to_2d
@@ -18,6 +18,7 @@ from fedseg.data.nifti import load_nifti
 from fedseg.data.pairs import folder_channels, load_pairs
 from fedseg.data.splits import split_groups, train_test_split
 from fedseg.data.synthetic import synthetic_site
+from fedseg.data.volumes import whole_volumes
 
 __all__ = [
     "DataError",
@@ -27,6 +28,7 @@ __all__ = [
     "as_channels",
     "default_class_names",
     "image_channels",
+    "input_channels",
     "load_dataset",
     "load_federation",
     "load_local_site",
@@ -63,19 +65,32 @@ def load_dataset(
     folder = Path(path if path is not None else cfg.path)
     if cfg.kind == "pairs":
         return load_pairs(folder, cfg, size, name, channels)
-    if cfg.kind == "nifti":
+    if cfg.kind == "nifti":  # 2.5D stacks stay as they are (grey slices, context_slices)
         return as_channels(load_nifti(folder, cfg, size, name), channels or 1)
     raise DataError(f"data.kind {cfg.kind!r} has no folder to load (use load_federation)")
 
 
 def as_channels(data: SiteData, channels: int) -> SiteData:
     """Grey sites repeated into three channels in a colour run (synthetic or NIfTI hospitals
-    beside colour ones: every encoder takes the run's channels)."""
-    if data.channels == channels:
+    beside colour ones: every encoder takes the run's channels). A 2.5D stack of slices
+    (``context_slices`` > 1, grey only) stays as it is."""
+    if data.channels == channels or (data.context > 1 and channels == 1):
         return data
     if data.channels != 1 or channels != 3:
         raise DataError(f"{data.name}: {data.channels}-channel images cannot become {channels}")
     return dataclasses.replace(data, images=np.repeat(data.images, 3, axis=1))
+
+
+def input_channels(cfg: RunConfig) -> int:
+    """The channels every site's encoder (and a 2D baseline) takes: the images' channels
+    times the slices per sample (``context_slices``, 2.5D)."""
+    return image_channels(cfg) * context_slices(cfg)
+
+
+def scored_test(cfg: RunConfig, test: SiteData) -> SiteData:
+    """A test split as it is scored: whole volumes (``evaluation.per_volume``) for volume
+    data, else as it is."""
+    return whole_volumes(test) if cfg.evaluation.per_volume else test
 
 
 def image_channels(cfg: RunConfig) -> int:
@@ -109,6 +124,7 @@ def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
     ``only``: just that hospital (as a list of one), loading its own source and no other."""
     data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
     channels = image_channels(cfg)
+    context_slices(cfg)  # resolves context_slices = 0 (auto) before any source is loaded
     if only is not None and not 0 <= only < fed.num_sites:
         raise DataError(f"partition_id {only} out of range: {fed.num_sites} sites")
     if cfg.hospitals:
@@ -145,12 +161,14 @@ def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
                 f"{data.path}: {parts[0].class_names}"
             )
         tests = split_groups(held_out, fed.num_sites, fed.seed, names)
-        sites = [SiteSplit(p.name, p, t) for p, t in zip(parts, tests, strict=True)]
+        sites = [
+            SiteSplit(p.name, p, scored_test(cfg, t)) for p, t in zip(parts, tests, strict=True)
+        ]
     else:
         sites = []
         for i, part in enumerate(parts):
             train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
-            sites.append(SiteSplit(part.name, train, test))
+            sites.append(SiteSplit(part.name, train, scored_test(cfg, test)))
     return sites if only is None else [sites[only]]
 
 
@@ -198,11 +216,13 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
         raise DataError(
             f"partition_id {partition_id} out of range: {cfg.federation.num_sites} sites"
         )
+    context_slices(cfg)  # resolves context_slices = 0 (auto): part of the key below
     data = dataclasses.replace(cfg.data, channels=image_channels(cfg))
     key = {
         "data": dataclasses.asdict(data),
         "federation": dataclasses.asdict(cfg.federation),
         "model": {"image_size": cfg.model.image_size},
+        "evaluation": {"per_volume": cfg.evaluation.per_volume},
         "sources": {k: dataclasses.asdict(v) for k, v in cfg.sources.items()},
         "hospitals": [dataclasses.asdict(h) for h in cfg.hospitals],
     }
@@ -217,6 +237,7 @@ def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
     models are built for what it loaded (a deployment should set it explicitly: every
     hospital's encoder must take the same channels)."""
     size = cfg.model.image_size
+    context_slices(cfg)  # resolves context_slices = 0 (auto)
     if not cfg.data.channels:
         image_dir = data_dir / cfg.data.image_dir
         colour = cfg.data.kind == "pairs" and _folder_channels(str(image_dir)) == 3
@@ -227,6 +248,6 @@ def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
         test = load_dataset(
             cfg.data, size, path=str(data_dir / "test"), name=name, channels=channels
         )
-        return SiteSplit(name, data, test)
+        return SiteSplit(name, data, scored_test(cfg, test))
     train, test = train_test_split(data, cfg.federation.test_fraction, cfg.federation.seed)
-    return SiteSplit(name, train, test)
+    return SiteSplit(name, train, scored_test(cfg, test))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedseg.data.volumes import Volume
 
 
 class DataError(ValueError):
@@ -23,13 +27,20 @@ class SiteData:
     groups: np.ndarray  # (N,) str patient / volume id: samples of one patient never get split
     names: list[str]  # per-sample identifier, for reports and overlays
     class_names: list[str]
+    # Volume data (fedseg/data/volumes.py): each slice's position along the slicing axis, and
+    # each volume's own grid, truth and the slices that are not samples. Empty otherwise.
+    slice_index: np.ndarray | None = None  # (N,) int64
+    volumes: dict[str, Volume] = field(default_factory=dict)  # group -> its volume
+    context: int = 1  # 2.5D: each sample holds this many neighbouring slices as channels
 
     def __post_init__(self) -> None:
         # Catch loader bugs here rather than as a shape error deep inside training.
         n = len(self.images)
-        if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+        allowed = (1, 3) if self.context == 1 else (self.context,)
+        if self.images.ndim != 4 or self.images.shape[1] not in allowed:
             raise DataError(
-                f"{self.name}: images must be (N,1,H,W) or (N,3,H,W), got {self.images.shape}"
+                f"{self.name}: images must be (N,C,H,W) with C in {allowed}, "
+                f"got {self.images.shape}"
             )
         if self.masks.shape != (n, *self.images.shape[2:]):
             raise DataError(
@@ -37,6 +48,8 @@ class SiteData:
             )
         if self.spacing.shape != (n, 2) or len(self.groups) != n or len(self.names) != n:
             raise DataError(f"{self.name}: spacing/groups/names must have {n} entries")
+        if self.slice_index is not None and self.slice_index.shape != (n,):
+            raise DataError(f"{self.name}: slice_index must have {n} entries")
 
     def __repr__(self) -> str:
         # The default dataclass repr would print whole image arrays into logs and test output.
@@ -49,6 +62,12 @@ class SiteData:
     @property
     def channels(self) -> int:
         return int(self.images.shape[1])
+
+    def shown(self, idx: np.ndarray) -> np.ndarray:
+        """Images ``idx`` as a person sees them: the centre slice of a 2.5D stack."""
+        if self.context == 1:
+            return self.images[idx]
+        return self.images[idx][:, self.context // 2 : self.context // 2 + 1]
 
     @property
     def num_classes(self) -> int:
@@ -69,14 +88,19 @@ class SiteData:
     def subset(self, idx: np.ndarray | list[int], name: str | None = None) -> SiteData:
         """Select samples (copies, so a split never aliases its parent's arrays)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        groups = self.groups[idx]
+        kept = set(groups.tolist())
         return SiteData(
             name=self.name if name is None else name,
             images=self.images[idx],
             masks=self.masks[idx],
             spacing=self.spacing[idx],
-            groups=self.groups[idx],
+            groups=groups,
             names=[self.names[i] for i in idx],
             class_names=list(self.class_names),
+            slice_index=None if self.slice_index is None else self.slice_index[idx],
+            volumes={g: v for g, v in self.volumes.items() if g in kept},
+            context=self.context,
         )
 
     @staticmethod
@@ -94,6 +118,7 @@ class SiteData:
         shapes = {p.images.shape[1:] for p in parts}
         if len(shapes) > 1:
             raise DataError(f"{name}: image sizes differ between parts: {sorted(shapes)}")
+        indices = [p.slice_index for p in parts]
         return SiteData(
             name=name,
             images=np.concatenate([p.images for p in parts]),
@@ -102,6 +127,9 @@ class SiteData:
             groups=np.concatenate([p.groups for p in parts]),
             names=[n for p in parts for n in p.names],
             class_names=list(class_names),
+            slice_index=None if any(i is None for i in indices) else np.concatenate(indices),  # type: ignore[arg-type]
+            volumes={g: v for p in parts for g, v in p.volumes.items()},
+            context=parts[0].context,
         )
 
 

@@ -9,6 +9,7 @@ the same hospitals.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from fedseg.config import HospitalConfig, RunConfig
 from fedseg.data.dataset import DataError, SiteData, resize_image
 from fedseg.data.splits import train_test_split
 from fedseg.data.synthetic import synthetic_site
+from fedseg.data.volumes import whole_volumes
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ def build_hospitals(
         if h.index not in wanted:
             continue
         train, test = result[h.index]
+        if cfg.evaluation.per_volume:  # every slice of the test volumes, before the profile
+            test = whole_volumes(test)
         seed = cfg.data.seed + _tag(h.name)
         train = apply_profile(train, h.profile, size, seed, train=True)
         test = apply_profile(test, h.profile, size, seed + 7, train=False)
@@ -175,12 +179,11 @@ def apply_profile(data: SiteData, p: HospitalConfig, size: int, seed: int, train
         for j in np.flatnonzero(rng.uniform(size=len(masks)) < p.label_noise):
             dy, dx = rng.integers(-2 * step, 2 * step + 1, size=2)
             masks[j] = np.roll(masks[j], (int(dy), int(dx)), axis=(0, 1))
-    return SiteData(
-        name=data.name,
+    return dataclasses.replace(
+        data,
         images=images.astype(np.float32),
         masks=masks,
         spacing=spacing,
-        groups=data.groups,
         names=list(data.names),
         class_names=list(data.class_names),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,18 +12,17 @@ import nibabel as nib
 import numpy as np
 from rich.progress import track
 
-from fedseg.config import DatasetConfig
+from fedseg.config import AUTO_CONTEXT, DatasetConfig
 from fedseg.data.dataset import (
     DataError,
     SiteData,
     empty_site,
-    normalise,
-    resize_image,
     resize_mask,
     resized_spacing,
 )
 from fedseg.data.labels import LabelMap
 from fedseg.data.pairs import MAX_PIXELS, PROGRESS_ABOVE, mask_folder, mask_values, resolve_classes
+from fedseg.data.volumes import Volume, slice_stack
 
 
 def volume_stem(path: Path) -> str:
@@ -104,7 +104,9 @@ def match_volumes(folder: Path, cfg: DatasetConfig) -> tuple[list[Path], list[st
 
 
 def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteData:
-    """Slices along ``cfg.axis``; empty slices are dropped unless asked for (they dominate)."""
+    """Slices along ``cfg.axis``; empty slices are dropped unless asked for (they dominate),
+    but kept with their volume (``SiteData.volumes``), which a test split scores whole.
+    ``cfg.context_slices`` > 1: each slice's neighbours are its extra channels (2.5D)."""
     folder = Path(folder)
     if cfg.axis not in (0, 1, 2):
         raise DataError(f"axis must be 0, 1 or 2, got {cfg.axis}")
@@ -114,9 +116,11 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
     label_map = LabelMap.from_config(cfg)
 
-    Slice = tuple[np.ndarray, np.ndarray, np.ndarray, str, str]  # image, mask, spacing, group, name
+    context = cfg.context_slices or AUTO_CONTEXT  # 0: not resolved by a run: volumes, so 3
+    Slice = tuple[np.ndarray, np.ndarray, np.ndarray, str, str, int]
+    #           image, mask, spacing, group, name, position
 
-    def load_volume(path: Path) -> tuple[list[Slice], set[int]]:
+    def load_volume(path: Path) -> tuple[list[Slice], set[int], Volume]:
         label_path = label_dir / path.name
         image, zooms = read_volume(path, label=False, max_pixels=cfg.max_pixels)
         raw, _ = read_volume(label_path, label=True, max_pixels=cfg.max_pixels)
@@ -125,21 +129,27 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
         label = label_map.apply(raw, str(label_path), volume=True)
         # the two of three voxel sizes not along the axis
         in_plane = cast(tuple[float, float], tuple(z for i, z in enumerate(zooms) if i != cfg.axis))
-        image, label = np.moveaxis(image, cfg.axis, 0), np.moveaxis(label, cfg.axis, 0)
-        spacing = resized_spacing(in_plane, image.shape[1:], size)
+        stack = slice_stack(image, cfg.axis, size, context)  # every slice, neighbours as channels
+        planes = np.moveaxis(label, cfg.axis, 0)
+        spacing = resized_spacing(in_plane, planes.shape[1:], size)
         group = volume_stem(path)
+        kept = [z for z in range(len(planes)) if cfg.keep_empty_slices or planes[z].any()]
         slices = [
-            (
-                normalise(resize_image(image[z], size)),
-                resize_mask(label[z], size),
-                spacing,
-                group,
-                f"{path.name}#{z}",
-            )
-            for z in range(image.shape[0])
-            if cfg.keep_empty_slices or label[z].any()
+            (stack[z], resize_mask(planes[z], size), spacing, group, f"{path.name}#{z}", z)
+            for z in kept
         ]
-        return slices, mask_values(label) if label_map.open else set()
+        rest = np.setdiff1d(np.arange(len(planes)), kept)
+        volume = Volume(
+            path=str(path),
+            shape=cast(tuple[int, int, int], tuple(int(n) for n in image.shape)),
+            spacing=cast(tuple[float, float, float], tuple(zooms)),
+            axis=cfg.axis,
+            label=label.astype(np.min_scalar_type(max(int(label.max(initial=0)), 1))),
+            rest_images=stack[rest],
+            rest_index=rest.astype(np.int64),
+            rest_spacing=spacing,
+        )
+        return slices, mask_values(label) if label_map.open else set(), volume
 
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -152,17 +162,26 @@ def load_nifti(folder: Path, cfg: DatasetConfig, size: int, name: str) -> SiteDa
                 disable=len(volumes) <= PROGRESS_ABOVE,
             )
         )
-    classes = resolve_classes(label_map, set().union(*(v for _, v in results)), str(label_dir))
-    slices = [one for volume_slices, _ in results for one in volume_slices]
+    classes = resolve_classes(label_map, set().union(*(v for _, v, _ in results)), str(label_dir))
+    slices = [one for volume_slices, _, _ in results for one in volume_slices]
+    kept = {
+        volume_stem(Path(volume.path)): dataclasses.replace(
+            volume, label=classes.apply(volume.label.astype(np.int64)).astype(volume.label.dtype)
+        )
+        for _, _, volume in results
+    }
     if not slices:
-        return empty_site(name, size, classes.class_names)
-    images, masks, spacing, groups, names = zip(*slices, strict=True)
+        return empty_site(name, size, classes.class_names, channels=context)
+    images, masks, spacing, groups, names, positions = zip(*slices, strict=True)
     return SiteData(
         name=name,
-        images=np.stack(images)[:, None],
+        images=np.stack(images),
         masks=classes.apply(np.stack(masks)),
         spacing=np.stack(spacing),
         groups=np.array(groups, dtype=str),
         names=list(names),
         class_names=classes.class_names,
+        slice_index=np.array(positions, dtype=np.int64),
+        volumes=kept,
+        context=context,
     )

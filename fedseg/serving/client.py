@@ -27,7 +27,14 @@ import httpx
 import numpy as np
 import torch
 
-from fedseg.config import ConfigError, RunConfig, config_from_dict, load_config, read_toml
+from fedseg.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    context_slices,
+    load_config,
+    read_toml,
+)
 from fedseg.data import image_channels
 from fedseg.privacy.audit import ckks_secret_file
 from fedseg.privacy.ckks import HospitalCkks, query_packing
@@ -278,7 +285,9 @@ def segment_file(
     ``encrypted``: the latents travel as CKKS ciphertexts (``privacy/ckks.py``)."""
     site_cfg = load_site_config(site_config)
     cfg = site_cfg.cfg
-    scan = read_scan(input_path, cfg.model.image_size, cfg.data.axis, image_channels(cfg))
+    scan = read_scan(
+        input_path, cfg.model.image_size, cfg.data.axis, image_channels(cfg), context_slices(cfg)
+    )
     with SegmentationClient(site_cfg, encrypted=encrypted) as client:
         pred = client.segment(scan.images)
     return write_mask(scan, pred, output, mask_values_of(cfg.data)), client.timing

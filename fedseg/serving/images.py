@@ -19,6 +19,7 @@ from fedseg.config import DatasetConfig
 from fedseg.data.dataset import DataError, normalise, resize_image, resize_planes
 from fedseg.data.nifti import read_volume
 from fedseg.data.pairs import IMAGE_SUFFIXES, read_image
+from fedseg.data.volumes import save_like, slice_stack, to_plane
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -39,19 +40,20 @@ class Scan:
     nifti: nib.Nifti1Image | None = None
 
 
-def read_scan(path: str | Path, size: int, axis: int, channels: int = 1) -> Scan:
+def read_scan(path: str | Path, size: int, axis: int, channels: int = 1, context: int = 1) -> Scan:
     """The clinician's file as the site's encoder takes it: ``channels`` 3 keeps a colour
-    image's colour (a grey file is repeated), 1 reads it as grey, as the loaders do."""
+    image's colour (a grey file is repeated), 1 reads it as grey, as the loaders do; a
+    volume's slices carry ``context`` neighbouring slices as channels (2.5D)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
     if is_nifti(path):
         volume, _ = read_volume(path, label=False)
-        slices = np.moveaxis(volume, axis, 0)
-        images = np.stack([normalise(resize_image(s, size)) for s in slices])[:, None]
+        images = slice_stack(volume, axis, size, context)  # as the loader made the samples
         images = np.repeat(images, channels, axis=1) if channels > 1 else images
         nifti = cast(nib.Nifti1Image, nib.load(path))  # read above as one (or Nifti2Image)
-        return Scan(path, images, tuple(slices.shape[1:]), axis, nifti)
+        plane = tuple(n for i, n in enumerate(volume.shape) if i != axis)
+        return Scan(path, images, cast(tuple[int, int], plane), axis, nifti)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: unsupported input; use PNG, JPEG, TIFF or NIfTI (.nii, .nii.gz)")
     image = read_image(path, channels)
@@ -87,23 +89,22 @@ def mask_values_of(data: DatasetConfig) -> list:
 
 
 def write_mask(scan: Scan, pred: np.ndarray, out: str | Path, label_values: list) -> Path:
-    """``pred``: (N, S, S) class indices, one per slice of ``scan``."""
+    """``pred``: (N, S, S) class indices, one per slice of ``scan``. A volume's slices are
+    resampled as evaluation puts them back on the volume's grid (``data/volumes.py``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    planes = stored_values(
-        np.stack([resize_nearest(p, scan.plane_shape) for p in pred]), label_values
-    )
+    if scan.nifti is not None:
+        classes = int(pred.max(initial=0)) + 1
+        native = [to_plane(p, scan.plane_shape, classes) for p in pred]
+    else:
+        native = [resize_nearest(p, scan.plane_shape) for p in pred]
+    planes = stored_values(np.stack(native), label_values)
     dtype = np.uint8 if planes.max(initial=0) < 256 else np.uint16
     if scan.nifti is not None:
         if not is_nifti(out):
             raise DataError(f"{out}: a NIfTI input needs a .nii or .nii.gz output")
         assert scan.axis is not None  # read_scan sets it with nifti
-        volume = np.moveaxis(planes, 0, scan.axis).astype(dtype)
-        header = scan.nifti.header.copy()
-        header.set_data_dtype(dtype)
-        header.set_slope_inter(1.0, 0.0)  # class values as stored, never rescaled
-        nib.save(nib.Nifti1Image(volume, scan.nifti.affine, header), out)
-        return out
+        return save_like(scan.nifti, np.moveaxis(planes, 0, scan.axis), out)
     if out.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise DataError(f"{out}: write a 2D mask as .png or .tif (lossless)")
     Image.fromarray(planes[0].astype(dtype)).save(out)  # (H, W) values or (H, W, 3) colours
