@@ -123,7 +123,7 @@ def test_a_malicious_site_is_refused_step_by_step_and_the_run_completes(tmp_path
     reasons = [r["reason"] for r in metrics["rejected"]]
     assert {r["site"] for r in metrics["rejected"]} == {"mallory"}, metrics["rejected"]
     assert len(reasons) == 4, reasons
-    assert "no 'latents' record" in reasons[0]
+    assert "no latents in the reply" in reasons[0]
     assert "the limit is" in reasons[1]  # 10x the batch asked for
     assert "the largest this site sent before" in reasons[2]  # the magnitude guard
     assert "exceeds" in reasons[3]
