@@ -123,6 +123,7 @@ def server(run_dir):
         }
     finally:
         uv.should_exit = True
+        uv.force_exit = True  # no wait for idle keep-alive connections (the tests' clients)
         thread.join(timeout=10)
 
 
