@@ -1,102 +1,285 @@
 """Time to Dice: the default federated mode against the centralized MONAI UNet, on one machine.
 
-Each point is a whole run given a budget: the federated mode through Flower and Ray with
-``--epochs`` split-training epochs (its training wall-clock is the budget), then the
-centralized UNet trained on the pooled data for exactly that wall-clock (its cosine schedule
-fitted to the budget, as the harness's baselines are). So a curve is "the Dice a user gets
-for T minutes of training", evaluation time not counted. A last, longer UNet run gives its
-plateau; the figure is the time each system needs to reach the plateau minus 2 pp (linear
-interpolation between points), and their ratio.
+One command, one run of each system, each scored on the held-out test images at regular
+intervals with its clock paused while it is scored:
 
-    .venv/bin/python benchmarks/time_to_dice.py --epochs 20 40 80 120 --out results/bench/ttd-demo
-    .venv/bin/python benchmarks/time_to_dice.py --config simulations/scenarios/hippocampus.toml \
-        --epochs 10 20 40 --out results/bench/ttd-hippocampus
+- **fedseg**: the scenario's split training in this process (``simulations/in_process.py``:
+  the federation's own code, its sites called directly), scored every ``--every`` epochs with
+  the model the sites hold after that epoch's aggregation. Its clock is the compute only. A
+  short run of the same phase through Flower and Ray (``--flower-epochs``) gives seconds per
+  epoch as a federation pays them (messages, Ray, site workers, key guard), and the curve is
+  also drawn on that clock: the two runs are one computation (tests/test_split_training.py:
+  the same losses to 1e-5 and the same models), so only the time per epoch differs.
+- **centralized UNet**: the harness's baseline recipe on the pooled training images for
+  ``--unet-minutes`` (its cosine schedule fitted to that budget), scored every
+  ``--unet-every`` seconds of training.
 
-Writes ``<out>/time_to_dice.json`` and ``<out>/time_to_dice.png``; each run's own results
-folder is kept under ``<out>/runs/``. Run it with nothing else heavy on the machine: the
-points are timings (the load is recorded beside each).
+Reported: the UNet's plateau (its best score), the target (plateau - 2 pp), the time each
+system first reaches it (linear interpolation between scores), and their ratio, on the
+Flower clock and on the compute clock. Writes ``<out>/time_to_dice.json`` and
+``<out>/time_to_dice.png``. Run it with nothing else heavy on the machine (the load is
+recorded beside each part)::
+
+    .venv/bin/python benchmarks/time_to_dice.py --out results/bench/ttd-demo
+    .venv/bin/python benchmarks/time_to_dice.py --config simulations/scenarios/us-nerve.toml \\
+        --every 20 --unet-minutes 40 --out results/bench/ttd-us-nerve
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fedseg.config import RunConfig, demo_config, load_config  # noqa: E402
-from fedseg.data import load_federation  # noqa: E402
+from benchmarks.split_epoch import _override  # noqa: E402
+from fedseg.config import RunConfig, apply_overrides, demo_config, load_config  # noqa: E402
+from fedseg.coordinator import Coordinator, key_path  # noqa: E402
+from fedseg.data import SiteData, SiteSplit, load_federation  # noqa: E402
 from fedseg.evaluation import mean_over_sites  # noqa: E402
-from fedseg.reference_runs import centralized_unet  # noqa: E402
+from fedseg.finetune import SiteFinetuner  # noqa: E402
+from fedseg.models.baselines import make_unet  # noqa: E402
+from fedseg.site import (  # noqa: E402
+    evaluate_predictions,
+    query_chunk,
+    segment_mapped,
+    site_blinder,
+    site_transform,
+    train_site,
+)
+from fedseg.training import Budget, predict, train_segmenter  # noqa: E402
+from simulations.in_process import split_train, weighted_mean  # noqa: E402
 
 
-def federated_point(cfg: RunConfig, epochs: int, out: Path) -> dict:
-    """One federated run of ``epochs`` (no baselines); its training time and Dice."""
+class PausedClock:
+    """Training seconds, not counting the time spent scoring."""
+
+    def __init__(self) -> None:
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def scoring(self, score: Callable[[], dict]) -> dict:
+        started = time.perf_counter()
+        try:
+            return score()
+        finally:
+            self.paused += time.perf_counter() - started
+
+
+def score_point(sites: list[SiteSplit], predict_site: Callable[[SiteSplit], object]) -> dict:
+    """Mean foreground Dice over sites (unweighted, as metrics.json's ``mean``), per site."""
+    metrics = {s.name: evaluate_predictions(s.test, predict_site(s)) for s in sites}
+    per_site = {name: m["dice_mean"] for name, m in metrics.items()}
+    return {"dice": mean_over_sites(metrics)["dice"], "sites": per_site}
+
+
+def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Path) -> dict:
+    """Split training in process, scored every ``every`` epochs and after the last."""
+    torch.set_num_threads(cfg.training.threads)
+    tuners, transforms = {}, {}
+    for s in sites:
+        models, _ = train_site(cfg, s.train)  # the seeded initialisation a hospital starts from
+        key = key_path(keys, s.name, cfg.privacy.key_scope)
+        transforms[s.name] = site_transform(cfg, key, create=True)
+        blinder = site_blinder(cfg, key, s.name, create=True)
+        tuners[s.name] = SiteFinetuner(cfg, s.train, models, transforms[s.name], blinder)
+    coordinator = Coordinator(cfg, [s.name for s in sites])
+    sizes = {name: len(t.data) for name, t in tuners.items()}
+
+    def held_models(name: str):
+        """What a site holds after the epoch's aggregation (its next call adopts the sum)."""
+        tuner = tuners[name]
+        if cfg.training.finetune_share == "none":
+            return tuner.models
+        shared = {n: t.shared_state() for n, t in tuners.items()}
+        floats = {
+            n: {k: v for k, v in st.items() if v.is_floating_point()} for n, st in shared.items()
+        }
+        held = copy.deepcopy(tuner.models)
+        held.load_state({**held.state(), **weighted_mean(floats, sizes)})
+        return held
+
+    def predict_site(s: SiteSplit):
+        models, transform = held_models(s.name), transforms[s.name]
+        mapped = coordinator.map_query(
+            s.name, query_chunk(s.test, models, transform, 0, len(s.test))
+        )
+        return segment_mapped(cfg, models, transform, mapped, s.test.images)
+
+    clock, points = PausedClock(), []
+    load = os.getloadavg()[0]
+
+    def on_epoch(epoch: int, total: int, loss: float) -> None:
+        if epoch % every and epoch != total:
+            return
+        seconds = clock.seconds()
+        point = clock.scoring(lambda: score_point(sites, predict_site))
+        points.append({"epoch": epoch, "seconds": seconds, "loss": loss, **point})
+        print(
+            f"fedseg epoch {epoch}/{total}: Dice {point['dice']:.3f} at {seconds:.0f} s", flush=True
+        )
+
+    split_train(coordinator, tuners, on_epoch)
+    return {"points": points, "load_before": load, "threads": cfg.training.threads}
+
+
+def flower_rate(cfg: RunConfig, epochs: int, out: Path) -> dict:
+    """Seconds per split-training epoch through Flower and Ray (no baselines)."""
     from simulations.engine import simulate
 
     cfg.training.finetune_epochs = epochs
     cfg.out_dir = str(out)
-    cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
+    cfg.baselines.centralized_unet = cfg.baselines.local_unet = cfg.baselines.unet3d = False
     load = os.getloadavg()[0]
     simulate(cfg.validate())
     metrics = json.loads((out / "metrics.json").read_text())
+    seconds = metrics["timing_s"]["finetuning"]
     return {
         "epochs": epochs,
-        "seconds": metrics["timing_s"]["training_total"],
-        "dice": metrics["mean"]["dice"],
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / epochs,
         "load_before": load,
     }
 
 
-def unet_point(cfg: RunConfig, seconds: float) -> dict:
-    """The centralized UNet trained for ``seconds`` on the pooled training data."""
+def unet_curve(cfg: RunConfig, sites: list[SiteSplit], minutes: float, every_s: float) -> dict:
+    """The centralized UNet's recipe (``reference_runs.fit_reference``) for ``minutes`` of
+    training, scored every ``every_s`` training seconds and at the end."""
+    pooled = SiteData.concat([s.train for s in sites], "pooled")
+    torch.manual_seed(cfg.training.seed)
+    torch.set_num_threads(cfg.training.threads)
+    b = cfg.baselines
+    net = make_unet(pooled.num_classes, b.unet_channels, pooled.channels)
+    budget = Budget(10**6, minutes)
+    points: list[dict] = []
     load = os.getloadavg()[0]
-    block, _ = centralized_unet(cfg, load_federation(cfg), seconds / 60)
-    return {
-        "seconds": block["train_seconds"],
-        "epochs": block["epochs"],
-        "dice": mean_over_sites(block["sites"])["dice"],
-        "load_before": load,
-    }
+
+    def on_epoch(epoch: int, total: int, loss: float) -> None:
+        seconds = budget.elapsed()
+        last = points[-1]["seconds"] if points else 0.0
+        if seconds - last < every_s and not budget.done(epoch):
+            return
+        started = time.perf_counter()
+        point = score_point(sites, lambda s: predict(net, s.test.images))
+        net.train()
+        budget.start += time.perf_counter() - started  # scoring is not training time
+        points.append({"epoch": epoch, "seconds": seconds, "loss": loss, **point})
+        print(f"UNet epoch {epoch}: Dice {point['dice']:.3f} at {seconds:.0f} s", flush=True)
+
+    train_segmenter(
+        net,
+        pooled.images,
+        pooled.masks,
+        pooled.num_classes,
+        budget,
+        b.lr,
+        cfg.training.batch_size,
+        cfg.training.seed,
+        on_epoch,
+    )
+    return {"points": points, "load_before": load, "minutes": minutes}
 
 
-def time_to(points: list[dict], target: float) -> float | None:
+def time_to(points: list[dict], target: float, clock: str = "seconds") -> float | None:
     """Seconds at which a curve (sorted by time) first reaches ``target``, by linear
-    interpolation from the origin's side; None if it never does."""
+    interpolation from the previous score (from the origin's side for the first); None if it
+    never does."""
     previous = None
-    for p in sorted(points, key=lambda q: q["seconds"]):
+    for p in sorted(points, key=lambda q: q[clock]):
         if p["dice"] is not None and p["dice"] >= target:
             if previous is None or previous["dice"] is None:
-                return p["seconds"]
+                return p[clock]
             span = p["dice"] - previous["dice"]
             frac = (target - previous["dice"]) / span if span > 0 else 1.0
-            return previous["seconds"] + frac * (p["seconds"] - previous["seconds"])
+            return previous[clock] + frac * (p[clock] - previous[clock])
         previous = p
     return None
 
 
-def draw(path: Path, federated: list[dict], unet: list[dict], target: float, name: str) -> None:
+def summarise(name: str, fed: dict, rate: dict, unet: dict) -> dict:
+    for p in fed["points"]:
+        p["flower_seconds"] = p["epoch"] * rate["seconds_per_epoch"]
+    plateau = max(p["dice"] for p in unet["points"])
+    target = plateau - 0.02
+    t_unet = time_to(unet["points"], target)
+    t_flower = time_to(fed["points"], target, "flower_seconds")
+    t_compute = time_to(fed["points"], target)
+    last = fed["points"][-1]
+
+    def ratio(t: float | None) -> float | None:
+        return t / t_unet if t is not None and t_unet else None
+
+    return {
+        "scenario": name,
+        "fedseg": fed,
+        "flower": rate,
+        "unet": unet,
+        "unet_plateau": plateau,
+        "target_dice": target,
+        "seconds_to_target": {
+            "unet": t_unet,
+            "fedseg_flower": t_flower,
+            "fedseg_compute": t_compute,
+        },
+        "ratio_flower": ratio(t_flower),
+        "ratio_compute": ratio(t_compute),
+        # Not reached: the ratio is at least the whole run's time over the UNet's.
+        "ratio_flower_at_least": ratio(last["flower_seconds"]) if t_flower is None else None,
+        "fedseg_final_dice": last["dice"],
+        "cores": os.cpu_count(),
+    }
+
+
+def draw(path: Path, result: dict) -> None:
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for label, points, marker in (
-        ("blind split training (Flower + Ray)", federated, "o"),
-        ("centralized UNet", unet, "s"),
-    ):
-        pts = sorted(points, key=lambda q: q["seconds"])
-        ax.plot(
-            [p["seconds"] / 60 for p in pts], [p["dice"] for p in pts], marker=marker, label=label
-        )
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="UNet plateau - 2 pp")
-    ax.set_xlabel("training wall-clock (min), evaluation not counted")
+    fed, unet = result["fedseg"]["points"], result["unet"]["points"]
+    ax.plot(
+        [p["flower_seconds"] / 60 for p in fed],
+        [p["dice"] for p in fed],
+        "o-",
+        ms=3,
+        label="fedseg, through Flower + Ray",
+    )
+    ax.plot(
+        [p["seconds"] / 60 for p in fed],
+        [p["dice"] for p in fed],
+        ":",
+        color="C0",
+        label="fedseg, compute only (in process)",
+    )
+    ax.plot(
+        [p["seconds"] / 60 for p in unet],
+        [p["dice"] for p in unet],
+        "s-",
+        ms=3,
+        color="C1",
+        label="centralized UNet",
+    )
+    ax.axhline(
+        result["target_dice"],
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label="UNet plateau - 2 pp",
+    )
+    ax.set_xlabel("training wall-clock (min), scoring not counted")
     ax.set_ylabel("mean foreground Dice (test)")
-    ax.set_title(f"Time to Dice: {name}")
+    ax.set_title(f"Time to Dice: {result['scenario']}")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -105,48 +288,60 @@ def draw(path: Path, federated: list[dict], unet: list[dict], target: float, nam
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="scenario TOML (default: the embedded demo)")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[20, 40, 80, 120])
+    parser.add_argument("--every", type=int, default=10, help="score fedseg every N epochs")
     parser.add_argument(
-        "--plateau-factor",
+        "--flower-epochs", type=int, default=20, help="epochs of the Flower run that times an epoch"
+    )
+    parser.add_argument(
+        "--unet-minutes",
         type=float,
-        default=2.0,
-        help="the UNet's plateau run gets this times the longest federated budget",
+        default=0.0,
+        help="the UNet's budget (default: fedseg's whole run on the Flower clock)",
+    )
+    parser.add_argument(
+        "--unet-every",
+        type=float,
+        default=0.0,
+        help="score the UNet every N training seconds (default: budget / 20)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=JSON",
+        help="any config field, e.g. --set training.finetune_pipeline=false",
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench/time-to-dice"))
     args = parser.parse_args()
+    overrides = dict(_override(item) for item in args.set)
 
     def fresh() -> RunConfig:
-        return load_config(args.config) if args.config else demo_config()
+        cfg = load_config(args.config) if args.config else demo_config()
+        return apply_overrides(cfg, overrides).validate()
 
-    name = fresh().name
+    cfg = fresh()
     args.out.mkdir(parents=True, exist_ok=True)
-    federated, unet = [], []
-    for epochs in sorted(args.epochs):
-        point = federated_point(fresh(), epochs, args.out / "runs" / f"federated-{epochs}")
-        federated.append(point)
-        unet.append(unet_point(fresh(), point["seconds"]))
-        print(json.dumps({"federated": point, "unet": unet[-1]}), flush=True)
-    longest = max(p["seconds"] for p in federated)
-    plateau = unet_point(fresh(), args.plateau_factor * longest)
-    unet.append(plateau)
-    target = max(p["dice"] for p in unet) - 0.02
-    t_fed, t_unet = time_to(federated, target), time_to(unet, target)
-    result = {
-        "scenario": name,
-        "federated": federated,
-        "unet": unet,
-        "unet_plateau": max(p["dice"] for p in unet),
-        "target_dice": target,
-        "seconds_to_target": {"federated": t_fed, "unet": t_unet},
-        "ratio": (t_fed / t_unet) if t_fed and t_unet else None,
-        # Not reached within the longest budget: the ratio is at least this.
-        "ratio_at_least": (longest / t_unet) if t_fed is None and t_unet else None,
-        "cores": os.cpu_count(),
-    }
+    epochs = cfg.training.finetune_epochs
+    rate = flower_rate(fresh(), min(args.flower_epochs, epochs), args.out / "flower")
+    print(f"through Flower: {rate['seconds_per_epoch']:.2f} s an epoch", flush=True)
+    sites = load_federation(cfg)
+    with tempfile.TemporaryDirectory() as keys:
+        fed = federated_curve(cfg, sites, args.every, Path(keys))
+    minutes = args.unet_minutes or epochs * rate["seconds_per_epoch"] / 60
+    unet = unet_curve(fresh(), sites, minutes, args.unet_every or minutes * 3)
+    result = {"command": " ".join(sys.argv), **summarise(cfg.name, fed, rate, unet)}
     (args.out / "time_to_dice.json").write_text(json.dumps(result, indent=2))
-    draw(args.out / "time_to_dice.png", federated, unet, target, name)
-    keys = ("target_dice", "seconds_to_target", "ratio", "ratio_at_least")
-    print(json.dumps({k: result[k] for k in keys}))
+    draw(args.out / "time_to_dice.png", result)
+    keys_shown = (
+        "unet_plateau",
+        "target_dice",
+        "seconds_to_target",
+        "ratio_flower",
+        "ratio_compute",
+        "ratio_flower_at_least",
+        "fedseg_final_dice",
+    )
+    print(json.dumps({k: result[k] for k in keys_shown}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Per-volume figures of a volume scenario: the default mode, the centralized 2D UNet and the
 centralized 3D UNet, with and without 2.5D input, in one process.
 
-The default mode (blind split training) runs in process (``fedseg.finetune.finetune_in_process``:
+The default mode (blind split training) runs in process (``simulations.in_process.split_train``:
 the calls the Flower strategy makes, in the same order, without messages), then every site
 scores its test volumes through the inference path (keyed query -> the server's mapping ->
 un-key, decode) with the run's metrics (per slice and per volume). The centralized UNet and,
@@ -30,7 +30,7 @@ from fedseg.config import RunConfig, load_config  # noqa: E402
 from fedseg.coordinator import Coordinator  # noqa: E402
 from fedseg.data import SiteSplit, load_federation  # noqa: E402
 from fedseg.evaluation import mean_over_sites  # noqa: E402
-from fedseg.finetune import SiteFinetuner, finetune_in_process  # noqa: E402
+from fedseg.finetune import SiteFinetuner  # noqa: E402
 from fedseg.reference_runs import centralized_unet, centralized_unet3d  # noqa: E402
 from fedseg.report import add_baselines, federated_metrics  # noqa: E402
 from fedseg.site import (  # noqa: E402
@@ -41,6 +41,7 @@ from fedseg.site import (  # noqa: E402
     site_transform,
     train_site,
 )
+from simulations.in_process import split_train  # noqa: E402
 
 
 def load() -> float:
@@ -64,14 +65,7 @@ def default_mode(cfg: RunConfig, sites: list[SiteSplit]) -> tuple[dict, float, d
     def on_epoch(epoch: int, epochs: int, loss: float) -> None:
         print(f"  epoch {epoch}/{epochs}: loss {loss:.3f} ({load()} load)", flush=True)
 
-    finetune_in_process(
-        coord,
-        tuners,
-        cfg.training.finetune_epochs,
-        on_epoch,
-        cfg.training.finetune_share,
-        cfg.training.finetune_pipeline,
-    )
+    split_train(coord, tuners, on_epoch)
     seconds = time.perf_counter() - started
     loads["after"] = load()
     metrics = {}

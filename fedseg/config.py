@@ -241,8 +241,9 @@ class TrainingConfig:
     finetune_share: FinetuneShare = "blind"
     # One message each way per step instead of two: a site sends its next batch's latents with
     # this batch's gradient, so its encoder runs one step behind. Fewer round trips is what
-    # split training over Flower waits on (docs/performance.md).
-    finetune_pipeline: bool = False
+    # split training over Flower waits on (docs/performance.md "Time to Dice"); false = two
+    # exchanges a step, as before.
+    finetune_pipeline: bool = True
     threads: int = 2
     seed: int = 0
 
@@ -969,10 +970,6 @@ def demo_config(out_dir: str = "results/demo", quick_run: bool = False) -> RunCo
     cfg = RunConfig(name="demo-quick" if quick_run else "demo", out_dir=out_dir)
     cfg.model.image_size = 64
     cfg.training.finetune_epochs = DEMO_EPOCHS
-    # One exchange a step: 2.98 s an epoch through Flower against 3.48 s (10 epochs each, quiet
-    # machine, 2026-12-06), Dice unchanged at library level (120 epochs: 0.793 against 0.785).
-    # Scenario files keep two exchanges until it is measured on them.
-    cfg.training.finetune_pipeline = True
     # The local UNets would add the federated run's time again; the comparison a new user
     # needs is the centralized UNet's (a scenario with baselines.local_unet = true has them).
     cfg.baselines.local_unet = False

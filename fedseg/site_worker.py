@@ -75,13 +75,20 @@ def slots(cfg: Any) -> int:
     return min(cfg.federation.num_sites, 4 if wanted < 0 else wanted)
 
 
+# Image size from which the server's UMN splits well over threads (docs/performance.md "Time to
+# Dice"): on 2 cores a second thread took us-nerve's UMN (128 px) from 1.90 to 1.30 s an epoch,
+# while at 64 px (the demo) it cost more than it gave (353 -> 423 ms an epoch).
+SERVER_THREADS_FROM_PX = 128
+
+
 def cores_left(cfg: Any) -> int:
-    """Torch threads for the server of a simulation whose hospitals' workers share its cores:
-    two server threads spinning beside three single-thread workers on 2 cores made an epoch
-    of the demo 3.2 s against 2.4-2.8 s with one (docs/performance.md)."""
-    cores = os.cpu_count() or 1
-    count = slots(cfg)
-    return cfg.training.threads if count == 0 else max(1, min(cfg.training.threads, cores - count))
+    """Torch threads for the server of a simulation whose hospitals' workers share its cores.
+    A split step alternates (the sites wait while the server maps and steps, and the server
+    while they decode), so the server may take the run's threads, where its maps are large
+    enough to gain from a second one; else one."""
+    if slots(cfg) == 0 or cfg.model.image_size >= SERVER_THREADS_FROM_PX:
+        return cfg.training.threads
+    return 1
 
 
 def placement(cfg: Any, node_config: dict, out_dir: Path) -> tuple[Path, str, int] | None:
