@@ -7,8 +7,9 @@ intervals with its clock paused while it is scored:
   the federation's own code, its sites called directly), scored every ``--every`` epochs with
   the model the sites hold after that epoch's aggregation. Its clock is the compute only. A
   short run of the same phase through Flower and Ray (``--flower-epochs``) gives seconds per
-  epoch as a federation pays them (messages, Ray, site workers, key guard), and the curve is
-  also drawn on that clock: the two runs are one computation (tests/test_split_training.py:
+  epoch as a federation pays them (messages, Ray, site workers, key guard; from the epochs'
+  end times after the first) and the sites' start-up, and the curve is also drawn on that
+  clock: the two runs are one computation (tests/test_split_training.py:
   the same losses to 1e-5 and the same models), so only the time per epoch differs.
 - **centralized UNet**: the harness's baseline recipe on the pooled training images for
   ``--unet-minutes`` (its cosine schedule fitted to that budget), scored every
@@ -137,21 +138,26 @@ def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Pa
 
 
 def flower_rate(cfg: RunConfig, epochs: int, out: Path) -> dict:
-    """Seconds per split-training epoch through Flower and Ray (no baselines)."""
+    """Seconds per split-training epoch through Flower and Ray (no baselines), from the
+    epochs' end times after the first, and the first epoch's extra (the sites' start-up)."""
     from simulations.engine import simulate
 
+    if epochs < 3:
+        raise SystemExit("--flower-epochs: at least 3 (the first one holds the start-up)")
     cfg.training.finetune_epochs = epochs
     cfg.out_dir = str(out)
     cfg.baselines.centralized_unet = cfg.baselines.local_unet = cfg.baselines.unet3d = False
     load = os.getloadavg()[0]
     simulate(cfg.validate())
-    metrics = json.loads((out / "metrics.json").read_text())
-    seconds = metrics["timing_s"]["finetuning"]
+    ends = json.loads((out / "metrics.json").read_text())["epoch_end_seconds"]
+    rate = (ends[-1] - ends[0]) / (len(ends) - 1)
     return {
         "epochs": epochs,
-        "seconds": seconds,
-        "seconds_per_epoch": seconds / epochs,
+        "seconds_per_epoch": rate,
+        "start_up_seconds": ends[0] - rate,
+        "epoch_end_seconds": ends,
         "load_before": load,
+        "load_after": os.getloadavg()[0],
     }
 
 
@@ -211,7 +217,7 @@ def time_to(points: list[dict], target: float, clock: str = "seconds") -> float 
 
 def summarise(name: str, fed: dict, rate: dict, unet: dict) -> dict:
     for p in fed["points"]:
-        p["flower_seconds"] = p["epoch"] * rate["seconds_per_epoch"]
+        p["flower_seconds"] = rate["start_up_seconds"] + p["epoch"] * rate["seconds_per_epoch"]
     plateau = max(p["dice"] for p in unet["points"])
     target = plateau - 0.02
     t_unet = time_to(unet["points"], target)
@@ -327,7 +333,9 @@ def main() -> None:
     sites = load_federation(cfg)
     with tempfile.TemporaryDirectory() as keys:
         fed = federated_curve(cfg, sites, args.every, Path(keys))
-    minutes = args.unet_minutes or epochs * rate["seconds_per_epoch"] / 60
+    minutes = (
+        args.unet_minutes or (rate["start_up_seconds"] + epochs * rate["seconds_per_epoch"]) / 60
+    )
     unet = unet_curve(fresh(), sites, minutes, args.unet_every or minutes * 3)
     result = {"command": " ".join(sys.argv), **summarise(cfg.name, fed, rate, unet)}
     (args.out / "time_to_dice.json").write_text(json.dumps(result, indent=2))

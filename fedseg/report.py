@@ -104,7 +104,7 @@ def to_jsonable(obj: Any) -> Any:
 
 # Wall-clock measurements in metrics.json: they differ between two runs of one seed by nature.
 TIMING_KEYS = {"timing_s", "share_seconds", "seconds", "train_seconds", "seconds_per_image"}
-TIMING_KEYS |= {"decode_seconds", "umn_seconds"}
+TIMING_KEYS |= {"decode_seconds", "umn_seconds", "epoch_end_seconds"}
 ROUND_TIMING_KEYS = {"umn", "participation"}  # seconds in each ``rounds`` entry
 
 

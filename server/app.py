@@ -232,6 +232,9 @@ def _split_train(grid, coordinator, federation, timing, timeout) -> dict:
         "finetune_losses": losses,
         "share_bytes": finetuning.share_bytes,
         "share_seconds": finetuning.share_seconds,
+        # when each epoch ended (time to Dice, benchmarks/time_to_dice.py; the first holds the
+        # sites' start-up)
+        "epoch_end_seconds": finetuning.epoch_end_seconds,
         "aggregation_absent": finetuning.absent,
     }
 

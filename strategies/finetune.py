@@ -147,6 +147,7 @@ class SplitFinetuning:
         self.share_bytes: list[int] = []
         self.share_seconds: list[float] = []
         self.absent: list[list[str]] = []
+        self.epoch_end_seconds: list[float] = []  # since the phase began, at each epoch's end
 
     def run(self, grid: Grid, federation: Federation) -> list[float]:
         """Mean training loss of each epoch."""
@@ -166,6 +167,7 @@ class SplitFinetuning:
             task = progress.add_task("finetune", total=phase.epochs, status="")
 
             def on_epoch(done: int, epochs: int, loss: float) -> None:
+                self.epoch_end_seconds.append(time.perf_counter() - started)
                 progress.update(task, completed=done, status=f"loss {loss:.4f}")
 
             losses = phase.run(on_epoch)
