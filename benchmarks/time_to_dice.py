@@ -311,6 +311,12 @@ def main() -> None:
         help="score the UNet every N training seconds (default: budget / 20)",
     )
     parser.add_argument(
+        "--unet-from",
+        type=Path,
+        help="take the UNet's curve from an earlier time_to_dice.json of the same scenario "
+        "(a variant of fedseg against one UNet run; say so beside the figures)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -336,7 +342,15 @@ def main() -> None:
     minutes = (
         args.unet_minutes or (rate["start_up_seconds"] + epochs * rate["seconds_per_epoch"]) / 60
     )
-    unet = unet_curve(fresh(), sites, minutes, args.unet_every or minutes * 3)
+    if args.unet_from:
+        earlier = json.loads(args.unet_from.read_text())
+        if earlier["scenario"] != cfg.name:
+            raise SystemExit(
+                f"--unet-from: {args.unet_from} is {earlier['scenario']!r}, not {cfg.name!r}"
+            )
+        unet = {**earlier["unet"], "from": str(args.unet_from)}
+    else:
+        unet = unet_curve(fresh(), sites, minutes, args.unet_every or minutes * 3)
     result = {"command": " ".join(sys.argv), **summarise(cfg.name, fed, rate, unet)}
     (args.out / "time_to_dice.json").write_text(json.dumps(result, indent=2))
     draw(args.out / "time_to_dice.png", result)
