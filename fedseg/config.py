@@ -241,9 +241,10 @@ class TrainingConfig:
     finetune_share: FinetuneShare = "blind"
     # One message each way per step instead of two: a site sends its next batch's latents with
     # this batch's gradient, so its encoder runs one step behind. On in the demo (64 px: an
-    # epoch 2.98 s against 3.48 s, Dice 0.793 against 0.785 at library level); off elsewhere:
-    # on us-nerve it cost 4.4 pp (0.689 against 0.733 at 400 epochs, seed 0) and gained no time
-    # (5.54 against 5.52 s an epoch: the encoder's pass is computed again; docs/performance.md).
+    # epoch 2.98 s against 3.48 s, Dice 0.793 against 0.785 at library level). Off elsewhere
+    # until it shows a gain beyond noise: on us-nerve an epoch 4.55 against 5.08 s, Dice 0.689
+    # against 0.700 at 400 epochs (one run each; the encoder's pass is computed twice;
+    # docs/performance.md "Time to Dice").
     finetune_pipeline: bool = False
     threads: int = 2
     seed: int = 0
