@@ -50,7 +50,7 @@ from fedseg.coordinator import Coordinator, key_path  # noqa: E402
 from fedseg.data import SiteData, SiteSplit, load_federation  # noqa: E402
 from fedseg.evaluation import mean_over_sites  # noqa: E402
 from fedseg.finetune import SiteFinetuner  # noqa: E402
-from fedseg.models.baselines import make_unet  # noqa: E402
+from fedseg.reference_runs import reference_net  # noqa: E402
 from fedseg.site import (  # noqa: E402
     evaluate_predictions,
     query_chunk,
@@ -165,10 +165,8 @@ def unet_curve(cfg: RunConfig, sites: list[SiteSplit], minutes: float, every_s: 
     """The centralized UNet's recipe (``reference_runs.fit_reference``) for ``minutes`` of
     training, scored every ``every_s`` training seconds and at the end."""
     pooled = SiteData.concat([s.train for s in sites], "pooled")
-    torch.manual_seed(cfg.training.seed)
-    torch.set_num_threads(cfg.training.threads)
     b = cfg.baselines
-    net = make_unet(pooled.num_classes, b.unet_channels, pooled.channels)
+    net = reference_net(cfg, pooled, cfg.training.seed)
     budget = Budget(10**6, minutes)
     points: list[dict] = []
     load = os.getloadavg()[0]
@@ -254,28 +252,15 @@ def draw(path: Path, result: dict) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     fed, unet = result["fedseg"]["points"], result["unet"]["points"]
-    ax.plot(
-        [p["flower_seconds"] / 60 for p in fed],
-        [p["dice"] for p in fed],
-        "o-",
-        ms=3,
-        label="fedseg, through Flower + Ray",
+    curves = (
+        (fed, "flower_seconds", dict(fmt="o-", color="C0", label="fedseg, through Flower + Ray")),
+        (fed, "seconds", dict(fmt=":", color="C0", label="fedseg, compute only (in process)")),
+        (unet, "seconds", dict(fmt="s-", color="C1", label="centralized UNet")),
     )
-    ax.plot(
-        [p["seconds"] / 60 for p in fed],
-        [p["dice"] for p in fed],
-        ":",
-        color="C0",
-        label="fedseg, compute only (in process)",
-    )
-    ax.plot(
-        [p["seconds"] / 60 for p in unet],
-        [p["dice"] for p in unet],
-        "s-",
-        ms=3,
-        color="C1",
-        label="centralized UNet",
-    )
+    for points, clock, style in curves:
+        fmt = style.pop("fmt")
+        x, y = [p[clock] / 60 for p in points], [p["dice"] for p in points]
+        ax.plot(x, y, fmt, ms=3, **style)
     ax.axhline(
         result["target_dice"],
         color="grey",

@@ -28,6 +28,17 @@ Progress = Callable[[int, int, float], None]
 Reference = Literal["unet", "split-path"]  # split-path: fedseg.models.split_path, pooled
 
 
+def reference_net(cfg: RunConfig, train: SiteData, seed: int, reference: Reference = "unet"):
+    """The untrained reference network, seeded, with the threads the federated run had."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(cfg.training.threads)
+    if reference == "unet":
+        return make_unet(train.num_classes, cfg.baselines.unet_channels, train.channels)
+    if reference == "split-path":
+        return SplitPathNet(cfg, train.num_classes)
+    raise ValueError(f"unknown reference network {reference!r}: 'unet' or 'split-path'")
+
+
 def fit_reference(
     cfg: RunConfig,
     train: SiteData,
@@ -38,15 +49,8 @@ def fit_reference(
 ):
     """A reference network trained on ``train`` (the centralized UNet's recipe: its channels,
     epochs or ``minutes``, learning rate, augmentation); also the inr mode's server network."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(cfg.training.threads)  # the same threads the federated run had
+    net = reference_net(cfg, train, seed, reference)
     b = cfg.baselines
-    if reference == "unet":
-        net = make_unet(train.num_classes, b.unet_channels, train.channels)
-    elif reference == "split-path":
-        net = SplitPathNet(cfg, train.num_classes)
-    else:
-        raise ValueError(f"unknown reference network {reference!r}: 'unet' or 'split-path'")
     epochs = train_segmenter(
         net,
         train.images,
