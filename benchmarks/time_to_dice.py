@@ -49,7 +49,7 @@ from fedseg.config import RunConfig, apply_overrides, demo_config, load_config  
 from fedseg.coordinator import Coordinator, key_path  # noqa: E402
 from fedseg.data import SiteData, SiteSplit, load_federation  # noqa: E402
 from fedseg.evaluation import mean_over_sites  # noqa: E402
-from fedseg.finetune import SiteFinetuner  # noqa: E402
+from fedseg.finetune import SiteFinetuner, split_epochs  # noqa: E402
 from fedseg.reference_runs import reference_net  # noqa: E402
 from fedseg.site import (  # noqa: E402
     evaluate_predictions,
@@ -130,7 +130,9 @@ def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Pa
         point = clock.scoring(lambda: score_point(sites, predict_site))
         points.append({"epoch": epoch, "seconds": seconds, "loss": loss, **point})
         print(
-            f"fedseg epoch {epoch}/{total}: Dice {point['dice']:.3f} at {seconds:.0f} s", flush=True
+            f"fedseg epoch {epoch}/{total}: Dice {point['dice']:.3f}, loss {loss:.3f}, "
+            f"at {seconds:.0f} s",
+            flush=True,
         )
 
     split_train(coordinator, tuners, on_epoch)
@@ -318,10 +320,11 @@ def main() -> None:
 
     cfg = fresh()
     args.out.mkdir(parents=True, exist_ok=True)
-    epochs = cfg.training.finetune_epochs
+    sites = load_federation(cfg)
+    epochs = split_epochs(cfg.training, [len(s.train) for s in sites])
+    print(f"fedseg: {epochs} epochs of split training", flush=True)
     rate = flower_rate(fresh(), min(args.flower_epochs, epochs), args.out / "flower")
     print(f"through Flower: {rate['seconds_per_epoch']:.2f} s an epoch", flush=True)
-    sites = load_federation(cfg)
     with tempfile.TemporaryDirectory() as keys:
         fed = federated_curve(cfg, sites, args.every, Path(keys))
     minutes = (

@@ -20,7 +20,8 @@ anyway); the site newly sees gradients of the server's network. docs/privacy.md.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import math
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import cast
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, TrainingConfig
 from fedseg.data import SiteData
 from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.blind import BlindSite
@@ -43,6 +44,16 @@ SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
 def finetune_steps(n_train: int, batch_size: int) -> int:
     """Steps per epoch at a site: full batches only (a batch of 1 would upset batch norm)."""
     return max(1, n_train // batch_size)
+
+
+def split_epochs(training: TrainingConfig, sizes: Iterable[int]) -> int:
+    """The phase's epochs: ``training.finetune_epochs``, or with -1 as many as the site with the
+    most steps an epoch needs for ``finetune_optimizer_steps`` (the schedule follows the data:
+    what a model needs is optimiser steps, whatever the set's size)."""
+    if training.finetune_epochs >= 0:
+        return training.finetune_epochs
+    most = max((finetune_steps(n, training.batch_size) for n in sizes), default=1)
+    return max(1, math.ceil(training.finetune_optimizer_steps / most))
 
 
 class SiteFinetuner:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedseg.config import RunConfig
-from fedseg.finetune import SiteFinetuner, finetune_steps
+from fedseg.finetune import SiteFinetuner, finetune_steps, split_epochs
 from fedseg.privacy.blind import add_blinded, mask_label
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest
 
@@ -183,7 +183,7 @@ class SplitTraining:
         self.timeout_s = timeout_s
         self.share_timeout_s = share_timeout_s or timeout_s
         self.share = self.cfg.training.finetune_share
-        self.epochs = self.cfg.training.finetune_epochs
+        self.epochs = split_epochs(self.cfg.training, sites.values())
         self.steps = {n: finetune_steps(k, self.cfg.training.batch_size) for n, k in sites.items()}
         self.owed: dict[str, tuple[int, int, Arrays]] = {}  # encoder gradients not yet sent
         self.adopt: dict[str, Any] = {}  # average: the mean each site takes with its next call

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedseg.config import ConfigError, RunConfig, TrainingConfig
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner
+from fedseg.finetune import SiteFinetuner, split_epochs
 from fedseg.site import SiteModels, site_blinder, site_models_path, site_transform, train_site
 from simulations.in_process import InProcessSites, split_train
 from tests.helpers import blind_config
@@ -88,3 +89,40 @@ def test_strict_in_process_runs_raise_the_sites_error(tmp_path):
     tuners["hospital-2"].forward = lambda *a: {k: v * np.inf for k, v in honest(*a).items()}
     with pytest.raises(ValueError, match="hospital-2: reply refused"):
         split_train(coordinator, tuners)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "steps", "sizes", "expected"),
+    [
+        (-1, 1200, [68, 68, 68], 150),  # us-nerve: 8 steps an epoch at batch 8
+        (-1, 1200, [89, 89, 89], 110),  # hc18: 11 steps
+        (-1, 1200, [30, 89, 10], 110),  # the site with the most steps sets the count
+        (-1, 10, [3], 10),  # a site smaller than a batch still takes one step an epoch
+        (400, 1200, [68], 400),  # an explicit count is kept
+        (0, 1200, [68], 0),  # 0: no split training (the paper preset)
+    ],
+)
+def test_split_epochs_follow_the_data(epochs, steps, sizes, expected):
+    training = TrainingConfig(finetune_epochs=epochs, finetune_optimizer_steps=steps)
+    assert split_epochs(training, sizes) == expected
+
+
+def test_the_phase_takes_its_epochs_from_the_optimiser_steps(tmp_path):
+    torch.set_num_threads(1)
+    cfg = blind_config(tmp_path, sites=2, epochs=-1)  # 8 images a site, batch 4: 2 steps
+    cfg.training.finetune_optimizer_steps = 5
+    tuners, coordinator = _in_process(cfg, tmp_path / "federation.key", create=True)
+    seen = []
+    losses = split_train(coordinator, tuners, lambda done, total, loss: seen.append(total))
+    assert len(losses) == 3 and seen == [3, 3, 3]  # ceil(5 / 2)
+
+
+def test_the_step_count_is_checked_by_name():
+    cfg = RunConfig()
+    cfg.training.finetune_optimizer_steps = 0
+    with pytest.raises(ConfigError, match="finetune_optimizer_steps"):
+        cfg.validate()
+    cfg = RunConfig()
+    cfg.training.finetune_epochs = -2
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        cfg.validate()
