@@ -45,19 +45,6 @@ CHUNK_SIZE = 128
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
 
 
-# Seconds between the in-memory grid's checks for replies (simulation). Flower's default, 0.1,
-# adds up to that to each of split training's exchanges, dozens an epoch.
-GRID_PULL_INTERVAL_S = 0.005
-
-
-def poll_replies_often(grid: Grid) -> None:
-    """Set a simulation's in-memory grid (``pull_interval``, a constructor parameter of
-    Flower's ``InMemoryGrid``) to check for replies every ``GRID_PULL_INTERVAL_S``; a
-    deployment's grid has no such setting and is left as it is."""
-    if hasattr(grid, "pull_interval"):
-        grid.pull_interval = GRID_PULL_INTERVAL_S
-
-
 def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> RunResults:
     """All phases; returns the run's results, which it also wrote to ``cfg.out_dir``.
     ``threads``: torch threads here (None: ``training.threads``; a simulation whose hospitals
@@ -67,7 +54,6 @@ def run_federation(grid: Grid, cfg: RunConfig, threads: int | None = None) -> Ru
     the collected latents and the last finished UMN round from ``<out_dir>/checkpoints``.
     """
     torch.set_num_threads(threads or cfg.training.threads)
-    poll_replies_often(grid)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     timeout = cfg.federation.message_timeout_s or None
     saved_latents, saved_round = _saved(cfg)
