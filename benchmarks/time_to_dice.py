@@ -4,8 +4,9 @@ One command, one run of each system, each scored on the held-out test images at 
 intervals with its clock paused while it is scored:
 
 - **fedseg**: the scenario's split training in this process (``simulations/in_process.py``:
-  the federation's own code, its sites called directly), scored every ``--every`` epochs with
-  the model the sites hold after that epoch's aggregation. Its clock is the compute only. A
+  the federation's own code, its sites called directly), scored every ``--every`` epochs (and
+  at epochs 1, 2, 4, ... before the first of those) with the model the sites hold after that
+  epoch's aggregation. Its clock is the compute only. A
   short run of the same phase through Flower and Ray (``--flower-epochs``) gives seconds per
   epoch as a federation pays them (messages, Ray, site workers, key guard; from the epochs'
   end times after the first) and the sites' start-up, and the curve is also drawn on that
@@ -13,7 +14,7 @@ intervals with its clock paused while it is scored:
   the same losses to 1e-5 and the same models), so only the time per epoch differs.
 - **centralized UNet**: the harness's baseline recipe on the pooled training images for
   ``--unet-minutes`` (its cosine schedule fitted to that budget), scored every
-  ``--unet-every`` seconds of training.
+  ``--unet-every`` seconds of training (and at an eighth, a quarter and half of that first).
 
 Reported: the UNet's plateau (its best score), the target (plateau - 2 pp), the time each
 system first reaches it (linear interpolation between scores), and their ratio, on the
@@ -80,6 +81,18 @@ class PausedClock:
             self.paused += time.perf_counter() - started
 
 
+def scored_epoch(epoch: int, every: int) -> bool:
+    """fedseg is scored every ``every`` epochs, and at epochs 1, 2, 4, ... before that, so that
+    a system that reaches the target early is timed closely, not at its first regular score."""
+    return epoch % every == 0 or (epoch < every and epoch & (epoch - 1) == 0)
+
+
+def next_score_at(last: float, every_s: float) -> float:
+    """The UNet's next score, in training seconds after its last one (0: none yet): at
+    ``every_s`` / 8, / 4, / 2, then every ``every_s``, for the same reason."""
+    return min(2 * last, last + every_s) if last > 0 else every_s / 8
+
+
 def score_point(sites: list[SiteSplit], predict_site: Callable[[SiteSplit], object]) -> dict:
     """Mean foreground Dice over sites (unweighted, as metrics.json's ``mean``), per site."""
     metrics = {s.name: evaluate_predictions(s.test, predict_site(s)) for s in sites}
@@ -88,7 +101,7 @@ def score_point(sites: list[SiteSplit], predict_site: Callable[[SiteSplit], obje
 
 
 def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Path) -> dict:
-    """Split training in process, scored every ``every`` epochs and after the last."""
+    """Split training in process, scored at :func:`scored_epoch` and after the last epoch."""
     torch.set_num_threads(cfg.training.threads)
     tuners, transforms = {}, {}
     for s in sites:
@@ -124,7 +137,7 @@ def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Pa
     load = os.getloadavg()[0]
 
     def on_epoch(epoch: int, total: int, loss: float) -> None:
-        if epoch % every and epoch != total:
+        if not scored_epoch(epoch, every) and epoch != total:
             return
         seconds = clock.seconds()
         point = clock.scoring(lambda: score_point(sites, predict_site))
@@ -165,7 +178,7 @@ def flower_rate(cfg: RunConfig, epochs: int, out: Path) -> dict:
 
 def unet_curve(cfg: RunConfig, sites: list[SiteSplit], minutes: float, every_s: float) -> dict:
     """The centralized UNet's recipe (``reference_runs.fit_reference``) for ``minutes`` of
-    training, scored every ``every_s`` training seconds and at the end."""
+    training, scored at :func:`next_score_at` and at the end."""
     pooled = SiteData.concat([s.train for s in sites], "pooled")
     b = cfg.baselines
     net = reference_net(cfg, pooled, cfg.training.seed)
@@ -176,7 +189,7 @@ def unet_curve(cfg: RunConfig, sites: list[SiteSplit], minutes: float, every_s: 
     def on_epoch(epoch: int, total: int, loss: float) -> None:
         seconds = budget.elapsed()
         last = points[-1]["seconds"] if points else 0.0
-        if seconds - last < every_s and not budget.done(epoch):
+        if seconds < next_score_at(last, every_s) and not budget.done(epoch):
             return
         started = time.perf_counter()
         point = score_point(sites, lambda s: predict(net, s.test.images))

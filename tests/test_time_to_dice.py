@@ -103,3 +103,13 @@ def test_the_server_takes_the_runs_threads_only_where_its_maps_gain_from_them(si
     cfg.training.threads = 2
     expected = 2 if size >= SERVER_THREADS_FROM_PX else 1
     assert cores_left(cfg) == expected
+
+
+def test_both_systems_are_scored_densely_before_their_regular_interval():
+    scored = [e for e in range(1, 31) if ttd.scored_epoch(e, 10)]
+    assert scored == [1, 2, 4, 8, 10, 20, 30]
+    times, last = [], 0.0
+    while last < 200:
+        last = ttd.next_score_at(last, 40.0)
+        times.append(last)
+    assert times == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 160.0, 200.0]
