@@ -219,7 +219,9 @@ def test_local_skips_need_split_training(tmp_path):
     cfg = small_config(tmp_path, 2, [8, 16, 16, 32, 32], 32)
     cfg.model.local_skips = True
     cfg.training.finetune_epochs = 0
-    with pytest.raises(ConfigError, match=r"model.local_skips needs split training \(training.finetune_epochs"):
+    with pytest.raises(
+        ConfigError, match=r"model.local_skips needs split training \(training.finetune_epochs"
+    ):
         cfg.validate()
 
 
