@@ -382,10 +382,6 @@ class RunConfig:
             (self.data.kind == "synthetic" or bool(self.data.path), "data.path is required"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
             (
-                self.training.finetune_epochs >= -1,
-                "training.finetune_epochs must be >= 0, or -1 (from finetune_optimizer_steps)",
-            ),
-            (
                 self.training.finetune_share in ("none", "blind", "average"),
                 "training.finetune_share: 'blind', 'none' or 'average'",
             ),
