@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedseg.config import load_config
-from fedseg.finetune import SHARED_PREFIXES
+from fedseg.finetune import shared_weights
 from fedseg.privacy.blind import add_blinded, blind, unblind
 from fedseg.privacy.keys import generate_secret
 from fedseg.site import SiteModels
@@ -48,14 +48,8 @@ def main() -> None:
     states = []
     for i in range(args.sites):
         torch.manual_seed(i)
-        full = SiteModels.build(cfg, args.classes).state()
-        states.append(
-            {
-                k: v
-                for k, v in full.items()
-                if k.startswith(SHARED_PREFIXES) and v.is_floating_point()
-            }
-        )
+        shared = shared_weights(SiteModels.build(cfg, args.classes), cfg.training)
+        states.append({k: v for k, v in shared.items() if v.is_floating_point()})
     names = [f"site-{i}" for i in range(args.sites)]
     secret, weights = generate_secret(), [68] * args.sites
     vectors = [

@@ -28,6 +28,7 @@ from typing import cast
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
+from torch import nn
 
 from fedseg.config import RunConfig, TrainingConfig
 from fedseg.data import SiteData
@@ -172,8 +173,9 @@ class SiteFinetuner:
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The weights that ``training.finetune_share`` makes one model across sites: the
-        image encoder and the mask decoder (batch-norm statistics included)."""
-        return {k: v for k, v in self.models.state().items() if k.startswith(SHARED_PREFIXES)}
+        image encoder and the mask decoder, less their batch norms with
+        ``training.local_batch_norm`` (FedBN)."""
+        return shared_weights(self.models, self.cfg.training)
 
     def adopt(self, state: dict[str, torch.Tensor]) -> None:
         """Take the shared weights (another site's, or the average); optimizer moments stay."""
@@ -275,3 +277,21 @@ def kept_finetuners() -> KeptFinetuners:
     the ClientApp for every message, and a module object captured by its handlers would be
     unpickled as a fresh, empty copy each time."""
     return _KEPT
+
+
+def batch_norm_keys(models: SiteModels) -> set[str]:
+    """State keys of every batch norm in a site's autoencoders (weights and statistics)."""
+    keys = set()
+    for prefix, net in (("image.", models.image_ae), ("mask.", models.mask_ae)):
+        for name, module in net.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                keys.update(f"{prefix}{name}.{k}" for k in module.state_dict())
+    return keys
+
+
+def shared_weights(models: SiteModels, training: TrainingConfig) -> dict[str, torch.Tensor]:
+    """A site's encoder and mask decoder, less their batch norms with
+    ``training.local_batch_norm`` (FedBN): what split training makes one model."""
+    local = batch_norm_keys(models) if training.local_batch_norm else set()
+    state = models.state()
+    return {k: v for k, v in state.items() if k.startswith(SHARED_PREFIXES) and k not in local}

@@ -15,7 +15,7 @@ from fedseg.checkpoint import LATENTS_NAME, checkpoint_dir
 from fedseg.config import ConfigError
 from fedseg.coordinator import Coordinator
 from fedseg.data import load_federation
-from fedseg.finetune import SiteFinetuner
+from fedseg.finetune import SiteFinetuner, batch_norm_keys
 from fedseg.privacy.keys import KeyRing, read_key_file
 from fedseg.privacy.leakcheck import find_key_material
 from fedseg.site import SiteModels, site_models_path, site_transform, train_site
@@ -66,6 +66,35 @@ def test_without_sharing_each_site_keeps_its_own_model(tmp_path):
     split_train(Coordinator(cfg, list(tuners)), tuners)
     a, b = (t.shared_state() for t in tuners.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_batch_norms_stay_at_each_site_unless_told_to_share(tmp_path, local):
+    """FedBN (``training.local_batch_norm``): batch-norm weights and statistics never enter
+    the shared state, so they end different at each site; shared otherwise."""
+    cfg = _split_config(tmp_path, "average", sites=2)
+    cfg.training.finetune_epochs = 2
+    cfg.training.local_batch_norm = local
+    a, b = _tuners(cfg, tmp_path / "keys").values()
+    norms = batch_norm_keys(a.models)
+    assert any(k.endswith("running_var") for k in norms)
+    assert any(k.startswith("image.encoder.") for k in norms)
+    assert any(k.startswith("mask.decoder.") for k in norms)
+    split_train(
+        Coordinator(cfg, ["synthetic-1", "synthetic-2"]), {"synthetic-1": a, "synthetic-2": b}
+    )
+    shared = set(a.shared_state())
+    assert any("conv" in k or k.endswith(".0.weight") for k in shared)
+    full_a, full_b = a.models.state(), b.models.state()
+    assert all(torch.equal(full_a[k], full_b[k]) for k in shared)
+    statistics = [
+        k for k in norms if k.startswith(("image.encoder.", "mask.decoder.")) and "running" in k
+    ]
+    if local:
+        assert not shared & norms
+        assert all(not torch.equal(full_a[k], full_b[k]) for k in statistics)
+    else:
+        assert set(statistics) <= shared
 
 
 def test_the_mean_is_flowers_weighted_mean():

@@ -4,7 +4,9 @@ The server of split training receives, from the victim site, the keyed image lat
 training batch (augmented as the protocol augments them), the keyed latents of its test queries
 at evaluation, and the gradient of the site's loss with respect to the keyed mask latents the
 server returned. It holds its UMN. With ``finetune_share = "average"`` it also holds the
-averaged encoder and mask decoder (which every site ends with); with ``"blind"`` it does not.
+averaged encoder and mask decoder (which every site ends with; with ``local_batch_norm`` their
+batch norms stay at the sites, and the attacks give the server the victim's own: a stronger
+server than the protocol makes); with ``"blind"`` it holds neither.
 It has auxiliary images of the same modality that are never the victim's: another site's
 training set (with masks, for the attacks that need labelled auxiliary data).
 
