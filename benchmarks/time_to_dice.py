@@ -25,6 +25,9 @@ recorded beside each part)::
     .venv/bin/python benchmarks/time_to_dice.py --out results/bench/ttd-demo
     .venv/bin/python benchmarks/time_to_dice.py --config simulations/scenarios/us-nerve.toml \\
         --every 20 --unet-minutes 40 --out results/bench/ttd-us-nerve
+
+``--fedseg-only`` draws fedseg's in-process curve alone, to compare variants by Dice
+(``--set training.local_batch_norm=true``).
 """
 
 from __future__ import annotations
@@ -323,6 +326,12 @@ def main() -> None:
         metavar="SECTION.FIELD=JSON",
         help="any config field, e.g. --set training.finetune_pipeline=false",
     )
+    parser.add_argument(
+        "--fedseg-only",
+        action="store_true",
+        help="only fedseg's in-process curve (no Flower timing, no UNet): for comparing "
+        "variants of fedseg by Dice; writes <out>/fedseg_curve.json",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench/time-to-dice"))
     args = parser.parse_args()
     overrides = dict(_override(item) for item in args.set)
@@ -336,6 +345,13 @@ def main() -> None:
     sites = load_federation(cfg)
     epochs = split_epochs(cfg.training, [len(s.train) for s in sites])
     print(f"fedseg: {epochs} epochs of split training", flush=True)
+    if args.fedseg_only:
+        with tempfile.TemporaryDirectory() as keys:
+            fed = federated_curve(cfg, sites, args.every, Path(keys))
+        fed = {"command": " ".join(sys.argv), "scenario": cfg.name, **fed}
+        (args.out / "fedseg_curve.json").write_text(json.dumps(fed, indent=2))
+        print(f"fedseg final Dice {fed['points'][-1]['dice']:.3f}")
+        return
     rate = flower_rate(fresh(), min(args.flower_epochs, epochs), args.out / "flower")
     print(f"through Flower: {rate['seconds_per_epoch']:.2f} s an epoch", flush=True)
     with tempfile.TemporaryDirectory() as keys:

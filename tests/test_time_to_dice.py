@@ -4,6 +4,7 @@ the ratio, scoring kept off the clock) and the split-step profile's accounting."
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -113,3 +114,27 @@ def test_both_systems_are_scored_densely_before_their_regular_interval():
         last = ttd.next_score_at(last, 40.0)
         times.append(last)
     assert times == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 160.0, 200.0]
+
+
+def test_fedseg_only_draws_the_in_process_curve_of_a_variant(tmp_path, monkeypatch):
+    """``--fedseg-only`` with ``--set``: the variant's curve alone, scored after the last
+    epoch, the override in force (nothing of Flower or the UNet runs)."""
+    out = tmp_path / "curve"
+    argv = ["time_to_dice.py", "--fedseg-only", "--every", "2", "--out", str(out)]
+    for item in (
+        "training.finetune_epochs=3",
+        "training.threads=1",
+        "data.synthetic_train=8",
+        "data.synthetic_test=4",
+        "model.image_size=32",
+        "training.local_batch_norm=false",
+    ):
+        argv += ["--set", item]
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr(ttd, "flower_rate", None)  # called, it would fail the test
+    monkeypatch.setattr(ttd, "unet_curve", None)
+    ttd.main()
+    curve = json.loads((out / "fedseg_curve.json").read_text())
+    assert [p["epoch"] for p in curve["points"]] == [1, 2, 3]
+    assert all(0.0 <= p["dice"] <= 1.0 for p in curve["points"])
+    assert "local_batch_norm=false" in curve["command"]
