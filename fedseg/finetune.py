@@ -281,7 +281,7 @@ def kept_finetuners() -> KeptFinetuners:
 
 def batch_norm_keys(models: SiteModels) -> set[str]:
     """State keys of every batch norm in a site's autoencoders (weights and statistics)."""
-    keys = set()
+    keys: set[str] = set()
     for prefix, net in (("image.", models.image_ae), ("mask.", models.mask_ae)):
         for name, module in net.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
