@@ -255,9 +255,10 @@ class TrainingConfig:
     # FedBN (Li et al., ICLR 2021): the encoder's and mask decoder's batch norms (affine
     # weights and running statistics) stay at each site and out of the aggregation; the rest is
     # shared as finetune_share says. For hospitals whose scanners differ (feature shift): the
-    # demo's synthetic hospitals 0.820 over seeds 0-3 against 0.781 (seeds 0/1) with shared
-    # norms. Off by default: on one source cut into sites it costs Dice (us-nerve 0.672
-    # against 0.707, hippocampus 0.762 against 0.770, seed 0; docs/results.md).
+    # demo's synthetic hospitals 0.820 over seeds 0-3 (100 epochs) against 0.781 (seeds 0/1,
+    # 120 epochs) with shared norms. Off by default: on one source cut into sites it costs
+    # Dice (us-nerve 0.672 against 0.707, hippocampus 0.762 against 0.770, seed 0;
+    # docs/results.md).
     local_batch_norm: bool = False
     threads: int = 2
     seed: int = 0
