@@ -31,7 +31,7 @@ from fedseg.privacy.ckks import (
 from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
-from fedseg.training import Budget, SiteLatents, cosine_lr, map_latents, nhwc, train_umn
+from fedseg.training import Budget, SiteLatents, adamw, cosine_lr, map_latents, nhwc, train_umn
 from fedseg.wire import GRAD_DTYPE, MagnitudeGuard, check_fields, pack, unpack
 
 CHECKPOINT_NAME = "umn.pt"
@@ -220,9 +220,46 @@ class Coordinator:
             raise CkksError("encrypted queries need model.umn_arch = 'he'")
         return self.umn
 
+    def finetune_map(
+        self, batches: dict[str, dict[str, np.ndarray]]
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+        """Split-learning step 2 (fedseg/finetune.py) for every site's batch of a step: each
+        batch checked and taken out of its site's key on its own, then one pass of the UMN over
+        all of them, graphs kept for step 4. A batch is at most ``training.batch_size`` items.
+        Returns the mapped batches and the refused sites, with why."""
+        inputs, refused = {}, {}
+        for site in sorted(batches):  # name order: the first batch fixes a site's input bases
+            try:
+                inputs[site] = self._finetune_input(site, batches[site])
+            except ValueError as err:
+                refused[site] = str(err)
+        if not inputs:
+            return {}, refused
+        self.umn.train()
+        outs = self.umn.map_sites(
+            [
+                ([nhwc(z) for z in image], self.umn.site_index(site))
+                for site, (_, image) in inputs.items()
+            ]
+        )
+        mapped = {}
+        for (site, (keyed, _)), out in zip(inputs.items(), outs, strict=True):
+            keyed_out = self._transforms[site].forward(out, "mask")
+            self._finetune_graphs[site] = (keyed, keyed_out)
+            mapped[site] = pack(keyed_out, "mask")
+        return mapped, refused
+
     def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Split-learning step 2 (fedseg/finetune.py): map one batch, keeping its graph. A
-        batch is at most ``training.batch_size`` items."""
+        """:meth:`finetune_map` for one site's batch; a refused batch raises ValueError."""
+        mapped, refused = self.finetune_map({site: arrays})
+        if site in refused:
+            raise ValueError(refused[site])
+        return mapped[site]
+
+    def _finetune_input(
+        self, site: str, arrays: dict[str, np.ndarray]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A site's keyed latents (leaves, for their gradient) and the same un-keyed."""
         self._check_site(site)
         t = self._transforms[site]
         check_fields(arrays, ("image",), len(self.shapes))
@@ -232,19 +269,16 @@ class Coordinator:
         image = t.inverse(keyed, "image")
         if self.cfg.model.canonical_adapters and not self.umn.has_input_basis(site):
             self._start_input_bases(site, image)
-        self.umn.train()
-        mapped = t.forward(self.umn([nhwc(z) for z in image], self.umn.site_index(site)), "mask")
-        self._finetune_graphs[site] = (keyed, mapped)
-        return pack(mapped, "mask")
+        return keyed, image
 
     def finetune_backward(
         self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Step 4: each site's loss gradient through the UMN and one optimizer step per site
-        (as if the sites' batches had come one after another; the gradients are all taken
-        before the first step, so the later sites' are one or two steps stale). Returns each
-        site's gradient for its keyed image latents, and the sites whose gradient was refused
-        (with why); a refused or missing site does not count this step."""
+        """Step 4: the sites' loss gradients back through the step's one UMN pass, and one
+        optimizer step on their mean (as the centralized UNet takes one step on a batch drawn
+        from all sites). Returns each site's gradient for its keyed image latents, and the
+        sites whose gradient was refused (with why); a refused or missing site does not count
+        this step."""
         graphs, self._finetune_graphs = self._finetune_graphs, {}
         accepted, refused = {}, {}
         for site, arrays in sorted(grads.items()):  # a fixed order, whatever replied first
@@ -260,21 +294,28 @@ class Coordinator:
                 refused[site] = str(err)
                 continue
             accepted[site] = grad
+        if not accepted:
+            self.umn.eval()
+            return {}, refused
         params = list(self.umn.parameters())
         if self._finetune_opt is None:
-            lr = self.cfg.training.finetune_lr
-            self._finetune_opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+            self._finetune_opt = adamw(params, self.cfg.training.finetune_lr)
         cosine_lr(self._finetune_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
-        answers, steps = {}, []
-        for site, grad in accepted.items():
-            keyed, mapped = graphs[site]
-            out = torch.autograd.grad(mapped, [*keyed, *params], grad, allow_unused=True)
-            answers[site] = pack(list(out[: len(keyed)]), "grad", GRAD_DTYPE)
-            steps.append(out[len(keyed) :])
-        for step in steps:  # other sites' adapters get None: AdamW leaves them alone
-            for p, g in zip(params, step, strict=True):
-                p.grad = g
-            self._finetune_opt.step()
+        keyed = [z for site in accepted for z in graphs[site][0]]
+        out = torch.autograd.grad(
+            [m for site in accepted for m in graphs[site][1]],
+            [*keyed, *params],
+            [g for grad in accepted.values() for g in grad],
+            allow_unused=True,  # other sites' adapters, when each site has its own
+        )
+        scales = len(self.shapes)
+        answers = {
+            site: pack(list(out[i * scales : (i + 1) * scales]), "grad", GRAD_DTYPE)
+            for i, site in enumerate(accepted)
+        }
+        for p, g in zip(params, out[len(keyed) :], strict=True):
+            p.grad = None if g is None else g / len(accepted)  # the mean of the sites' losses
+        self._finetune_opt.step()
         self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
         return answers, refused
@@ -314,10 +355,9 @@ class Coordinator:
             adapters = [p for n, p in self.umn.named_parameters() if "adapters" in n]
             trunk = [p for n, p in self.umn.named_parameters() if "adapters" not in n]
             scale = self.cfg.training.adapter_lr_scale
-            self.optimizer = torch.optim.AdamW(
+            self.optimizer = adamw(
                 [{"params": trunk, "lr_scale": 1.0}, {"params": adapters, "lr_scale": scale}],
-                lr=self.cfg.training.umn_lr,
-                weight_decay=1e-4,
+                self.cfg.training.umn_lr,
             )
             try:
                 self.optimizer.load_state_dict(state["optimizer"])

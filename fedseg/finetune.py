@@ -36,7 +36,7 @@ from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.transforms import Keyed
 from fedseg.site import SiteModels
-from fedseg.training import augment, cosine_lr, nhwc, to_nhwc
+from fedseg.training import adamw, augment, cosine_lr, nhwc, to_nhwc
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
@@ -73,17 +73,14 @@ class SiteFinetuner:
         self.blinder = blinder  # training.finetune_share = "blind": masks its shared weights
         self.shapes = latent_shapes(cfg.model.image_size, cfg.model.latent_channels)
         lr = cfg.training.finetune_lr
-        self.encoder_opt = torch.optim.AdamW(
-            models.image_ae.encoder.parameters(), lr=lr, weight_decay=1e-4
-        )
-        self.decoder_opt = torch.optim.AdamW(
-            models.mask_ae.decoder.parameters(), lr=lr, weight_decay=1e-4
-        )
+        self.encoder_opt = adamw(models.image_ae.encoder.parameters(), lr)
+        self.decoder_opt = adamw(models.mask_ae.decoder.parameters(), lr)
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
         # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at
-        # step 3; that gradient waits here, by (epoch, step), for step 4, where the encoder
-        # takes one step on both (pipelined, step 4 of a batch comes after step 3 of the next).
-        self.local_grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # step 3, as a gradient for the local-skip features; it waits here, by (epoch, step),
+        # for step 4, where one backward pass through the encoder takes it with the server's
+        # (pipelined, step 4 of a batch comes after step 3 of the next).
+        self.local_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
         # Step 1's encoder pass (epoch, step, keyed latents, local-skip features), graph and
         # all, until step 4: the batch is encoded once a step, not three times. Not state.
         self._pass: tuple[int, int, list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -125,19 +122,18 @@ class SiteFinetuner:
     ) -> None:
         """Step 4: the server's gradient for that step's keyed image latents, into the encoder."""
         grad = unpack(grads, "grad", self.shapes, dtype=GRAD_DTYPE)
-        keyed = self._encode(epoch, step)[0]
+        keyed, local = self._encode(epoch, step)
         self._pass = None  # its graph is spent below, and the step changes the weights
         if keyed[0].shape[0] != grad[0].shape[0]:
             raise ValueError(f"gradient for {grad[0].shape[0]} items, batch has {len(keyed[0])}")
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.encoder_opt.zero_grad(set_to_none=True)
-        torch.autograd.backward(keyed, grad)
-        local = self.local_grads.pop((epoch, step), {})
+        local_grads = self.local_grads.pop((epoch, step), None)
         self.local_grads.clear()  # an older step's would never be used
-        for name, param in self.models.image_ae.encoder.named_parameters():
-            extra = local.get(name)
-            if extra is not None:
-                param.grad = extra if param.grad is None else param.grad + extra
+        if local_grads is None:
+            torch.autograd.backward(keyed, grad)
+        else:  # one pass back through the encoder for both: its first stages are the costly
+            torch.autograd.backward([*keyed, *local], [*grad, *local_grads])
         self.encoder_opt.step()
         self.models.image_ae.eval()
 
@@ -152,22 +148,18 @@ class SiteFinetuner:
         decoder = self.models.mask_ae.decoder
         decoder.train()
         local = None
-        encoder = self.models.image_ae.encoder
-        if decoder.local_skips:
-            encoder.zero_grad(set_to_none=True)
-            local = self._encode(epoch, step)[1]
+        if decoder.local_skips:  # cut from the encoder's graph: step 4 goes back through it
+            local = [f.detach().requires_grad_() for f in self._encode(epoch, step)[1]]
+            self.models.image_ae.encoder.eval()
         logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")], local)
         loss = self.loss_fn(logits, y[:, None])
         cosine_lr(self.decoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.decoder_opt.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=local is not None)  # step 4 goes back through that pass
+        loss.backward()
         self.decoder_opt.step()
         decoder.eval()
         if local is not None:
-            grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
-            self.local_grads[(epoch, step)] = grads
-            encoder.zero_grad(set_to_none=True)
-            encoder.eval()
+            self.local_grads[(epoch, step)] = [cast(torch.Tensor, f.grad) for f in local]
         keyed_grads = [cast(torch.Tensor, z.grad) for z in keyed]  # leaves of this graph: set
         return pack(keyed_grads, "grad", GRAD_DTYPE), float(loss.item())
 
@@ -235,7 +227,10 @@ class SiteFinetuner:
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])
-        self.local_grads = {(e, k): g for e, k, g in state.get("local_grads") or []}
+        # (a state saved before the local gradients were per feature held parameter gradients:
+        # that one step's local part is dropped)
+        saved = state.get("local_grads") or []
+        self.local_grads = {(e, k): g for e, k, g in saved if isinstance(g, list)}
         if self.blinder is not None:
             self.blinder.used |= set(state.get("blind_labels", []))
 

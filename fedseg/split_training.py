@@ -272,20 +272,23 @@ class SplitTraining:
         return self._step_server(replies, epoch, step)
 
     def _map(self, active: list[str], epoch: int, step: int, ahead: dict) -> dict[str, Arrays]:
-        """The server's forward pass of each site's batch; a refused batch is skipped (the
-        site goes on with the next step). Sites in name order, not reply order: the server's
-        first batch fixes the UMN's input bases, and the order of its updates should not
-        depend on who answered first."""
-        mapped = {}
+        """The server's forward pass of the sites' batches, one pass for all of them; a
+        refused batch is skipped (the site goes on with the next step). Sites in name order,
+        not reply order: the server's first batch fixes the UMN's input bases, and the order of
+        the joint batch should not depend on who answered first."""
+        batches = {}
         for site in sorted(active):
             reply = ahead.pop(site, None)
-            try:
-                if reply is None or reply.latents is None:
-                    problem = reply.problems.get("latents") if reply else None
-                    raise ValueError(problem or "no latents in the reply")
-                mapped[site] = self.coordinator.finetune_forward(site, reply.latents)
-            except ValueError as err:
-                self.link.reject(site, f"latents: {err}", epoch + 1, step + 1)
+            if reply is None or reply.latents is None:
+                problem = reply.problems.get("latents") if reply else None
+                self.link.reject(
+                    site, f"latents: {problem or 'no latents in the reply'}", epoch + 1, step + 1
+                )
+            else:
+                batches[site] = reply.latents
+        mapped, refused = self.coordinator.finetune_map(batches)
+        for site, reason in refused.items():
+            self.link.reject(site, f"latents: {reason}", epoch + 1, step + 1)
         return mapped
 
     def _backward_call(self, site: str, epoch: int, step: int, mapped: Arrays) -> BackwardCall:

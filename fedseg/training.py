@@ -58,6 +58,13 @@ class Budget:
         return time.perf_counter() - self.start
 
 
+def adamw(params, lr: float, weight_decay: float = 1e-4) -> torch.optim.AdamW:
+    """AdamW as every training loop here uses it. ``fused``: one kernel for all parameters
+    instead of a dozen small ops per tensor; on this CPU a step of the UMN (120 tensors)
+    takes 2.1 ms instead of 5.2, of the UNet 1.3 instead of 6.3 (docs/performance.md)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
     for group in optimizer.param_groups:
         scale = group.get("lr_scale", 1.0)
@@ -140,7 +147,7 @@ def train_autoencoders(
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
     params = list(image_ae.parameters()) + list(mask_ae.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    optimizer = adamw(params, lr)
     mask_loss_fn = DiceCELoss(softmax=True)
     to_nhwc(image_ae, mask_ae)
     image_ae.train()
@@ -261,7 +268,7 @@ def train_umn(
             {"params": trunk, "lr_scale": 1.0},
             {"params": adapters, "lr_scale": adapter_lr_scale},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
+        optimizer = adamw(groups, lr)
     to_nhwc(umn)
     umn.train()
     epoch, last = start_epoch, float("nan")
@@ -320,7 +327,7 @@ def train_segmenter(
     (``augment_fn``: another, e.g. for volumes; ``channels_last``: 2D images in NHWC)."""
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = adamw(net.parameters(), lr)
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
     layout = nhwc if channels_last else (lambda x: x)
     if channels_last:

@@ -357,3 +357,39 @@ def test_a_finished_fine_tuning_is_not_resumed_but_adding_one_is_allowed(flower_
     before = fingerprint(cfg)
     cfg.training.finetune_epochs, cfg.training.finetune_lr = 7, 1e-3
     assert fingerprint(cfg) == before
+
+
+def test_one_umn_pass_and_one_step_serve_all_sites_batches(setup):
+    """Step 2 maps every site's batch in one pass of the UMN, and step 4 takes one optimizer
+    step for all of them; each site still gets what its batch alone would have given it (the
+    UMN has no batch statistics), and the gradient of its own loss."""
+    cfg, sites, tuners, coord = _fresh(setup)
+    names = [s.name for s in sites]
+    alone = {n: copy.deepcopy(coord) for n in names}
+    batches = {n: tuners[n].forward(0, 0) for n in names}
+    mapped, refused = coord.finetune_map(batches)
+    assert not refused and set(mapped) == set(names)
+    grads = {}
+    for n in names:
+        own = alone[n].finetune_forward(n, batches[n])
+        for a, b in zip(
+            unpack(mapped[n], "mask", tuners[n].shapes),
+            unpack(own, "mask", tuners[n].shapes),
+            strict=True,
+        ):
+            assert torch.allclose(a, b, atol=2e-3 * float(b.abs().max()))
+        grads[n], _ = tuners[n].decode_and_backward(0, 0, 1, mapped[n])
+    answers, refused = coord.finetune_backward(grads, 0, 1)
+    assert not refused and set(answers) == set(names)
+    for n in names:
+        own, _ = alone[n].finetune_backward({n: grads[n]}, 0, 1)
+        for a, b in zip(
+            unpack(answers[n], "grad", tuners[n].shapes, dtype=GRAD_DTYPE),
+            unpack(own[n], "grad", tuners[n].shapes, dtype=GRAD_DTYPE),
+            strict=True,
+        ):
+            assert torch.allclose(a, b, atol=1e-3 * float(b.abs().max()))
+    opt = coord._finetune_opt
+    assert opt is not None
+    steps = {int(state["step"]) for state in opt.state.values()}
+    assert steps == {1}, f"one UMN step for the sites' batches, not {steps}"

