@@ -41,7 +41,7 @@ Call = tuple[str, int, float, float]  # label, pid, start, end
 SITE_HANDLERS = ("clients.app.Hospital.finetune_forward", "clients.app.Hospital.finetune_backward")
 SITE_COMPUTE = ("fedseg.hospital.finetune_forward", "fedseg.hospital.finetune_backward")
 UMN = (
-    "fedseg.coordinator.Coordinator.finetune_forward",
+    "fedseg.coordinator.Coordinator.finetune_map",
     "fedseg.coordinator.Coordinator.finetune_backward",
 )
 GUARD = "clients.app.Hospital.outgoing_guard"

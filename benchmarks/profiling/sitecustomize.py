@@ -22,7 +22,7 @@ TIMED = {
     ],
     "fedseg.hospital": [("", "finetune_forward"), ("", "finetune_backward")],
     "fedseg.coordinator": [
-        ("Coordinator", "finetune_forward"),
+        ("Coordinator", "finetune_map"),
         ("Coordinator", "finetune_backward"),
     ],
     "fedseg.checkpoint": [("", "save_private")],
