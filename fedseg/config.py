@@ -250,7 +250,8 @@ class TrainingConfig:
     # epoch 2.98 s against 3.48 s, Dice 0.793 against 0.785 at library level). Off elsewhere
     # until it shows a gain beyond noise: on us-nerve an epoch 4.55 against 5.08 s, Dice 0.689
     # against 0.700 at 400 epochs (one run each; the encoder's pass is computed twice;
-    # docs/performance.md "Time to Dice").
+    # docs/performance.md "Time to Dice"); on hippocampus 9.9 against 11.3 s an epoch but
+    # slower to learn: the UNet's plateau - 2 pp at 248 against 189 s (session 31).
     finetune_pipeline: bool = False
     # FedBN (Li et al., ICLR 2021): the encoder's and mask decoder's batch norms (affine
     # weights and running statistics) stay at each site and out of the aggregation; the rest is
