@@ -13,20 +13,26 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg import hospital, obfuscation, protocol, site_worker
+from fedseg import protocol, site_worker
 from fedseg.config import RunConfig, config_from_run_config
-from fedseg.deploy.runtime import resolve_scenario
+from fedseg.deploy.runtime import deployed_site, node_out_dir, resolve_scenario
 from fedseg.privacy.audit import guard_and_audit, numeric_lists
 from fedseg.privacy.redact import SiteError, public_error
 from fedseg.protocol import FinetuneRequest, LatentRequest, RoundRequest, SegmentRequest
-from fedseg.site import SiteSetup, resolve_site
 from fedseg.split_training import BackwardCall, ForwardCall
+
+if TYPE_CHECKING:
+    from fedseg.site import SiteSetup
+
+# torch, the models and the site's data load where a handler computes here (``resolve``): a
+# deployed node starts this app in a new process for every message, and a split-training step
+# only hands its message to the hospital's worker, which holds them all (fedseg/site_worker.py).
 
 log = logging.getLogger("fedseg.client")
 APP_DIR = Path(__file__).resolve().parents[1]  # the app as installed on this node
@@ -39,13 +45,34 @@ class Hospital:
     def __init__(self, cfg: RunConfig | None = None) -> None:
         self.cfg = cfg
 
+    def config(self, context: Context) -> RunConfig:
+        return self.cfg or config_from_run_config(
+            resolve_scenario(dict(context.run_config), APP_DIR)
+        )
+
     def resolve(self, context: Context) -> tuple[RunConfig, SiteSetup]:
-        run_config = resolve_scenario(dict(context.run_config), APP_DIR)
-        cfg = self.cfg or config_from_run_config(run_config)
+        """The run's config and this hospital's site, its data loaded (once per process in a
+        simulation: fedseg.data caches it)."""
+        import torch
+
+        from fedseg.site import resolve_site
+
+        cfg = self.config(context)
         torch.set_num_threads(cfg.training.threads)
         return cfg, resolve_site(cfg, dict(context.node_config))
 
+    def identity(self, context: Context) -> tuple[RunConfig, str, Path | None]:
+        """(config, site name, key file) for the guard: a deployed node's from its node config,
+        without loading its data; a simulated node's from its (cached) site."""
+        deployed = deployed_site(dict(context.node_config))
+        if deployed is not None:
+            return self.config(context), deployed.name, deployed.key_file
+        cfg, setup = self.resolve(context)
+        return cfg, setup.split.name, setup.key_file
+
     def register(self, msg: Message, context: Context) -> Message:
+        from fedseg import hospital
+
         cfg, setup = self.resolve(context)
         options = msg.content.config_records.get(protocol.CONFIG, {})
         metrics, info = hospital.register(cfg, setup, bool(options.get("reuse", False)))
@@ -55,12 +82,16 @@ class Hospital:
         return Message(RecordDict(reply), reply_to=msg)
 
     def latents(self, msg: Message, context: Context) -> Message:
+        from fedseg import hospital
+
         cfg, setup = self.resolve(context)
         request = LatentRequest.from_config(msg.content.config_records[protocol.REQUEST])
         arrays = hospital.latent_chunk(cfg, setup, request)
         return Message(RecordDict({protocol.LATENTS: to_record(arrays)}), reply_to=msg)
 
     def umn_round(self, msg: Message, context: Context) -> Message:
+        from fedseg import hospital
+
         cfg, setup = self.resolve(context)
         request = RoundRequest.from_config(msg.content.config_records[protocol.REQUEST])
         beat = ConfigRecord({"site": setup.split.name, "round": request.round})
@@ -71,7 +102,6 @@ class Hospital:
         return Message(content, reply_to=msg)
 
     def finetune_forward(self, msg: Message, context: Context) -> Message:
-        cfg, setup = self.resolve(context)
         records = msg.content.array_records
         weights, blinded = records.get(protocol.WEIGHTS), records.get(protocol.BLINDED)
         call = ForwardCall(
@@ -80,28 +110,28 @@ class Hospital:
             weights=weights.to_torch_state_dict() if weights is not None else None,
             blinded_sum=blinded["sum"].numpy() if blinded is not None else None,
         )
-        answer = self.split_step("finetune_forward", cfg, setup, context, call, msg.metadata.run_id)
+        answer = self.split_step("finetune_forward", context, call, msg.metadata.run_id)
         content = RecordDict()
         if answer.latents is not None:
             content[protocol.LATENTS] = to_record(answer.latents)
         if answer.blinded is not None:
             content[protocol.BLINDED] = to_record({"sum": answer.blinded})
-        if answer.weights is not None:
+        if answer.weights is not None:  # average: once an epoch
+            _, setup = self.resolve(context)
             content[protocol.WEIGHTS] = ArrayRecord(answer.weights)
             content[protocol.METRICS] = MetricRecord({"num-examples": len(setup.split.train)})
         if answer.done:
-            content[protocol.DONE] = ConfigRecord({"site": setup.split.name})
+            content[protocol.DONE] = ConfigRecord({"site": self.identity(context)[1]})
         return Message(content, reply_to=msg)
 
     def finetune_backward(self, msg: Message, context: Context) -> Message:
-        cfg, setup = self.resolve(context)
         records = msg.content.array_records
         call = BackwardCall(
             FinetuneRequest.from_config(msg.content.config_records[protocol.REQUEST]),
             arrays_of(records[protocol.MAPPED]),
             owed=optional_arrays(records, protocol.GRAD),
         )
-        answer = self.split_step("finetune_backward", cfg, setup, context, call)
+        answer = self.split_step("finetune_backward", context, call)
         content = RecordDict(
             {
                 protocol.GRAD: to_record(answer.grad),
@@ -112,20 +142,27 @@ class Hospital:
             content[protocol.LATENTS] = to_record(answer.latents)
         return Message(content, reply_to=msg)
 
-    def split_step(self, fn: str, cfg: RunConfig, setup: SiteSetup, context: Context, *args, **kw):
+    def split_step(self, fn: str, context: Context, *args):
         """A split-training call, in the hospital's worker when it has one (fedseg/site_worker.py:
-        the state stays in memory, the sites run side by side), else in this process."""
+        the state stays in memory, the sites run side by side, and this process needs neither
+        torch nor the site's data for it), else in this process."""
+        cfg = self.config(context)
         node_config = dict(context.node_config)
-        where = site_worker.placement(cfg, node_config, setup.out_dir)
+        where = site_worker.placement(cfg, node_config, node_out_dir(cfg.out_dir, node_config))
         if where is None:
-            return getattr(hospital, fn)(cfg, setup, *args, **kw)
+            from fedseg import hospital
+
+            cfg, setup = self.resolve(context)
+            return getattr(hospital, fn)(cfg, setup, *args)
         folder, slot, threads = where
-        return site_worker.call(folder, slot, fn, cfg, node_config, *args, threads=threads, **kw)
+        return site_worker.call(folder, slot, fn, cfg, node_config, *args, threads=threads)
 
     def segment(self, msg: Message, context: Context) -> Message:
         """Plain: decode ``MAPPED`` and score. Encrypted (a ``SegmentRequest``): send the CKKS
         public bundle, the ciphertexts of a chunk of test latents, or decrypt ``MAPPED`` and
         score; a site whose own config does not say ``privacy.query = "ckks"`` refuses."""
+        from fedseg import hospital
+
         cfg, setup = self.resolve(context)
         config = msg.content.config_records
         request = (
@@ -147,6 +184,8 @@ class Hospital:
 
     def inr_release(self, msg: Message, context: Context) -> Message:
         """``mode = "inr"``: one chunk of training images, re-rendered from mixed codes."""
+        from fedseg import obfuscation
+
         cfg, setup = self.resolve(context)
         request = LatentRequest.from_config(msg.content.config_records[protocol.REQUEST])
         arrays, fit = obfuscation.release_chunk(cfg, setup, request, msg.metadata.run_id)
@@ -155,6 +194,8 @@ class Hospital:
 
     def inr_evaluate(self, msg: Message, context: Context) -> Message:
         """``mode = "inr"``: score the server's network on this site's own test images."""
+        from fedseg import obfuscation
+
         cfg, setup = self.resolve(context)
         state = msg.content.array_records[protocol.WEIGHTS].to_torch_state_dict()
         metrics = obfuscation.score_network(cfg, setup, state)
@@ -165,11 +206,9 @@ class Hospital:
         """No reply leaves with key material in it (arrays, metrics, config, text)."""
         reply = call_next(msg, context)
         if reply.has_content():
-            cfg, setup = self.resolve(context)
+            cfg, site, key_file = self.identity(context)
             arrays, texts = reply_payload(reply)
-            guard_and_audit(
-                cfg, setup.split.name, setup.key_file, msg.metadata.message_type, arrays, texts
-            )
+            guard_and_audit(cfg, site, key_file, msg.metadata.message_type, arrays, texts)
         return reply
 
     def simulated_profile(self, msg: Message, context: Context, call_next) -> Message:

@@ -18,6 +18,7 @@ from fedseg.atomic import torch_save_atomic
 from fedseg.config import RunConfig, method_name
 from fedseg.data import SiteData, SiteSplit, input_channels, load_local_site, site_for_partition
 from fedseg.data.volumes import is_whole, predicted_volumes, write_volumes
+from fedseg.deploy.runtime import deployed_site, node_out_dir
 from fedseg.evaluation import segmentation_metrics, volume_metrics
 from fedseg.figures import Examples, write_overlays
 from fedseg.models.autoencoder import SkipAutoencoder, latent_shapes
@@ -313,10 +314,10 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     Node config keys: ``data-dir``, ``key-file``, ``site-name``, ``out-dir`` (deployment) or
     ``partition-id`` (simulation).
     """
-    out_dir = Path(str(node_config.get("out-dir", cfg.out_dir)))
-    if "data-dir" in node_config:
-        name = str(node_config.get("site-name", Path(str(node_config["data-dir"])).name))
-        split = load_local_site(cfg, Path(str(node_config["data-dir"])), name)
+    out_dir = node_out_dir(cfg.out_dir, node_config)
+    deployed = deployed_site(node_config)
+    if deployed is not None:
+        split = load_local_site(cfg, Path(str(node_config["data-dir"])), deployed.name)
     elif "partition-id" in node_config:
         split = site_for_partition(cfg, int(node_config["partition-id"]))
     else:

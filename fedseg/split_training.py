@@ -28,14 +28,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from fedseg.config import RunConfig
-from fedseg.finetune import SiteFinetuner, finetune_steps, split_epochs
 from fedseg.privacy.blind import add_blinded, mask_label
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest
+
+if TYPE_CHECKING:  # the call types below travel through a deployed node's one-message
+    # ClientApp process, which needs no torch for them (clients/app.py)
+    from fedseg.finetune import SiteFinetuner
 
 log = logging.getLogger("fedseg.server")
 Arrays = dict[str, np.ndarray]
@@ -183,6 +186,8 @@ class SplitTraining:
         self.timeout_s = timeout_s
         self.share_timeout_s = share_timeout_s or timeout_s
         self.share = self.cfg.training.finetune_share
+        from fedseg.finetune import finetune_steps, split_epochs
+
         self.epochs = split_epochs(self.cfg.training, sites.values())
         self.steps = {n: finetune_steps(k, self.cfg.training.batch_size) for n, k in sites.items()}
         self.owed: dict[str, tuple[int, int, Arrays]] = {}  # encoder gradients not yet sent

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from fedseg.config import RunConfig, preset_config
+from fedseg.data.synthetic import synthetic_site
 
 
 def small_config(
@@ -43,3 +47,17 @@ def blind_config(out_dir: Path, sites: int = 3, epochs: int = 3) -> RunConfig:
     cfg.training.batch_size = 4
     cfg.training.finetune_epochs = epochs
     return cfg.validate()
+
+
+def write_site_data(folder: Path, index: int) -> None:
+    """8 training and 4 test PNG pairs of one synthetic hospital, as a site would have them."""
+    for sub, n, seed in (("", 8, 0), ("test", 4, 1)):
+        data = synthetic_site(index, n, 64, seed=seed)
+        (folder / sub / "images").mkdir(parents=True, exist_ok=True)
+        (folder / sub / "masks").mkdir(parents=True, exist_ok=True)
+        for j in range(n):
+            image = data.images[j, 0]
+            image = ((image - image.min()) / (np.ptp(image) + 1e-6) * 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / sub / "images" / f"p{j:03d}.png")
+            mask = data.masks[j].astype(np.uint8)
+            Image.fromarray(mask).save(folder / sub / "masks" / f"p{j:03d}.png")

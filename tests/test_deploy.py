@@ -23,12 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tomli_w
-from PIL import Image
 
-from fedseg.data.synthetic import synthetic_site
 from fedseg.deploy.certs import supernode_keypair
 from fedseg.deploy.runtime import (
     binary,
@@ -41,10 +38,14 @@ from fedseg.deploy.runtime import (
     write_flwr_config,
 )
 from fedseg.privacy.keys import write_key_file
-from tests.helpers import blind_config
+from tests.helpers import blind_config, write_site_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["hospital-a", "hospital-b"]
+# benchmarks/deploy_profile.py runs this test longer, to time a deployed epoch, and keeps its
+# metrics.json
+EPOCHS = int(os.environ.get("FEDSEG_DEPLOY_EPOCHS", "2"))
+KEEP_METRICS = os.environ.get("FEDSEG_DEPLOY_METRICS", "")
 
 
 def _missing_binaries() -> list[str]:
@@ -78,20 +79,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_site_data(folder: Path, index: int) -> None:
-    """8 training and 4 test PNG pairs of one synthetic hospital, as a site would have them."""
-    for sub, n, seed in (("", 8, 0), ("test", 4, 1)):
-        data = synthetic_site(index, n, 64, seed=seed)
-        (folder / sub / "images").mkdir(parents=True, exist_ok=True)
-        (folder / sub / "masks").mkdir(parents=True, exist_ok=True)
-        for j in range(n):
-            image = data.images[j, 0]
-            image = ((image - image.min()) / (np.ptp(image) + 1e-6) * 255).astype(np.uint8)
-            Image.fromarray(image).save(folder / sub / "images" / f"p{j:03d}.png")
-            mask = data.masks[j].astype(np.uint8)
-            Image.fromarray(mask).save(folder / sub / "masks" / f"p{j:03d}.png")
 
 
 def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -158,7 +145,7 @@ def test_only_registered_hospitals_get_in(tmp_path):
     )
     env = environment(coordinator.flwr_home)
 
-    cfg = blind_config(tmp_path / "results", sites=2, epochs=2)
+    cfg = blind_config(tmp_path / "results", sites=2, epochs=EPOCHS)
     cfg.data.kind = "pairs"
     cfg.data.path = str(tmp_path / SITES[0] / "data")  # each SuperNode names its own data-dir
     cfg.federation.node_wait_s = 120
@@ -286,7 +273,9 @@ for url in sys.argv[2:]:
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == set(SITES) and metrics["dropped"] == []
     assert metrics["config"]["federation"]["registry"] == str(coordinator.registry)
-    assert len(metrics["share_bytes"]) == 2  # blind aggregation over the real SuperLink
+    if KEEP_METRICS:
+        shutil.copy(out / "metrics.json", KEEP_METRICS)
+    assert len(metrics["share_bytes"]) == EPOCHS  # blind aggregation over the real SuperLink
     for site in metrics["sites"].values():
         assert 0.0 <= site["dice_mean"] <= 1.0 and site["n_test"] == 4
     assert (out / "report.md").is_file() and (out / "checkpoints" / "umn.pt").is_file()

@@ -200,3 +200,75 @@ def test_the_worker_exits_when_its_hospitals_are_done(tmp_path):
     _wait_gone(pid)
     # The fine-tuned models are the site's now, and no state is left to resume from.
     assert not hospital.finetune_state_path(setup).exists()
+
+
+ONE_MESSAGE = """
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+for name in ("_run_id", "_node_id", "_task_id"):
+    setattr(TaskIdentity, name, 1)
+from clients.app import app
+from fedseg import protocol
+from fedseg.protocol import FinetuneRequest
+
+node, scenario = json.loads(sys.argv[1]), sys.argv[2]
+request = FinetuneRequest(0, 2, 0, start=True)
+content = RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
+message = Message(content, dst_node_id=1, message_type="train.finetune_forward")
+reply = app(message, Context(1, 1, node, RecordDict(), {"scenario": scenario}))
+print(json.dumps({
+    "error": reply.error.reason if reply.has_error() else None,
+    "latents": sorted(reply.content.array_records.get(protocol.LATENTS, {}).keys())
+    if not reply.has_error() else [],
+    "heavy": sorted(m for m in ("torch", "monai") if m in sys.modules),
+}))
+"""
+
+
+def test_a_deployed_message_process_hands_the_step_to_the_worker_without_torch(tmp_path):
+    """Flower starts a deployed hospital's ClientApp in a new process for every message. For a
+    split step that process only decodes, calls the hospital's worker and checks the reply,
+    so it must not import torch or MONAI (4 of its 6 s per message before) nor load the
+    site's data; the worker computes, and the key guard still checks what leaves."""
+    import json
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    from fedseg.config import config_from_run_config
+    from fedseg.privacy.keys import write_key_file
+    from tests.helpers import blind_config, write_site_data
+
+    root = Path(__file__).resolve().parents[1]
+    write_site_data(tmp_path / "data", 0)
+    cfg = blind_config(tmp_path / "ignored", sites=1, epochs=2)
+    cfg.data.kind, cfg.data.path = "pairs", str(tmp_path / "data")
+    cfg.training.threads = 1
+    values = cfg.validate().to_dict()
+    del values["out_dir"], values["resume"]
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(tomli_w.dumps(values))
+    node = {
+        "data-dir": str(tmp_path / "data"),
+        "key-file": str(write_key_file(tmp_path / "federation.key")),
+        "site-name": "hospital-a",
+        "out-dir": str(tmp_path / "out"),
+    }
+    deployed = config_from_run_config({"scenario": str(scenario)})
+    hospital.register(deployed, resolve_site(deployed, node), False)  # its first message
+
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_MESSAGE, json.dumps(node), str(scenario)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reply["error"] is None, reply["error"]
+    assert reply["latents"] and all(k.startswith("image") for k in reply["latents"]), reply
+    assert reply["heavy"] == [], f"the message process imported {reply['heavy']}"
+    assert _workers(tmp_path / "out"), "no site worker computed the step"

@@ -1,7 +1,9 @@
-"""Times a few functions in every process of a simulated run (the server, Ray's actors, the
-site workers) for benchmarks/split_profile.py: each call appends ``label pid start end`` to
-``$FEDSEG_PROFILE_LOG``. Python imports this file at start-up when its folder is on
-PYTHONPATH; without that variable it does nothing."""
+"""Times a few functions in every process of a run (the server, Ray's actors or a deployed
+node's one-message ClientApp processes, the site workers) for benchmarks/split_profile.py and
+benchmarks/deploy_profile.py: each call appends ``label pid start end`` to
+``$FEDSEG_PROFILE_LOG``, and each process its start (``process.start:<program>``) and end.
+Python imports this file at start-up when its folder is on PYTHONPATH; without that variable
+it does nothing."""
 
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ TIMED = {
         ("Coordinator", "finetune_backward"),
     ],
     "fedseg.checkpoint": [("", "save_private")],
+    # a deployed node's ClientApp process (flwr-clientapp): its task, FAB, app call and reply
+    "flwr.supernode.runtime.run_clientapp": [("", "pull_task_input"), ("", "push_message")],
+    "flwr.cli.install": [("", "install_from_fab")],
+    "flwr.clientapp.client_app": [("ClientApp", "__call__")],
 }
 
 
@@ -69,5 +75,23 @@ class _TimingFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _log_process() -> None:
+    """The process's start (about when Python started: this runs at start-up) and its end."""
+    import atexit
+
+    started = time.time()
+    argv = sys.orig_argv
+    program = os.path.basename(argv[1] if len(argv) > 1 else argv[0]).replace(" ", "_")
+    with open(LOG, "a") as out:
+        out.write(f"process.start:{program} {os.getpid()} {started:.6f} {started:.6f}\n")
+
+    def end() -> None:
+        with open(LOG, "a") as out:
+            out.write(f"process.end {os.getpid()} {started:.6f} {time.time():.6f}\n")
+
+    atexit.register(end)
+
+
 if LOG:
     sys.meta_path.insert(0, _TimingFinder())
+    _log_process()

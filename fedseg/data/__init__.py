@@ -231,23 +231,42 @@ def site_for_partition(cfg: RunConfig, partition_id: int) -> SiteSplit:
 
 def load_local_site(cfg: RunConfig, data_dir: Path, name: str) -> SiteSplit:
     """A real hospital's own folder: its ``test/`` subfolder is the test split if present,
-    otherwise whole patients are held out with ``federation.test_fraction``.
+    otherwise whole patients are held out with ``federation.test_fraction``. Cached per
+    process (a hospital's site worker answers every split-training step from one load); the
+    returned arrays are shared between calls: treat them as read-only.
 
     ``data.channels = 0`` is resolved from this folder and kept in ``cfg``, so the site's
     models are built for what it loaded (a deployment should set it explicitly: every
     hospital's encoder must take the same channels)."""
-    size = cfg.model.image_size
     context_slices(cfg)  # resolves context_slices = 0 (auto)
     if not cfg.data.channels:
         image_dir = data_dir / cfg.data.image_dir
         colour = cfg.data.kind == "pairs" and _folder_channels(str(image_dir)) == 3
         cfg.data.channels = 3 if colour else 1
-    channels = cfg.data.channels
-    data = load_dataset(cfg.data, size, path=str(data_dir), name=name, channels=channels)
-    if (data_dir / "test").is_dir():
+    key = {
+        "data": dataclasses.asdict(cfg.data),
+        "image_size": cfg.model.image_size,
+        "split": [cfg.federation.test_fraction, cfg.federation.seed],
+        "per_volume": cfg.evaluation.per_volume,
+    }
+    return _cached_local_site(json.dumps(key, sort_keys=True), str(data_dir), name)
+
+
+@lru_cache(maxsize=4)
+def _cached_local_site(run_json: str, data_dir: str, name: str) -> SiteSplit:
+    key = json.loads(run_json)
+    data_cfg = DatasetConfig(**key["data"])
+    size, (test_fraction, seed) = key["image_size"], key["split"]
+    channels = data_cfg.channels
+
+    def scored(test: SiteData) -> SiteData:
+        return whole_volumes(test) if key["per_volume"] else test
+
+    data = load_dataset(data_cfg, size, path=data_dir, name=name, channels=channels)
+    if (Path(data_dir) / "test").is_dir():
         test = load_dataset(
-            cfg.data, size, path=str(data_dir / "test"), name=name, channels=channels
+            data_cfg, size, path=str(Path(data_dir) / "test"), name=name, channels=channels
         )
-        return SiteSplit(name, data, scored_test(cfg, test))
-    train, test = train_test_split(data, cfg.federation.test_fraction, cfg.federation.seed)
-    return SiteSplit(name, train, scored_test(cfg, test))
+        return SiteSplit(name, data, scored(test))
+    train, test = train_test_split(data, test_fraction, seed)
+    return SiteSplit(name, train, scored(test))

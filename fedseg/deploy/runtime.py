@@ -362,3 +362,27 @@ def resolve_scenario(run_config: dict, app_dir: Path) -> dict:
     if scenario and not Path(scenario).is_absolute() and (app_dir / scenario).is_file():
         return {**run_config, "scenario": str(app_dir / scenario)}
     return run_config
+
+
+@dataclass(frozen=True)
+class DeployedSite:
+    """A deployed hospital as its node config names it (``node_config`` above)."""
+
+    name: str
+    key_file: Path | None
+
+
+def deployed_site(node: dict) -> DeployedSite | None:
+    """The hospital a deployed node serves, read from its node config alone: no data loaded,
+    so a ClientApp process that lives for one message (Flower starts one per message) can
+    check its reply without loading the hospital's images. None for a simulated node."""
+    if "data-dir" not in node:
+        return None
+    name = str(node.get("site-name", Path(str(node["data-dir"])).name))
+    key_file = node.get("key-file")
+    return DeployedSite(name, Path(str(key_file)) if key_file else None)
+
+
+def node_out_dir(out_dir: str, node: dict) -> Path:
+    """Where a node keeps its outputs: its ``out-dir`` (deployed), else the run's."""
+    return Path(str(node.get("out-dir", out_dir)))

@@ -1,4 +1,9 @@
-"""Keys and keyed transforms; nothing in here ever leaves the hospital that owns it."""
+"""Keys and keyed transforms; nothing in here ever leaves the hospital that owns it.
+
+The transforms (torch) load on first use: a deployed hospital's ClientApp runs in a process
+started for every message, and its guard needs only the keys (``fedseg/privacy/audit.py``)."""
+
+from importlib import import_module
 
 from fedseg.privacy.keys import (
     KeyFileError,
@@ -9,7 +14,8 @@ from fedseg.privacy.keys import (
     read_key_file,
     write_key_file,
 )
-from fedseg.privacy.klt import LatentTransform, apply_klt, invert_klt
+
+_LAZY = {"LatentTransform": "klt", "apply_klt": "klt", "invert_klt": "klt"}
 
 __all__ = [
     "KeyFileError",
@@ -23,3 +29,9 @@ __all__ = [
     "read_key_file",
     "write_key_file",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"fedseg.privacy.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'fedseg.privacy' has no attribute {name!r}")

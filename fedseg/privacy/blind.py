@@ -24,12 +24,15 @@ every mask), and a server that lies about which sites it added (the sites then d
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedseg.privacy.keys import derive_bytes
+
+if TYPE_CHECKING:  # the server's side (masks, sums) needs no torch
+    import torch
 
 # Fixed point: 2^-24 ~ 6e-8 per weight, far below what one optimiser step moves. The range is
 # what decides it: batch-norm running variances reach 1e5 (us-nerve's mask decoder input norm,
@@ -67,6 +70,8 @@ def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 def unflatten(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten`; integer tensors (batch counters) are rounded back."""
+    import torch
+
     out, start = {}, 0
     for name in sorted(like):
         ref = like[name]

@@ -31,7 +31,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fedseg.privacy.keys import ROLES, KeyRing, derive_bytes
-from fedseg.privacy.knt import MAX_LAYERS, KntKeyRing, knt_label
+from fedseg.privacy.knt_keys import MAX_LAYERS, KntKeyRing, knt_label
 
 INT_TYPES = (np.int32, np.int64)
 NEAR_COPY_CORRELATION = 0.9995  # 0.995 flagged honest UMN weights and latents in CI
