@@ -18,7 +18,7 @@ from fedseg.privacy import (
     read_key_file,
     write_key_file,
 )
-from fedseg.privacy.leakcheck import find_key_material
+from fedseg.privacy.leakcheck import KeyMaterial, find_key_material
 
 
 def test_key_file_is_created_0600_and_round_trips(tmp_path):
@@ -102,6 +102,23 @@ def test_leak_check_finds_secret_bytes_hex_and_permutation():
     assert find_key_material({"raw": np.frombuffer(secret, np.uint8)}, [], secret, ring)
     perm = ring.keys["image"][0].permutation.astype(np.int64)
     assert find_key_material({"p": perm}, [], secret, ring)
+
+
+def test_every_byte_pattern_is_found_at_every_alignment_in_a_large_payload():
+    """Large payloads are searched through an index of 8-byte blocks (one pass, not one per
+    pattern): a pattern must be found wherever it starts, up to the payload's last byte, and
+    in a flat payload (zero blocks: the index's many-hits fallback) too."""
+    secret = generate_secret()
+    material = KeyMaterial(secret, KeyRing.from_secret(secret, 32))
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    assert material.find({"latents.image0": np.frombuffer(noise, np.uint8)}, []) == []
+    for index, (what, pattern) in enumerate(material.patterns):
+        background = noise if index % 2 else bytes(len(noise))
+        for start in (0, 8 * 97 + index % 8, len(noise) - len(pattern)):
+            blob = background[:start] + pattern + background[start + len(pattern) :]
+            payload = {"latents.image0": np.frombuffer(blob, np.uint8)}
+            assert f"{what} in latents.image0" in material.find(payload, []), (what, start)
 
 
 def test_leak_check_has_no_false_positive_on_flat_regions():

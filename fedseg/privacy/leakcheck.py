@@ -36,6 +36,7 @@ from fedseg.privacy.knt_keys import MAX_LAYERS, KntKeyRing, knt_label
 INT_TYPES = (np.int32, np.int64)
 NEAR_COPY_CORRELATION = 0.9995  # 0.995 flagged honest UMN weights and latents in CI
 NEAR_COPY_MAX_SIZE = 4096
+INDEXED_BYTES = 4096  # payloads from this size are searched through _PatternIndex
 # The protocol's bulk payloads: Flower records (latents, gradients, mapped latents, blinded
 # sums) and the segmentation service's per-scale latents (image0, mask2, ...).
 BULK_FIELDS = re.compile(r"^(latents|grad|mapped|blinded)\.|^(image|mask)\d+$")
@@ -146,12 +147,60 @@ class _VectorTable:
         return any(w.tobytes() in self.wanted for w in np.unique(windows, axis=0))
 
 
+class _PatternIndex:
+    """Finds which byte patterns occur in a large payload in one pass over it, where the plain
+    search costs one pass per pattern (145 of them: about 16 ms for a 1.4 MB batch of latents).
+
+    The invariant: an occurrence of a pattern of at least ``2 * BLOCK - 1`` bytes covers a whole
+    ``BLOCK``-byte block at a multiple of ``BLOCK`` in the payload, and that block is one of
+    the pattern's own ``BLOCK``-byte substrings at one of ``BLOCK`` shifts. So the payload's
+    aligned blocks are looked up (a 16-bit table first, then the exact values), and each hit
+    is checked against the whole pattern there. A payload with many hits (flat regions can
+    repeat a block that a pattern holds: an int64 permutation holds zero blocks) falls back to
+    the plain search: the answer is exact either way."""
+
+    BLOCK = 8
+    MAX_HITS = 256
+
+    def __init__(self, patterns: list[bytes]) -> None:
+        self.patterns = patterns
+        where: dict[int, list[tuple[int, int]]] = {}
+        for index, pattern in enumerate(patterns):
+            if len(pattern) < 2 * self.BLOCK - 1:
+                raise ValueError("a byte pattern shorter than two blocks is not indexed")
+            for shift in range(self.BLOCK):
+                block = pattern[shift : shift + self.BLOCK]
+                where.setdefault(int.from_bytes(block, "little"), []).append((index, shift))
+        self.where = where
+        self.values = np.array(sorted(where), dtype=np.uint64)
+        self.low = np.zeros(1 << 16, dtype=bool)
+        self.low[(self.values & np.uint64(0xFFFF)).astype(np.int64)] = True
+
+    def found(self, blob: bytes) -> set[int] | None:
+        """Indices of the patterns in ``blob``; None where the hits are too many to check."""
+        blocks = np.frombuffer(blob, dtype="<u8", count=len(blob) // self.BLOCK)
+        at = np.flatnonzero(self.low[(blocks & np.uint64(0xFFFF)).astype(np.int64)])
+        if at.size:
+            at = at[np.isin(blocks[at], self.values)]
+        if at.size > self.MAX_HITS:
+            return None
+        found = set()
+        for k in at.tolist():
+            for index, shift in self.where[int(blocks[k])]:
+                start = k * self.BLOCK - shift
+                pattern = self.patterns[index]
+                if start >= 0 and blob[start : start + len(pattern)] == pattern:
+                    found.add(index)
+        return found
+
+
 class KeyMaterial:
     """Everything the guard looks for, derived once: a site checks every reply it sends, and
     deriving the patterns and tables again each time was most of the check's cost."""
 
     def __init__(self, secret: bytes, ring: KeyRing | None) -> None:
         self.patterns = _byte_patterns(secret, ring)
+        self._index = _PatternIndex([pattern for _, pattern in self.patterns])
         self.vectors = _key_vectors(secret, ring) if ring is not None else []
         self._tables: dict[np.dtype, _VectorTable] = {}
         # Centred unit key vectors by length, for the correlation check.
@@ -209,12 +258,12 @@ class KeyMaterial:
         is close to the key's bias whenever the plain latents average near zero)."""
         blobs = {name: np.ascontiguousarray(a).tobytes() for name, a in arrays.items()}
         blobs.update({f"text[{i}]": s.encode() for i, s in enumerate(strings)})
-        findings = [
-            f"{what} in {name}"
-            for what, pattern in self.patterns
-            for name, blob in blobs.items()
-            if pattern in blob
-        ]
+        findings = []
+        for name, blob in blobs.items():
+            found = self._index.found(blob) if len(blob) >= INDEXED_BYTES else None
+            if found is None:
+                found = {i for i, (_, pattern) in enumerate(self.patterns) if pattern in blob}
+            findings += [f"{self.patterns[i][0]} in {name}" for i in sorted(found)]
         if self.vectors:
             for name, arr in arrays.items():
                 if np.issubdtype(arr.dtype, np.floating) and self._contains_vector(arr.ravel()):
