@@ -11,6 +11,7 @@ the key guard), its reply, and the wait until the server has the reply. Needs ro
 as the test does.
 
     .venv/bin/python benchmarks/deploy_profile.py --epochs 4 --out results/bench/deploy-profile.json
+    .venv/bin/python benchmarks/deploy_profile.py --epochs 4 --set training.finetune_pipeline=true
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.split_profile import read_calls  # noqa: E402
+from benchmarks.split_epoch import _override  # noqa: E402
+from benchmarks.split_profile import SITE_COMPUTE, read_calls  # noqa: E402
 
 CLIENTAPP = "process.start:flwr-clientapp"
 STAGES = {  # label in the log -> the stage it ends
@@ -79,10 +81,14 @@ def breakdown(calls) -> dict:
         waits_in.append(min(p["born"] for p in inside) - start)
         waits_out.append(end - max(p["ended"] for p in inside))
         lengths.append(end - start)
+    handled = [c for c in calls if c[0] in SITE_COMPUTE]  # in the site workers
+    first, last = min(c[2] for c in handled), max(c[3] for c in handled)
+    split_exchanges = [e for e in exchanges if e[1] >= first and e[0] <= last]
     median = statistics.median
     stages = [k for k in processes[0] if k not in ("born", "ended")] if processes else []
     return {
         "exchanges": len(lengths),
+        "split_training_exchanges": len(split_exchanges),
         "message_processes": len(processes),
         "exchange_s_median": median(lengths),
         "exchange_s_mean": statistics.mean(lengths),
@@ -98,6 +104,7 @@ def breakdown(calls) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=JSON")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +115,7 @@ def main() -> None:
             "FEDSEG_PROFILE_LOG": str(log),
             "FEDSEG_DEPLOY_EPOCHS": str(args.epochs),
             "FEDSEG_DEPLOY_METRICS": str(metrics_file),
+            "FEDSEG_DEPLOY_SET": json.dumps(dict(_override(item) for item in args.set)),
             "PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
         }
         load = os.getloadavg()[0]
@@ -121,6 +129,7 @@ def main() -> None:
     result = {
         "command": " ".join(sys.argv),
         "epochs": args.epochs,
+        "overrides": args.set,
         "hospitals": len(metrics["sites"]),
         "load_before": load,
         "load_after": os.getloadavg()[0],
@@ -128,6 +137,7 @@ def main() -> None:
         "seconds_per_epoch": seconds / args.epochs,
         **breakdown(calls),
     }
+    result["split_exchanges_per_epoch"] = result["split_training_exchanges"] / args.epochs
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

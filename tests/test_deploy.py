@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from fedseg.config import apply_overrides
 from fedseg.deploy.certs import supernode_keypair
 from fedseg.deploy.runtime import (
     binary,
@@ -42,9 +43,10 @@ from tests.helpers import blind_config, write_site_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["hospital-a", "hospital-b"]
-# benchmarks/deploy_profile.py runs this test longer, to time a deployed epoch, and keeps its
-# metrics.json
+# benchmarks/deploy_profile.py runs this test longer (and with its --set overrides), to time a
+# deployed epoch, and keeps its metrics.json
 EPOCHS = int(os.environ.get("FEDSEG_DEPLOY_EPOCHS", "2"))
+OVERRIDES = json.loads(os.environ.get("FEDSEG_DEPLOY_SET", "{}"))
 KEEP_METRICS = os.environ.get("FEDSEG_DEPLOY_METRICS", "")
 
 
@@ -150,6 +152,7 @@ def test_only_registered_hospitals_get_in(tmp_path):
     cfg.data.path = str(tmp_path / SITES[0] / "data")  # each SuperNode names its own data-dir
     cfg.federation.node_wait_s = 120
     cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
+    apply_overrides(cfg, OVERRIDES)
     values = cfg.validate().to_dict()
     del values["out_dir"], values["resume"]
     scenario = tmp_path / "scenario.toml"
