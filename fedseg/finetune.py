@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
+from torch.func import functional_call
 
 from fedseg.config import RunConfig, TrainingConfig
 from fedseg.data import SiteData
@@ -81,9 +82,10 @@ class SiteFinetuner:
         # for step 4, where one backward pass through the encoder takes it with the server's
         # (pipelined, step 4 of a batch comes after step 3 of the next).
         self.local_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
-        # Step 1's encoder pass (epoch, step, keyed latents, local-skip features), graph and
-        # all, until step 4: the batch is encoded once a step, not three times. Not state.
-        self._pass: tuple[int, int, list[torch.Tensor], list[torch.Tensor]] | None = None
+        # Step 1's encoder pass (keyed latents, local-skip features) by (epoch, step), graph
+        # and all, until step 4: the batch is encoded once a step, not three times. Pipelined,
+        # two are kept (the next batch's is encoded before this one's gradient comes). Not state.
+        self._passes: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         to_nhwc(models.image_ae, models.mask_ae)
 
     @property
@@ -105,13 +107,21 @@ class SiteFinetuner:
         return augment(x, y, gen)
 
     def _encode(self, epoch: int, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Keyed image latents and local-skip features of (epoch, step), with their graph."""
-        if self._pass is None or self._pass[:2] != (epoch, step):
+        """Keyed image latents and local-skip features of (epoch, step), with their graph.
+
+        The pass runs on a copy of the encoder's weights that only its graph holds (weight
+        stashing, as in PipeDream): pipelined, the encoder steps on the last batch's gradient
+        after this batch was encoded, and this batch's gradient must go back through the
+        weights that encoded it, without a second pass."""
+        if (epoch, step) not in self._passes:
             x, _ = self._batch(epoch, step)
-            self.models.image_ae.encoder.train()
-            latents, local = self.models.image_ae.encoder.encode(nhwc(x))
-            self._pass = (epoch, step, self.transform.forward(latents, "image"), local)
-        return self._pass[2], self._pass[3]
+            encoder = self.models.image_ae.encoder
+            encoder.train()
+            weights = {name: p.clone() for name, p in encoder.named_parameters()}
+            latents, local = functional_call(encoder, weights, (nhwc(x),), {"local": True})
+            self._passes = dict(list(self._passes.items())[-1:])  # at most two
+            self._passes[(epoch, step)] = (self.transform.forward(latents, "image"), local)
+        return self._passes[(epoch, step)]
 
     def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """Step 1: keyed image latents of this step's batch (fp16 wire arrays)."""
@@ -123,7 +133,7 @@ class SiteFinetuner:
         """Step 4: the server's gradient for that step's keyed image latents, into the encoder."""
         grad = unpack(grads, "grad", self.shapes, dtype=GRAD_DTYPE)
         keyed, local = self._encode(epoch, step)
-        self._pass = None  # its graph is spent below, and the step changes the weights
+        del self._passes[(epoch, step)]  # its graph is spent below
         if keyed[0].shape[0] != grad[0].shape[0]:
             raise ValueError(f"gradient for {grad[0].shape[0]} items, batch has {len(keyed[0])}")
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
@@ -187,7 +197,7 @@ class SiteFinetuner:
                 )
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"shared weight {name} is not finite")
-        self._pass = None  # new weights: a kept pass's graph no longer applies
+        self._passes.clear()  # new weights: a kept pass's graph no longer applies
         self.models.load_state({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
     def _blinder(self) -> BlindSite:
@@ -223,7 +233,7 @@ class SiteFinetuner:
         }
 
     def load_state(self, state: dict) -> None:
-        self._pass = None
+        self._passes.clear()
         self.models.load_state(state["models"])
         self.encoder_opt.load_state_dict(state["encoder_opt"])
         self.decoder_opt.load_state_dict(state["decoder_opt"])

@@ -151,14 +151,14 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
     mapped = coord.finetune_forward(site.name, tuner.forward(0, 0))
     grad_out, _ = tuner.decode_and_backward(0, 0, 1, mapped)
     assert set(tuner.local_grads) == {(0, 0)}
-    assert (tuner._pass is not None) and tuner._pass[:2] == (0, 0)  # step 1's, kept
+    assert list(tuner._passes) == [(0, 0)]  # step 1's, kept
     if reload:  # the stash survives a save and reload between the two messages
         tuner.load_state(copy.deepcopy(tuner.state()))
-        assert tuner._pass is None
+        assert not tuner._passes
     answers, refused = coord.finetune_backward({site.name: grad_out}, 0, 1)
     assert not refused
     tuner.backward_encoder(0, 0, 1, answers[site.name])
-    assert not tuner.local_grads and tuner._pass is None
+    assert not tuner.local_grads and not tuner._passes
 
     x, y = tuner._batch(0, 0)
     joint.image_ae.encoder.train()
@@ -180,6 +180,52 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
         assert cos > 0.9999, f"{stage}: cosine {cos:.6f} between split and joint gradients"
         assert torch.linalg.norm(a) == pytest.approx(torch.linalg.norm(b).item(), rel=1e-3)
+
+
+def test_pipelined_a_batch_goes_back_through_the_weights_that_encoded_it(setup):
+    """training.finetune_pipeline: a site encodes its next batch before the encoder steps on
+    this one's gradient. That batch's gradient then goes back through the weights it was
+    encoded with (kept by its pass's graph), and no batch is encoded twice."""
+    cfg, site, tuner, coord = _local_skip_tuner(setup)
+    encoder = tuner.models.image_ae.encoder
+    encoded_with = copy.deepcopy(encoder)  # the weights both batches are encoded with
+    passes = []
+    encoder.stages[0].register_forward_hook(lambda *_: passes.append(1))
+    stepped = []
+    real_step = tuner.encoder_opt.step
+
+    def record_then_step(*args, **kwargs):
+        stepped.append([p.grad.clone() for p in encoder.parameters()])
+        return real_step(*args, **kwargs)
+
+    tuner.encoder_opt.step = record_then_step
+    grad0, _ = tuner.decode_and_backward(
+        0, 0, 1, coord.finetune_forward(site.name, tuner.forward(0, 0))
+    )
+    latents1 = tuner.forward(0, 1)  # encoded before batch 0's encoder step
+    answers, _ = coord.finetune_backward({site.name: grad0}, 0, 1)
+    tuner.backward_encoder(0, 0, 1, answers[site.name])
+    grad1, _ = tuner.decode_and_backward(0, 1, 1, coord.finetune_forward(site.name, latents1))
+    local1 = [g.clone() for g in tuner.local_grads[(0, 1)]]
+    answers, _ = coord.finetune_backward({site.name: grad1}, 0, 1)
+    tuner.backward_encoder(0, 1, 1, answers[site.name])
+    assert len(passes) == 2 and len(stepped) == 2 and not tuner._passes
+
+    server1 = unpack(answers[site.name], "grad", tuner.shapes, dtype=GRAD_DTYPE)
+    x, _ = tuner._batch(0, 1)
+
+    def gradient(net: torch.nn.Module) -> list[torch.Tensor]:
+        net.train()
+        latents, local = net.encode(nhwc(x))
+        keyed = tuner.transform.forward(latents, "image")
+        return list(
+            torch.autograd.grad([*keyed, *local], list(net.parameters()), [*server1, *local1])
+        )
+
+    for got, want in zip(stepped[1], gradient(encoded_with), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    moved = gradient(copy.deepcopy(encoder))  # the weights after batch 0's step: not these
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(stepped[1], moved, strict=True))
 
 
 def test_a_local_skip_decoder_needs_the_images_it_segments(setup):

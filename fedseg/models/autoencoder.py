@@ -38,8 +38,12 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(conv_block(chans[i], chans[i + 1], 2) for i in range(5))
         self.heads = nn.ModuleList(nn.Conv2d(w, latent_channels, 1) for w in widths[2:])
 
-    def forward(self, x: torch.Tensor) -> Latents:
-        return self.encode(x)[0]
+    def forward(
+        self, x: torch.Tensor, local: bool = False
+    ) -> Latents | tuple[Latents, list[torch.Tensor]]:
+        """Latents; with ``local``, :meth:`encode`'s pair (for ``torch.func.functional_call``,
+        which calls ``forward``)."""
+        return self.encode(x) if local else self.encode(x)[0]
 
     def encode(self, x: torch.Tensor) -> tuple[Latents, list[torch.Tensor]]:
         """Latents and :meth:`local_features` of one pass (split training needs both)."""
