@@ -139,7 +139,9 @@ class SiteFinetuner:
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
         self.encoder_opt.zero_grad(set_to_none=True)
         local_grads = self.local_grads.pop((epoch, step), None)
-        self.local_grads.clear()  # an older step's would never be used
+        # An older step's would never be used; pipelined, the next batch's is already here
+        # (it was decoded first) and waits for its own encoder step.
+        self.local_grads = {k: g for k, g in self.local_grads.items() if k > (epoch, step)}
         if local_grads is None:
             torch.autograd.backward(keyed, grad)
         else:  # one pass back through the encoder for both: its first stages are the costly

@@ -185,7 +185,8 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
 def test_pipelined_a_batch_goes_back_through_the_weights_that_encoded_it(setup):
     """training.finetune_pipeline: a site encodes its next batch before the encoder steps on
     this one's gradient. That batch's gradient then goes back through the weights it was
-    encoded with (kept by its pass's graph), and no batch is encoded twice."""
+    encoded with (kept by its pass's graph) with its own local-skip gradient, and no batch is
+    encoded twice."""
     cfg, site, tuner, coord = _local_skip_tuner(setup)
     encoder = tuner.models.image_ae.encoder
     encoded_with = copy.deepcopy(encoder)  # the weights both batches are encoded with
@@ -199,14 +200,16 @@ def test_pipelined_a_batch_goes_back_through_the_weights_that_encoded_it(setup):
         return real_step(*args, **kwargs)
 
     tuner.encoder_opt.step = record_then_step
+    # The order of a pipelined run (fedseg.split_training.answer_backward): a backward exchange
+    # decodes its batch, takes the last batch's encoder step, then encodes the next batch.
     grad0, _ = tuner.decode_and_backward(
         0, 0, 1, coord.finetune_forward(site.name, tuner.forward(0, 0))
     )
     latents1 = tuner.forward(0, 1)  # encoded before batch 0's encoder step
     answers, _ = coord.finetune_backward({site.name: grad0}, 0, 1)
-    tuner.backward_encoder(0, 0, 1, answers[site.name])
     grad1, _ = tuner.decode_and_backward(0, 1, 1, coord.finetune_forward(site.name, latents1))
     local1 = [g.clone() for g in tuner.local_grads[(0, 1)]]
+    tuner.backward_encoder(0, 0, 1, answers[site.name])
     answers, _ = coord.finetune_backward({site.name: grad1}, 0, 1)
     tuner.backward_encoder(0, 1, 1, answers[site.name])
     assert len(passes) == 2 and len(stepped) == 2 and not tuner._passes
