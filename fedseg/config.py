@@ -245,14 +245,13 @@ class TrainingConfig:
     # "average" (the server averages them: SplitFed, the reference blind aggregation is measured
     # against; the weights reach the server, so a site's own config must say so).
     finetune_share: FinetuneShare = "blind"
-    # One message each way per step instead of two: a site sends its next batch's latents with
-    # this batch's gradient, so its encoder runs one step behind. On in the demo (64 px: an
-    # epoch 2.98 s against 3.48 s, Dice 0.793 against 0.785 at library level). Off elsewhere
-    # until it shows a gain beyond noise: on us-nerve an epoch 4.55 against 5.08 s, Dice 0.689
-    # against 0.700 at 400 epochs (one run each; the encoder's pass is computed twice;
-    # docs/performance.md "Time to Dice"); on hippocampus 9.9 against 11.3 s an epoch but
-    # slower to learn: the UNet's plateau - 2 pp at 248 against 189 s (session 31).
-    finetune_pipeline: bool = False
+    # One message each way per step instead of two (the default): a site sends its next
+    # batch's latents with this batch's gradient, so its encoder runs one step behind (the
+    # batch's gradient goes back through the weights that encoded it). Through Flower an epoch
+    # costs 7.78 s instead of 11.32 on hippocampus and 3.60 instead of 4.62 on us-nerve, with
+    # the same final Dice (0.769 against 0.763, 0.706 against 0.710); a deployed exchange
+    # costs about 6 s of Flower's latency, so there it saves most (docs/performance.md).
+    finetune_pipeline: bool = True
     # FedBN (Li et al., ICLR 2021): the encoder's and mask decoder's batch norms (affine
     # weights and running statistics) stay at each site and out of the aggregation; the rest is
     # shared as finetune_share says. For hospitals whose scanners differ (feature shift): the
@@ -989,7 +988,6 @@ def demo_config(out_dir: str = "results/demo", quick_run: bool = False) -> RunCo
     cfg = RunConfig(name="demo-quick" if quick_run else "demo", out_dir=out_dir)
     cfg.model.image_size = 64
     cfg.training.finetune_epochs = DEMO_EPOCHS
-    cfg.training.finetune_pipeline = True  # one exchange a step (see TrainingConfig)
     # Its hospitals differ in gain, contrast (the lesion's sign flips), noise and blur: FedBN's
     # case (see TrainingConfig).
     cfg.training.local_batch_norm = True

@@ -112,7 +112,7 @@ def test_a_run_made_before_a_config_field_existed_counts_with_its_default(tmp_pa
     (old / "metrics.json").write_text(json.dumps(metrics))
     new = _run(tmp_path, "new", "client", 0, 0.72)
     metrics = json.loads((new / "metrics.json").read_text())
-    metrics["config"]["training"]["finetune_pipeline"] = True
+    metrics["config"]["training"]["finetune_pipeline"] = False
     (new / "metrics.json").write_text(json.dumps(metrics))
     groups = compare_runs([old, new], by="training.finetune_pipeline").groups
-    assert [(g.value, g.dice) for g in groups] == [("False", [0.71]), ("True", [0.72])]
+    assert [(g.value, g.dice) for g in groups] == [("True", [0.71]), ("False", [0.72])]
