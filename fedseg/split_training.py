@@ -11,7 +11,8 @@ maths; docs/privacy.md what each side sees.
 Each step is two exchanges with every site that has a batch left in the epoch: forward (the
 site applies the encoder gradient it is owed and sends keyed image latents) and backward (it
 decodes the mapped latents and sends the loss gradient). With ``training.finetune_pipeline``
-the backward exchange also carries the owed gradient and brings back the next batch's latents.
+(the default) the backward exchange also carries the owed gradient and brings back the next
+batch's latents, so a step after an epoch's first is one exchange.
 After every epoch the sites' encoders and decoders become one model: ``blind`` (the default)
 collects them as masked uint64 vectors and sends back their sum modulo 2^64, which the server
 cannot read; ``average`` (SplitFed, the reference) collects the weights themselves.
