@@ -386,7 +386,11 @@ def test_fine_tuning_messages_carry_gradients_and_no_key_material(flower_run):
         ring = KeyRing.from_secret(secret, cfg.model.latent_channels)
         forward = sorted((audit / site).glob("*_train_finetune_forward.npz"))
         backward = sorted((audit / site).glob("*_train_finetune_backward.npz"))
-        assert len(forward) == 2 * steps + 1 and len(backward) == 2 * steps
+        # Pipelined (the default), a step's backward exchange brings the next batch's latents:
+        # a forward request opens each epoch and one ends the phase.
+        per_epoch = 1 if cfg.training.finetune_pipeline else steps
+        epochs = cfg.training.finetune_epochs
+        assert len(forward) == per_epoch * epochs + 1 and len(backward) == steps * epochs
         for dump in forward + backward:
             with np.load(dump) as payload:
                 arrays = {k: payload[k] for k in payload.files if k != "__texts__"}
