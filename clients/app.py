@@ -62,13 +62,18 @@ class Hospital:
         return cfg, resolve_site(cfg, dict(context.node_config))
 
     def identity(self, context: Context) -> tuple[RunConfig, str, Path | None]:
-        """(config, site name, key file) for the guard: a deployed node's from its node config,
-        without loading its data; a simulated node's from its (cached) site."""
-        deployed = deployed_site(dict(context.node_config))
+        """(config, site name, key file) for the guard, from the node config and the scenario,
+        without loading the site's data (fedseg.data.simulated_hospital says why)."""
+        node = dict(context.node_config)
+        deployed = deployed_site(node)
         if deployed is not None:
             return self.config(context), deployed.name, deployed.key_file
-        cfg, setup = self.resolve(context)
-        return cfg, setup.split.name, setup.key_file
+        from fedseg.data import simulated_hospital
+        from fedseg.site import site_key_file
+
+        cfg = self.config(context)
+        name, _, _ = simulated_hospital(cfg, int(node["partition-id"]))
+        return cfg, name, site_key_file(cfg, node, name)
 
     def register(self, msg: Message, context: Context) -> Message:
         from fedseg import hospital
@@ -215,9 +220,12 @@ class Hospital:
         """A simulated hospital's profile (speed, outages); a deployed node has none."""
         if "partition-id" not in context.node_config:
             return call_next(msg, context)
+        from fedseg.data import simulated_hospital
         from simulations.profiles import apply_profile  # simulation only
 
-        return apply_profile(msg, context, call_next, *self.resolve(context))
+        cfg = self.config(context)
+        hospital = simulated_hospital(cfg, int(context.node_config["partition-id"]))
+        return apply_profile(msg, context, call_next, cfg, *hospital)
 
 
 def public_errors(msg: Message, context: Context, call_next) -> Message:

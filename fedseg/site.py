@@ -322,23 +322,36 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
         split = site_for_partition(cfg, int(node_config["partition-id"]))
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
-    key_file = node_config.get("key-file")
-    needs_secret = (
+    key_file = site_key_file(cfg, node_config, split.name)
+    if key_file is None and needs_secret(cfg):
+        raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")
+    if key_file is not None and "key-file" not in node_config:
+        # A simulated hospital's first start makes its secret, from the run's seed (so seeded
+        # runs repeat); nothing else creates one. Key files the user gave are used as they are.
+        load_or_create_key(key_file, simulated_secret(cfg.training.seed, key_file.stem))
+    if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
+        _bind_once(site_models_path(out_dir, split.name).parent, key_file)
+    return SiteSetup(split, key_file, out_dir)
+
+
+def needs_secret(cfg: RunConfig) -> bool:
+    return (
         cfg.privacy.transform != "none"
         or cfg.training.finetune_share == "blind"
         or cfg.mode == "inr"  # its code mixing is drawn from the secret
     )
-    if key_file is None and needs_secret:
-        if "partition-id" not in node_config:
-            raise KeyFileError("this site needs a secret: node config 'key-file' (fedseg keygen)")
-        owner = "federation" if cfg.privacy.key_scope == "federation" else split.name
-        key_file = Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
-        # A simulated hospital's first start makes its secret, from the run's seed (so seeded
-        # runs repeat); nothing else creates one. Key files the user gave are used as they are.
-        load_or_create_key(key_file, simulated_secret(cfg.training.seed, owner))
-    if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
-        _bind_once(site_models_path(out_dir, split.name).parent, Path(str(key_file)))
-    return SiteSetup(split, Path(str(key_file)) if key_file else None, out_dir)
+
+
+def site_key_file(cfg: RunConfig, node_config: dict, name: str) -> Path | None:
+    """Where site ``name``'s secret is: its node config's ``key-file``, else (a simulated
+    hospital that needs one) its own, or the federation's, in the run's keys folder."""
+    if "key-file" in node_config:
+        return Path(str(node_config["key-file"]))
+    if not needs_secret(cfg) or "partition-id" not in node_config:
+        return None
+    owner = "federation" if cfg.privacy.key_scope == "federation" else name
+    out_dir = node_out_dir(cfg.out_dir, node_config)
+    return Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
 
 
 _BOUND: set[tuple] = set()

@@ -20,7 +20,6 @@ from fedseg import protocol
 from fedseg.config import HospitalConfig, RunConfig
 from fedseg.data.hospitals import expand_hospitals
 from fedseg.protocol import FinetuneRequest, RoundRequest
-from fedseg.site import SiteSetup
 
 
 class SimulatedOutage(RuntimeError):
@@ -50,19 +49,23 @@ def quiet_routine_shutdown() -> None:
 
 
 def apply_profile(
-    msg: Message, context: Context, call_next, cfg: RunConfig, setup: SiteSetup
+    msg: Message,
+    context: Context,
+    call_next,
+    cfg: RunConfig,
+    name: str,
+    profile: HospitalConfig | None,
+    index: int,
 ) -> Message:
-    """The ClientApp mod: fail the rounds the profile draws, and take ``1 / speed`` as long."""
+    """The ClientApp mod: fail the rounds the profile draws, and take ``1 / speed`` as long.
+    ``name, profile, index``: the hospital (fedseg.data.simulated_hospital)."""
     quiet_routine_shutdown()
-    site = setup.split
     outage = outage_round(msg, cfg)
-    if outage is not None and fails_in_round(
-        site.profile, cfg.federation.seed, site.index, outage[0]
-    ):
-        simulate_outage(site.profile, site.name, *outage)
+    if outage is not None and fails_in_round(profile, cfg.federation.seed, index, outage[0]):
+        simulate_outage(profile, name, *outage)
     started = time.perf_counter()
     reply = call_next(msg, context)
-    slow_down(site.profile, time.perf_counter() - started)
+    slow_down(profile, time.perf_counter() - started)
     return reply
 
 

@@ -438,3 +438,59 @@ def test_scenario_configs_load(scenario: str) -> None:
         groups = set(site.train.groups) | set(site.test.groups)
         assert not set(site.train.groups) & set(site.test.groups) and not groups & seen
         seen |= groups
+
+
+def _same_site(a, b) -> None:
+    for split in ("train", "test"):
+        x, y = getattr(a, split), getattr(b, split)
+        assert (x.name, x.names, x.class_names) == (y.name, y.names, y.class_names)
+        assert np.array_equal(x.images, y.images) and np.array_equal(x.masks, y.masks)
+        assert np.array_equal(x.groups, y.groups)
+        assert np.array_equal(x.spacing, y.spacing, equal_nan=True)
+
+
+@pytest.mark.parametrize("scenario", ["hc18", "us-nerve"])
+def test_a_simulated_hospital_loads_its_own_part_only(scenario, monkeypatch):
+    """A hospital's part of a shared set (hc18: held out from its part; us-nerve: its part of
+    the test folder too) is the part the whole federation's load cuts, with only its own
+    images decoded."""
+    cfg = load_config(SCENARIOS / f"{scenario}.toml")
+    if not Path(cfg.data.path).is_dir():
+        pytest.skip(f"{cfg.data.path} is not here")
+    cfg.data.max_items = 90
+    whole = load_federation(cfg)
+    import fedseg.data.pairs as pairs
+
+    decoded: list[str] = []
+    read = pairs.read_image
+    monkeypatch.setattr(
+        pairs, "read_image", lambda path, *a: decoded.append(path) or read(path, *a)
+    )
+    for i, site in enumerate(whole):
+        decoded.clear()
+        _same_site(load_federation(cfg, only=i)[0], site)
+        assert len(decoded) == len(site.train) + len(site.test)
+
+
+def test_open_classes_are_read_from_every_mask_even_for_one_hospital(tmp_path):
+    """Without a label map the classes come from every mask, so a hospital's own part of the
+    set has the same classes as the federation's (here only one hospital's masks hold class 2)."""
+    folder = tmp_path / "set"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i in range(9):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[2:8, 2:8] = 1
+        if i == 0:
+            mask[10:14, 10:14] = 2
+        Image.fromarray((40 + 60 * mask).astype(np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+    cfg = RunConfig(
+        data=DatasetConfig(kind="pairs", path=str(folder)),
+        federation=FederationConfig(num_sites=3, test_fraction=0.34),
+        model=ModelConfig(image_size=16),
+    )
+    whole = load_federation(cfg)
+    assert len(whole[0].train.class_names) == 3
+    for i, site in enumerate(whole):
+        _same_site(load_federation(cfg, only=i)[0], site)

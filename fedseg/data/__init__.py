@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -12,11 +13,11 @@ import numpy as np
 
 from fedseg.config import DatasetConfig, HospitalConfig, RunConfig, context_slices
 from fedseg.data.dataset import DataError, SiteData
-from fedseg.data.hospitals import build_hospitals
+from fedseg.data.hospitals import build_hospitals, expand_hospitals
 from fedseg.data.labels import LabelMap, default_class_names, mask_to_2d
 from fedseg.data.nifti import load_nifti
 from fedseg.data.pairs import folder_channels, load_pairs
-from fedseg.data.splits import split_groups, train_test_split
+from fedseg.data.splits import group_parts, split_groups, train_test_split
 from fedseg.data.synthetic import synthetic_site
 from fedseg.data.volumes import whole_volumes
 
@@ -59,14 +60,17 @@ def load_dataset(
     path: str | None = None,
     name: str = "data",
     channels: int = 0,
+    select: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SiteData:
     """One folder of real data as a single SiteData; ``path`` overrides ``cfg.path``;
-    ``channels`` (1 or 3) overrides ``cfg.channels`` (0: what the images are)."""
+    ``channels`` (1 or 3) overrides ``cfg.channels`` (0: what the images are). ``select``:
+    from the samples' groups, the indices to keep (image pairs outside them are not decoded)."""
     folder = Path(path if path is not None else cfg.path)
     if cfg.kind == "pairs":
-        return load_pairs(folder, cfg, size, name, channels)
+        return load_pairs(folder, cfg, size, name, channels, select)
     if cfg.kind == "nifti":  # 2.5D stacks stay as they are (grey slices, context_slices)
-        return as_channels(load_nifti(folder, cfg, size, name), channels or 1)
+        data = as_channels(load_nifti(folder, cfg, size, name), channels or 1)
+        return data if select is None else data.subset(select(data.groups), name)
     raise DataError(f"data.kind {cfg.kind!r} has no folder to load (use load_federation)")
 
 
@@ -132,7 +136,7 @@ def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
     if data.kind == "synthetic":
         sites = []
         for i in range(fed.num_sites) if only is None else [only]:
-            name = f"hospital-{i + 1}"
+            name = simulated_hospital(cfg, i)[0]
             site = synthetic_site(
                 i, data.synthetic_train + data.synthetic_test, size, data.seed, name
             )
@@ -143,33 +147,45 @@ def load_federation(cfg: RunConfig, only: int | None = None) -> list[SiteSplit]:
         return sites
 
     base = Path(data.path).name
-    names = [f"{base}-{i + 1}" for i in range(fed.num_sites)]
-    pool = load_dataset(data, size, name=base, channels=channels)
-    parts = split_groups(pool, fed.num_sites, fed.seed, names)
+    names = [simulated_hospital(cfg, i)[0] for i in range(fed.num_sites)]
+    parts = _cut(cfg, channels, None, base, names, only)
     if data.test_path:
-        held_out = load_dataset(
-            data, size, path=data.test_path, name=f"{base}-test", channels=channels
-        )
+        tests = _cut(cfg, channels, data.test_path, f"{base}-test", names, only)
+        train_classes = next(iter(parts.values())).class_names
+        test_classes = next(iter(tests.values())).class_names
         if not data.label_values and not data.class_names:
             # Open identity map: the class count was inferred per folder; use the larger.
-            widest = max(held_out.class_names, parts[0].class_names, key=len)
-            for site_data in [held_out, *parts]:
+            widest = max(test_classes, train_classes, key=len)
+            for site_data in [*tests.values(), *parts.values()]:
                 site_data.class_names = list(widest)
-        if held_out.class_names != parts[0].class_names:
+        elif test_classes != train_classes:
             raise DataError(
-                f"{data.test_path}: classes {held_out.class_names} differ from "
-                f"{data.path}: {parts[0].class_names}"
+                f"{data.test_path}: classes {test_classes} differ from {data.path}: {train_classes}"
             )
-        tests = split_groups(held_out, fed.num_sites, fed.seed, names)
-        sites = [
-            SiteSplit(p.name, p, scored_test(cfg, t)) for p, t in zip(parts, tests, strict=True)
-        ]
-    else:
-        sites = []
-        for i, part in enumerate(parts):
-            train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
-            sites.append(SiteSplit(part.name, train, scored_test(cfg, test)))
-    return sites if only is None else [sites[only]]
+        return [SiteSplit(p.name, p, scored_test(cfg, tests[i])) for i, p in parts.items()]
+    sites = []
+    for i, part in parts.items():
+        train, test = train_test_split(part, fed.test_fraction, fed.seed + i)
+        sites.append(SiteSplit(part.name, train, scored_test(cfg, test)))
+    return sites
+
+
+def _cut(
+    cfg: RunConfig, channels: int, path: str | None, name: str, names: list[str], only: int | None
+) -> dict[int, SiteData]:
+    """The hospitals' parts of one folder, cut by patient (``split_groups``), by index; with
+    ``only``, that hospital's part alone: the other hospitals' images are not decoded (each
+    simulated hospital loads a third of hc18, not all of it)."""
+    data, fed, size = cfg.data, cfg.federation, cfg.model.image_size
+    if only is None:
+        pool = load_dataset(data, size, path, name=name, channels=channels)
+        return dict(enumerate(split_groups(pool, fed.num_sites, fed.seed, names)))
+
+    def select(groups: np.ndarray) -> np.ndarray:
+        return group_parts(groups, fed.num_sites, fed.seed, name)[only]
+
+    part = load_dataset(data, size, path, name=names[only], channels=channels, select=select)
+    return {only: part}
 
 
 def _profiled_federation(cfg: RunConfig, channels: int, only: int | None) -> list[SiteSplit]:
@@ -197,6 +213,22 @@ def _profiled_federation(cfg: RunConfig, channels: int, only: int | None) -> lis
         )
         for h, train, test in build_hospitals(cfg, load_source, only)
     ]
+
+
+def simulated_hospital(cfg: RunConfig, partition_id: int) -> tuple[str, HospitalConfig | None, int]:
+    """(name, profile, index) of the hospital a simulated client plays, without loading its
+    data: the ClientApp's guard and profile need them for every message, and Ray hands a
+    node's messages to whichever actor is free, so an actor that loaded a hospital's images
+    for them would load every hospital's (hc18: 3.3 s each, most of a run's start-up)."""
+    if not 0 <= partition_id < cfg.federation.num_sites:
+        raise DataError(
+            f"partition_id {partition_id} out of range: {cfg.federation.num_sites} sites"
+        )
+    if cfg.hospitals:
+        hospital = expand_hospitals(cfg)[partition_id]
+        return hospital.name, hospital.profile, hospital.index
+    base = "hospital" if cfg.data.kind == "synthetic" else Path(cfg.data.path).name
+    return f"{base}-{partition_id + 1}", None, 0
 
 
 @lru_cache(maxsize=8)

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -270,17 +271,28 @@ def resolve_classes(labels: LabelMap, values: set[int], source: str) -> OpenClas
 
 
 def load_pairs(
-    folder: Path, cfg: DatasetConfig, size: int, name: str, channels: int = 0
+    folder: Path,
+    cfg: DatasetConfig,
+    size: int,
+    name: str,
+    channels: int = 0,
+    select: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SiteData:
     """Load, map labels, resize and normalise every image/mask pair of one folder.
-    ``channels``: 1 grey or 3 colour (0 = ``cfg.channels``, else what the images are)."""
+    ``channels``: 1 grey or 3 colour (0 = ``cfg.channels``, else what the images are).
+    ``select``: from every pair's group, the sorted indices of the pairs to keep; the others
+    are not decoded unless the classes are open (inferred from every mask)."""
     folder = Path(folder)
     pairs, problems = match_pairs(folder, cfg)
     if problems:
         raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
+    groups = np.array([group_of(stem, cfg.group_regex) for stem, _, _ in pairs], dtype=str)
+    labels = LabelMap.from_config(cfg)
+    if select is not None and not labels.open:
+        keep = select(groups)
+        pairs, groups, select = [pairs[i] for i in keep], groups[keep], None
     channels = channels or cfg.channels or folder_channels(folder / cfg.image_dir)
     table = read_spacing_csv(Path(cfg.spacing_csv), cfg.spacing_column) if cfg.spacing_csv else None
-    labels = LabelMap.from_config(cfg)
 
     def load_one(pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray, set[int]]:
         stem, image_path, mask_path = pair
@@ -320,12 +332,13 @@ def load_pairs(
         )
     xs, ys, spacings, values = zip(*results, strict=True)
     classes = resolve_classes(labels, set().union(*values), str(mask_folder(folder, cfg.mask_dir)))
-    return SiteData(
+    data = SiteData(
         name=name,
         images=np.stack(xs),
         masks=classes.apply(np.stack(ys)),
         spacing=np.stack(spacings),
-        groups=np.array([group_of(stem, cfg.group_regex) for stem, _, _ in pairs], dtype=str),
+        groups=groups,
         names=[image_path.name for _, image_path, _ in pairs],
         class_names=classes.class_names,
     )
+    return data if select is None else data.subset(select(groups), name)
