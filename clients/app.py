@@ -69,21 +69,24 @@ class Hospital:
         if deployed is not None:
             return self.config(context), deployed.name, deployed.key_file
         from fedseg.data import simulated_hospital
-        from fedseg.site import site_key_file
+        from fedseg.privacy.keys import site_key_file
 
         cfg = self.config(context)
         name, _, _ = simulated_hospital(cfg, int(node["partition-id"]))
         return cfg, name, site_key_file(cfg, node, name)
 
     def register(self, msg: Message, context: Context) -> Message:
-        from fedseg import hospital
-
-        cfg, setup = self.resolve(context)
+        """In the hospital's worker when split training follows (the worker loads the data and
+        torch that it will train with, and this process neither), else here."""
+        cfg = self.config(context)
         options = msg.content.config_records.get(protocol.CONFIG, {})
-        metrics, info = hospital.register(cfg, setup, bool(options.get("reuse", False)))
+        worker = cfg.mode == "latents" and cfg.training.finetune_epochs != 0
+        reuse = bool(options.get("reuse", False))
+        metrics, info = self.site_call("register", context, reuse, worker=worker)
         reply = {protocol.METRICS: MetricRecord(metrics), protocol.SITE: ConfigRecord(info)}
         if cfg.privacy.query == "ckks":  # its CKKS public bundle, once, with its registration
-            reply[protocol.CKKS_KEYS] = to_record(hospital.ckks_keys(cfg, setup))
+            keys = self.site_call("ckks_keys", context, worker=worker)
+            reply[protocol.CKKS_KEYS] = to_record(keys)
         return Message(RecordDict(reply), reply_to=msg)
 
     def latents(self, msg: Message, context: Context) -> Message:
@@ -115,7 +118,7 @@ class Hospital:
             weights=weights.to_torch_state_dict() if weights is not None else None,
             blinded_sum=blinded["sum"].numpy() if blinded is not None else None,
         )
-        answer = self.split_step("finetune_forward", context, call, msg.metadata.run_id)
+        answer = self.site_call("finetune_forward", context, call, msg.metadata.run_id)
         content = RecordDict()
         if answer.latents is not None:
             content[protocol.LATENTS] = to_record(answer.latents)
@@ -136,7 +139,7 @@ class Hospital:
             arrays_of(records[protocol.MAPPED]),
             owed=optional_arrays(records, protocol.GRAD),
         )
-        answer = self.split_step("finetune_backward", context, call)
+        answer = self.site_call("finetune_backward", context, call)
         content = RecordDict(
             {
                 protocol.GRAD: to_record(answer.grad),
@@ -147,13 +150,14 @@ class Hospital:
             content[protocol.LATENTS] = to_record(answer.latents)
         return Message(content, reply_to=msg)
 
-    def split_step(self, fn: str, context: Context, *args):
-        """A split-training call, in the hospital's worker when it has one (fedseg/site_worker.py:
-        the state stays in memory, the sites run side by side, and this process needs neither
-        torch nor the site's data for it), else in this process."""
+    def site_call(self, fn: str, context: Context, *args, worker: bool = True):
+        """``fedseg.hospital.<fn>``, in the hospital's worker when it has one and ``worker``
+        (fedseg/site_worker.py: the state stays in memory, the sites run side by side, and this
+        process needs neither torch nor the site's data for it), else in this process."""
         cfg = self.config(context)
         node_config = dict(context.node_config)
-        where = site_worker.placement(cfg, node_config, node_out_dir(cfg.out_dir, node_config))
+        out_dir = node_out_dir(cfg.out_dir, node_config)
+        where = site_worker.placement(cfg, node_config, out_dir) if worker else None
         if where is None:
             from fedseg import hospital
 

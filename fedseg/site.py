@@ -28,8 +28,10 @@ from fedseg.privacy.keys import (
     KeyFileError,
     bind_key,
     load_or_create_key,
+    needs_secret,
     read_key_file,
     simulated_secret,
+    site_key_file,
 )
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
@@ -332,26 +334,6 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
         _bind_once(site_models_path(out_dir, split.name).parent, key_file)
     return SiteSetup(split, key_file, out_dir)
-
-
-def needs_secret(cfg: RunConfig) -> bool:
-    return (
-        cfg.privacy.transform != "none"
-        or cfg.training.finetune_share == "blind"
-        or cfg.mode == "inr"  # its code mixing is drawn from the secret
-    )
-
-
-def site_key_file(cfg: RunConfig, node_config: dict, name: str) -> Path | None:
-    """Where site ``name``'s secret is: its node config's ``key-file``, else (a simulated
-    hospital that needs one) its own, or the federation's, in the run's keys folder."""
-    if "key-file" in node_config:
-        return Path(str(node_config["key-file"]))
-    if not needs_secret(cfg) or "partition-id" not in node_config:
-        return None
-    owner = "federation" if cfg.privacy.key_scope == "federation" else name
-    out_dir = node_out_dir(cfg.out_dir, node_config)
-    return Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
 
 
 _BOUND: set[tuple] = set()

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.atomic import write_bytes_atomic
+from fedseg.data.dataset import DataError
+from fedseg.privacy.keys import KeyFileError
 from fedseg.protocol import FINAL_STEP
 
 log = logging.getLogger("fedseg.worker")
@@ -49,10 +51,22 @@ log = logging.getLogger("fedseg.worker")
 IDLE_S = 60.0  # a worker with no call for this long exits (a run that stopped early)
 SAVE_WHEN_IDLE_S = 1.0  # owed saves run once no call has come for this long
 START_TIMEOUT_S = 120.0  # how long a caller waits for a new worker to listen
-CALLS = ("finetune_forward", "finetune_backward")  # what a worker runs (fedseg.hospital)
-# Errors a worker passes back as themselves; anything else arrives as a RuntimeError.
+# What a worker runs (fedseg.hospital): a hospital's registration (when split training
+# follows) and its split-training steps.
+CALLS = ("register", "ckks_keys", "finetune_forward", "finetune_backward")
+# Errors a worker passes back as themselves (the nearest of them); anything else arrives as a
+# RuntimeError. fedseg's own keep their names, which the server's log shows.
 _ERRORS: dict[str, type[Exception]] = {
-    e.__name__: e for e in (ValueError, PermissionError, RuntimeError, KeyError, TypeError)
+    e.__name__: e
+    for e in (
+        DataError,
+        KeyFileError,
+        ValueError,
+        PermissionError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+    )
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from fedseg import hospital, site_worker
 from fedseg.config import demo_config
 from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest
-from fedseg.site import resolve_site
+from fedseg.site import resolve_site, site_models_path
 from fedseg.split_training import BackwardCall, ForwardCall
 
 pytestmark = [
@@ -212,32 +212,36 @@ from clients.app import app
 from fedseg import protocol
 from fedseg.protocol import FinetuneRequest
 
-node, scenario = json.loads(sys.argv[1]), sys.argv[2]
-request = FinetuneRequest(0, 2, 0, start=True)
-content = RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
-message = Message(content, dst_node_id=1, message_type="train.finetune_forward")
+node, scenario, kind = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+if kind == "train.autoencoders":  # registration
+    content = RecordDict({protocol.CONFIG: ConfigRecord({"reuse": False})})
+else:
+    request = FinetuneRequest(0, 2, 0, start=True)
+    content = RecordDict({protocol.REQUEST: ConfigRecord(request.to_config())})
+message = Message(content, dst_node_id=1, message_type=kind)
 reply = app(message, Context(1, 1, node, RecordDict(), {"scenario": scenario}))
+ok = not reply.has_error()
 print(json.dumps({
-    "error": reply.error.reason if reply.has_error() else None,
-    "latents": sorted(reply.content.array_records.get(protocol.LATENTS, {}).keys())
-    if not reply.has_error() else [],
+    "error": None if ok else reply.error.reason,
+    "latents": sorted(reply.content.array_records.get(protocol.LATENTS, {}).keys()) if ok else [],
+    "site": dict(reply.content.config_records.get(protocol.SITE, {})) if ok else {},
     "heavy": sorted(m for m in ("torch", "monai") if m in sys.modules),
 }))
 """
 
 
 def test_a_deployed_message_process_hands_the_step_to_the_worker_without_torch(tmp_path):
-    """Flower starts a deployed hospital's ClientApp in a new process for every message. For a
-    split step that process only decodes, calls the hospital's worker and checks the reply,
-    so it must not import torch or MONAI (4 of its 6 s per message before) nor load the
-    site's data; the worker computes, and the key guard still checks what leaves."""
+    """Flower starts a deployed hospital's ClientApp in a new process for every message. For
+    its registration and a split step that process only decodes, calls the hospital's worker
+    and checks the reply, so it must not import torch or MONAI (4 of its 6 s per message
+    before) nor load the site's data; the worker computes, and the key guard still checks what
+    leaves."""
     import json
     import subprocess
     import sys
 
     import tomli_w
 
-    from fedseg.config import config_from_run_config
     from fedseg.privacy.keys import write_key_file
     from tests.helpers import blind_config, write_site_data
 
@@ -256,19 +260,24 @@ def test_a_deployed_message_process_hands_the_step_to_the_worker_without_torch(t
         "site-name": "hospital-a",
         "out-dir": str(tmp_path / "out"),
     }
-    deployed = config_from_run_config({"scenario": str(scenario)})
-    hospital.register(deployed, resolve_site(deployed, node), False)  # its first message
 
-    done = subprocess.run(
-        [sys.executable, "-c", ONE_MESSAGE, json.dumps(node), str(scenario)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    reply = json.loads(done.stdout.strip().splitlines()[-1])
-    assert reply["error"] is None, reply["error"]
+    def one_message(kind: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", ONE_MESSAGE, json.dumps(node), str(scenario), kind],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        reply = json.loads(done.stdout.strip().splitlines()[-1])
+        assert reply["error"] is None, reply["error"]
+        assert reply["heavy"] == [], f"the {kind} process imported {reply['heavy']}"
+        return reply
+
+    # Registration too: the worker loads the data and torch it will train with.
+    assert one_message("train.autoencoders")["site"]["site"] == "hospital-a"
+    assert _workers(tmp_path / "out"), "no site worker registered the hospital"
+    assert site_models_path(tmp_path / "out", "hospital-a").is_file()
+    reply = one_message("train.finetune_forward")
     assert reply["latents"] and all(k.startswith("image") for k in reply["latents"]), reply
-    assert reply["heavy"] == [], f"the message process imported {reply['heavy']}"
-    assert _workers(tmp_path / "out"), "no site worker computed the step"

@@ -14,12 +14,17 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedseg.atomic import write_text_atomic
+from fedseg.deploy.runtime import node_out_dir
+
+if TYPE_CHECKING:
+    from fedseg.config import RunConfig
 
 SECRET_BYTES = 32
 KEY_FILE_HEADER = "fedseg-secret-v1"
@@ -41,6 +46,28 @@ def simulated_secret(seed: int, owner: str) -> bytes:
     where one machine plays every party; a real hospital's secret comes from ``fedseg keygen``.
     """
     return derive_bytes(f"fedseg/simulation-seed/{int(seed)}".encode(), f"simulated-key/{owner}")
+
+
+def needs_secret(cfg: RunConfig) -> bool:
+    """Whether a site of this run holds a secret."""
+    return (
+        cfg.privacy.transform != "none"
+        or cfg.training.finetune_share == "blind"
+        or cfg.mode == "inr"  # its code mixing is drawn from the secret
+    )
+
+
+def site_key_file(cfg: RunConfig, node_config: dict, name: str) -> Path | None:
+    """Where site ``name``'s secret is: its node config's ``key-file``, else (a simulated
+    hospital that needs one) its own, or the federation's, in the run's keys folder. Known
+    without the site's data or torch, for the guard of every reply."""
+    if "key-file" in node_config:
+        return Path(str(node_config["key-file"]))
+    if not needs_secret(cfg) or "partition-id" not in node_config:
+        return None
+    owner = "federation" if cfg.privacy.key_scope == "federation" else name
+    out_dir = node_out_dir(cfg.out_dir, node_config)
+    return Path(cfg.privacy.key_dir or out_dir / "keys") / f"{owner}.key"
 
 
 def write_key_file(path: str | Path, secret: bytes | None = None, overwrite: bool = False) -> Path:
