@@ -15,7 +15,8 @@ each epoch's wall-clock, on the critical path, into:
   handler's end to the reply's pull (Flower's simulation polls for new messages every 100 ms).
 
 State saves happen in the site workers after the reply is sent; their time is shown beside.
-The first epoch (registration, worker start-up) is left out.
+The first epoch (registration, worker start-up) is left out of the split and timed apart
+(``start_up``: when the hospitals' registrations and their first batches came back).
 
     .venv/bin/python benchmarks/split_profile.py --config simulations/scenarios/us-nerve.toml \\
         --epochs 8 --out results/bench/profile-us-nerve.json
@@ -59,6 +60,21 @@ def read_calls(path: Path) -> list[Call]:
 
 def _within(calls: list[Call], labels: tuple[str, ...], start: float, end: float) -> list[Call]:
     return [c for c in calls if c[0] in labels and c[2] >= start and c[3] <= end + 1e-3]
+
+
+def start_up(calls: list[Call]) -> dict:
+    """Seconds from the run's start (its first process) to the hospitals' registration replies
+    and to the end of split training's first exchange (the sites' first batch: their workers
+    started, data loaded), and how long those two exchanges took."""
+    begin = min(c[2] for c in calls)
+    exchanges = sorted((c for c in calls if c[0] == EXCHANGE), key=lambda c: c[2])
+    registration, first = exchanges[0], exchanges[1]
+    return {
+        "registered_at_s": registration[3] - begin,
+        "registration_s": registration[3] - registration[2],
+        "first_batch_at_s": first[3] - begin,
+        "first_exchange_s": first[3] - first[2],
+    }
 
 
 def breakdown(calls: list[Call], epochs: int) -> dict:
@@ -129,6 +145,7 @@ def run(args: argparse.Namespace, log: Path) -> None:
         "load_after": os.getloadavg()[0],
         "seconds_per_epoch": metrics["timing_s"]["finetuning"] / args.epochs,
         **breakdown(read_calls(log), args.epochs),
+        "start_up": start_up(read_calls(log)),
     }
     print(json.dumps(result, indent=2))
     if args.out:

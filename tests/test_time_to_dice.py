@@ -97,6 +97,23 @@ def test_the_profile_splits_an_exchange_into_messaging_guard_call_and_compute(tm
     assert result["non_compute_share"] == pytest.approx(1 - compute / sum(ms.values()))
 
 
+def test_the_profile_times_the_start_up_from_the_first_process():
+    calls = [
+        ("process.start:split_profile.py", 1, 100.0, 100.0),
+        ("strategies.common.exchange", 1, 107.0, 120.0),  # registration
+        ("strategies.common.exchange", 1, 121.0, 123.0),  # the first batch
+        ("strategies.common.exchange", 1, 123.5, 123.8),
+    ]
+    assert profile.start_up(calls) == pytest.approx(
+        {
+            "registered_at_s": 20.0,
+            "registration_s": 13.0,
+            "first_batch_at_s": 23.0,
+            "first_exchange_s": 2.0,
+        }
+    )
+
+
 @pytest.mark.parametrize("size", [64, SERVER_THREADS_FROM_PX])
 def test_the_server_takes_the_runs_threads_only_where_its_maps_gain_from_them(size):
     cfg = demo_config()
