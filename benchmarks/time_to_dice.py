@@ -16,6 +16,10 @@ intervals with its clock paused while it is scored:
   ``--unet-minutes`` (its cosine schedule fitted to that budget), scored every
   ``--unet-every`` seconds of training (and at an eighth, a quarter and half of that first).
 
+The Flower clock starts with split training; the hospitals' registration before it (their
+workers starting, loading torch and the data) is reported beside it, and a ratio with it
+counted (``ratio_flower_with_registration``; the UNet's clock leaves out its data loading too).
+
 Reported: the UNet's plateau (its best score), the target (plateau - 2 pp), the time each
 system first reaches it (linear interpolation between scores), and their ratio, on the
 Flower clock and on the compute clock. Writes ``<out>/time_to_dice.json`` and
@@ -167,12 +171,16 @@ def flower_rate(cfg: RunConfig, epochs: int, out: Path) -> dict:
     cfg.baselines.centralized_unet = cfg.baselines.local_unet = cfg.baselines.unet3d = False
     load = os.getloadavg()[0]
     simulate(cfg.validate())
-    ends = json.loads((out / "metrics.json").read_text())["epoch_end_seconds"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    ends = metrics["epoch_end_seconds"]
     rate = (ends[-1] - ends[0]) / (len(ends) - 1)
     return {
         "epochs": epochs,
         "seconds_per_epoch": rate,
         "start_up_seconds": ends[0] - rate,
+        # Before split training's clock starts: the hospitals' registration (their workers
+        # start, load torch and the data, and build the seeded models there since 815be2e).
+        "registration_seconds": metrics["timing_s"]["autoencoders"],
         "epoch_end_seconds": ends,
         "load_before": load,
         "load_after": os.getloadavg()[0],
@@ -239,6 +247,8 @@ def summarise(name: str, fed: dict, rate: dict, unet: dict) -> dict:
     t_unet = time_to(unet["points"], target)
     t_flower = time_to(fed["points"], target, "flower_seconds")
     t_compute = time_to(fed["points"], target)
+    registration = rate.get("registration_seconds")
+    t_registered = None if t_flower is None or registration is None else t_flower + registration
     last = fed["points"][-1]
 
     def ratio(t: float | None) -> float | None:
@@ -255,8 +265,10 @@ def summarise(name: str, fed: dict, rate: dict, unet: dict) -> dict:
             "unet": t_unet,
             "fedseg_flower": t_flower,
             "fedseg_compute": t_compute,
+            "fedseg_flower_with_registration": t_registered,
         },
         "ratio_flower": ratio(t_flower),
+        "ratio_flower_with_registration": ratio(t_registered),
         "ratio_compute": ratio(t_compute),
         # Not reached: the ratio is at least the whole run's time over the UNet's.
         "ratio_flower_at_least": ratio(last["flower_seconds"]) if t_flower is None else None,

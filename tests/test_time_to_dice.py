@@ -47,7 +47,7 @@ def test_the_ratio_is_taken_on_the_flower_clock_and_bounded_when_never_reached()
         ]
     }
     unet = {"points": [{"seconds": 30, "dice": 0.6}, {"seconds": 60, "dice": 0.72}]}
-    rate = {"seconds_per_epoch": 5.0, "start_up_seconds": 20.0}
+    rate = {"seconds_per_epoch": 5.0, "start_up_seconds": 20.0, "registration_seconds": 11.0}
     result = ttd.summarise("s", fed, rate, unet)
     # target 0.70: the UNet gets there at 30 + 30 * (0.1 / 0.12) = 55 s; fedseg at epoch 20,
     # 120 s through Flower (20 s of start-up, 20 x 5 s) and 10 s of compute.
@@ -56,6 +56,9 @@ def test_the_ratio_is_taken_on_the_flower_clock_and_bounded_when_never_reached()
     assert result["seconds_to_target"]["fedseg_flower"] == pytest.approx(120.0)
     assert result["ratio_flower"] == pytest.approx(120 / 55)
     assert result["ratio_compute"] == pytest.approx(10 / 55)
+    # The hospitals' registration comes before split training's clock; counted, 131 s.
+    assert result["seconds_to_target"]["fedseg_flower_with_registration"] == pytest.approx(131.0)
+    assert result["ratio_flower_with_registration"] == pytest.approx(131 / 55)
     assert result["ratio_flower_at_least"] is None
 
     slow = {"points": [{"epoch": 20, "seconds": 10, "dice": 0.6}]}
