@@ -117,7 +117,7 @@ def site_transform(cfg: RunConfig, key_file: str | Path | None, create: bool = F
             f"privacy.transform = {cfg.privacy.transform!r} needs a key file "
             "(node config 'key-file')"
         )
-    return keyed_transform(cfg, (load_or_create_key if create else read_key_file)(key_file))
+    return keyed_transform(cfg, _secret(cfg, key_file, create))
 
 
 def site_blinder(
@@ -129,7 +129,17 @@ def site_blinder(
         return None
     if key_file is None:
         raise ValueError("training.finetune_share = 'blind' needs the federation key file")
-    return BlindSite((load_or_create_key if create else read_key_file)(key_file), site)
+    return BlindSite(_secret(cfg, key_file, create), site)
+
+
+def _secret(cfg: RunConfig, key_file: str | Path, create: bool) -> bytes:
+    """The key file's secret. ``create``: a simulated hospital's, made on first use from the
+    run's seed, as a simulated federation's sites make theirs (:func:`resolve_site`), so an
+    in-process study draws the keys of the Flower run it stands for, and repeats with one seed.
+    """
+    if not create:
+        return read_key_file(key_file)
+    return load_or_create_key(key_file, simulated_secret(cfg.training.seed, Path(key_file).stem))
 
 
 def train_site(
@@ -330,7 +340,7 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteSetup:
     if key_file is not None and "key-file" not in node_config:
         # A simulated hospital's first start makes its secret, from the run's seed (so seeded
         # runs repeat); nothing else creates one. Key files the user gave are used as they are.
-        load_or_create_key(key_file, simulated_secret(cfg.training.seed, key_file.stem))
+        _secret(cfg, key_file, create=True)
     if key_file is not None:  # a missing, mistyped or wrong key is an error before any work
         _bind_once(site_models_path(out_dir, split.name).parent, key_file)
     return SiteSetup(split, key_file, out_dir)
