@@ -27,7 +27,6 @@ from typing import cast
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 from torch.func import functional_call
 
@@ -37,7 +36,7 @@ from fedseg.models.autoencoder import latent_shapes
 from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.transforms import Keyed
 from fedseg.site import SiteModels
-from fedseg.training import adamw, augment, cosine_lr, nhwc, to_nhwc
+from fedseg.training import adamw, augment, cosine_lr, nhwc, segmentation_loss, to_nhwc
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
@@ -76,7 +75,7 @@ class SiteFinetuner:
         lr = cfg.training.finetune_lr
         self.encoder_opt = adamw(models.image_ae.encoder.parameters(), lr)
         self.decoder_opt = adamw(models.mask_ae.decoder.parameters(), lr)
-        self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        self.loss_fn = segmentation_loss()
         # model.local_skips: the decoder's loss reaches the encoder's first stages directly, at
         # step 3, as a gradient for the local-skip features; it waits here, by (epoch, step),
         # for step 4, where one backward pass through the encoder takes it with the server's

@@ -65,6 +65,15 @@ def adamw(params, lr: float, weight_decay: float = 1e-4) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def segmentation_loss() -> DiceCELoss:
+    """Dice over the foreground classes plus cross-entropy over all, as nnU-Net trains (its
+    soft Dice leaves the background out), for every segmenter here: split training and the
+    UNets it is compared with. With the background in the Dice, a net that predicts only
+    background already scores 1/C of it, and split training sat on that for its first 3-4
+    epochs on hippocampus (train-batch Dice 0; docs/performance.md, session 35)."""
+    return DiceCELoss(softmax=True, to_onehot_y=True, include_background=False)
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
     for group in optimizer.param_groups:
         scale = group.get("lr_scale", 1.0)
@@ -323,12 +332,13 @@ def train_segmenter(
     augment_fn: Augment = augment,
     channels_last: bool = True,
 ) -> int:
-    """Supervised baseline (MONAI UNet, Dice + CE), with the same augmentation as the AEs
-    (``augment_fn``: another, e.g. for volumes; ``channels_last``: 2D images in NHWC)."""
+    """Supervised baseline (MONAI UNet, :func:`segmentation_loss`), with the same augmentation
+    as the AEs (``augment_fn``: another, e.g. for volumes; ``channels_last``: 2D images in
+    NHWC)."""
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks)
     optimizer = adamw(net.parameters(), lr)
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    loss_fn = segmentation_loss()
     layout = nhwc if channels_last else (lambda x: x)
     if channels_last:
         to_nhwc(net)

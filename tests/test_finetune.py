@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.losses import DiceCELoss
 
 from fedseg.checkpoint import CheckpointMismatch, describe_resume, fingerprint, save_private
 from fedseg.config import ConfigError
@@ -31,7 +30,7 @@ from fedseg.site import (
     train_site,
     training_chunk,
 )
-from fedseg.training import nhwc
+from fedseg.training import nhwc, segmentation_loss
 from fedseg.wire import GRAD_DTYPE, unpack
 from simulations.engine import simulate
 from simulations.in_process import split_train
@@ -108,7 +107,7 @@ def test_split_gradient_equals_the_joint_gradient(setup):
     out = tuner.transform.inverse(mapped, "mask")
     joint_models.mask_ae.decoder.train()
     logits = joint_models.mask_ae.decoder(out)
-    joint_loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
+    joint_loss = segmentation_loss()(logits, y[:, None])
     joint_grad = torch.autograd.grad(joint_loss, keyed)
 
     assert loss == pytest.approx(joint_loss.item(), rel=1e-4)
@@ -169,7 +168,7 @@ def test_with_local_skips_the_encoder_steps_on_the_joint_gradient(setup, reload)
     out = tuner.transform.inverse(mapped, "mask")
     local = joint.image_ae.encoder.local_features(nhwc(x))
     logits = joint.mask_ae.decoder(out, local)
-    loss = DiceCELoss(softmax=True, to_onehot_y=True)(logits, y[:, None])
+    loss = segmentation_loss()(logits, y[:, None])
     names = [n for n, _ in joint.image_ae.encoder.named_parameters()]
     grads = torch.autograd.grad(loss, list(joint.image_ae.encoder.parameters()))
     for stage in ("stages.0.", "stages.4."):  # a local-skip stage and a server-only one
