@@ -445,3 +445,66 @@ def test_one_umn_pass_and_one_step_serve_all_sites_batches(setup):
     assert opt is not None
     steps = {int(state["step"]) for state in opt.state.values()}
     assert steps == {1}, f"one UMN step for the sites' batches, not {steps}"
+
+
+def _concat(*payloads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in payloads]) for k in payloads[0]}
+
+
+def test_micro_batches_step_once_a_batch_as_exchanges_of_one_batch_would(setup):
+    """training.finetune_micro_batches = 2: one exchange carries two batches and every party
+    steps once per batch. The site's side equals two pipelined exchanges of one batch (the
+    second encoded before the first's encoder step); the server maps both batches with the
+    weights it has, answers the gradients a one-batch exchange at those weights would, and
+    steps twice."""
+    cfg, site, one, coord = _local_skip_tuner(setup)
+    two_cfg = copy.deepcopy(cfg)
+    two_cfg.training.finetune_micro_batches = 2
+    two = SiteFinetuner(two_cfg, site.train, copy.deepcopy(one.models), one.transform)
+    assert two.steps == -(-one.steps // 2)
+    torch.testing.assert_close(
+        two._batch(0, 0)[0], torch.cat([one._batch(0, s)[0] for s in (0, 1)])
+    )
+
+    latents = [one.forward(0, 0), one.forward(0, 1)]
+    both = two.forward(0, 0)
+    for key, value in both.items():
+        np.testing.assert_array_equal(value, np.concatenate([lat[key] for lat in latents]))
+
+    servers = [copy.deepcopy(coord) for _ in range(2)]
+    mapped = [c.finetune_forward(site.name, lat) for c, lat in zip(servers, latents, strict=True)]
+    server = copy.deepcopy(coord)
+    server.cfg = copy.deepcopy(coord.cfg)
+    server.cfg.training.finetune_micro_batches = 2
+    mapped_both = server.finetune_forward(site.name, both)
+    for key, value in mapped_both.items():
+        np.testing.assert_allclose(
+            value.astype(np.float32), _concat(*mapped)[key].astype(np.float32), atol=2e-3
+        )
+
+    grads = [one.decode_and_backward(0, s, 1, mapped[s])[0] for s in (0, 1)]
+    grad_both, _ = two.decode_and_backward(0, 0, 1, _concat(*mapped))
+    for key, value in grad_both.items():
+        np.testing.assert_allclose(value, _concat(*grads)[key], rtol=1e-4, atol=1e-7)
+    decoders = [t.models.mask_ae.decoder.state_dict() for t in (one, two)]
+    for key, value in decoders[0].items():
+        torch.testing.assert_close(decoders[1][key], value)  # two steps, the same two
+
+    answers = [
+        c.finetune_backward({site.name: g}, 0, 1)[0][site.name]
+        for c, g in zip(servers, grads, strict=True)
+    ]
+    answer_both, refused = server.finetune_backward({site.name: grad_both}, 0, 1)
+    assert not refused
+    for key, value in answer_both[site.name].items():
+        np.testing.assert_allclose(value, _concat(*answers)[key], rtol=1e-4, atol=1e-7)
+    opt_steps = {int(s["step"]) for s in server._finetune_opt.state.values()}
+    assert opt_steps == {2}, opt_steps
+
+    for s in (0, 1):  # one's order: batch 1 was encoded before batch 0's step, as pipelined
+        one.backward_encoder(0, s, 1, answers[s])
+    two.backward_encoder(0, 0, 1, answer_both[site.name])
+    encoders = [t.models.image_ae.encoder.state_dict() for t in (one, two)]
+    for key, value in encoders[0].items():
+        torch.testing.assert_close(encoders[1][key], value)
+    assert not two._passes and not two.local_grads
