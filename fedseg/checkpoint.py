@@ -35,7 +35,6 @@ _IGNORED = {
     ("training", "finetune_epochs"),
     ("training", "finetune_lr"),
     ("training", "finetune_share"),
-    ("training", "finetune_micro_batches"),
 }
 
 

@@ -252,13 +252,6 @@ class TrainingConfig:
     # the same final Dice (0.769 against 0.763, 0.706 against 0.710); a deployed exchange
     # costs about 6 s of Flower's latency, so there it saves most (docs/performance.md).
     finetune_pipeline: bool = True
-    # Batches of ``batch_size`` that every party steps on per exchange: a site sends k batches'
-    # latents in one message, the server maps them with one UMN pass each and takes k steps,
-    # the site's decoder and encoder take k steps. Fewer exchanges an epoch (each costs Flower's
-    # latency: about 80 ms in simulation, seconds deployed) for the same optimiser steps; the
-    # price is staleness: gradients computed before the k steps are applied one after the
-    # other (weight stashing keeps each consistent with the weights that made the batch).
-    finetune_micro_batches: int = 1
     # FedBN (Li et al., ICLR 2021): the encoder's and mask decoder's batch norms (affine
     # weights and running statistics) stay at each site and out of the aggregation; the rest is
     # shared as finetune_share says. For hospitals whose scanners differ (feature shift): the
@@ -543,7 +536,6 @@ RANGES: dict[type, dict[str, Range]] = {
         "finetune_epochs": Range(lo=0, also=(-1,), meaning="from finetune_optimizer_steps"),
         "finetune_optimizer_steps": COUNT,
         "finetune_lr": POSITIVE,
-        "finetune_micro_batches": COUNT,
         "threads": COUNT,
         "seed": SEED,
     },

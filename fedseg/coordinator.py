@@ -32,7 +32,7 @@ from fedseg.privacy.keys import read_key_file
 from fedseg.privacy.klt import LatentTransform
 from fedseg.privacy.transforms import Keyed, keyed_transform
 from fedseg.training import Budget, SiteLatents, adamw, cosine_lr, map_latents, nhwc, train_umn
-from fedseg.wire import GRAD_DTYPE, MagnitudeGuard, batch_slices, check_fields, joined, pack, unpack
+from fedseg.wire import GRAD_DTYPE, MagnitudeGuard, check_fields, pack, unpack
 
 CHECKPOINT_NAME = "umn.pt"
 
@@ -223,12 +223,10 @@ class Coordinator:
     def finetune_map(
         self, batches: dict[str, dict[str, np.ndarray]]
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Split-learning step 2 (fedseg/finetune.py) for every site's payload of an exchange:
-        each payload checked and taken out of its site's key on its own, then one pass of the
-        UMN over all sites' first batches, one over their second, and so on
-        (``training.finetune_micro_batches``), graphs kept for step 4. A payload is at most
-        that many batches of ``training.batch_size`` items. Returns the mapped payloads and the
-        refused sites, with why."""
+        """Split-learning step 2 (fedseg/finetune.py) for every site's batch of a step: each
+        batch checked and taken out of its site's key on its own, then one pass of the UMN over
+        all of them, graphs kept for step 4. A batch is at most ``training.batch_size`` items.
+        Returns the mapped batches and the refused sites, with why."""
         inputs, refused = {}, {}
         for site in sorted(batches):  # name order: the first batch fixes a site's input bases
             try:
@@ -238,18 +236,17 @@ class Coordinator:
         if not inputs:
             return {}, refused
         self.umn.train()
-        outs: dict[str, list[list[torch.Tensor]]] = {site: [] for site in inputs}
-        for j in range(max(len(images) for _, images in inputs.values())):
-            sites = [site for site, (_, images) in inputs.items() if j < len(images)]
-            mapped_j = self.umn.map_sites(
-                [([nhwc(z) for z in inputs[n][1][j]], self.umn.site_index(n)) for n in sites]
-            )
-            for site, out in zip(sites, mapped_j, strict=True):
-                outs[site].append(self._transforms[site].forward(out, "mask"))
+        outs = self.umn.map_sites(
+            [
+                ([nhwc(z) for z in image], self.umn.site_index(site))
+                for site, (_, image) in inputs.items()
+            ]
+        )
         mapped = {}
-        for site, (keyed, _) in inputs.items():
-            self._finetune_graphs[site] = (keyed, outs[site])
-            mapped[site] = pack(joined(outs[site]), "mask")
+        for (site, (keyed, _)), out in zip(inputs.items(), outs, strict=True):
+            keyed_out = self._transforms[site].forward(out, "mask")
+            self._finetune_graphs[site] = (keyed, keyed_out)
+            mapped[site] = pack(keyed_out, "mask")
         return mapped, refused
 
     def finetune_forward(self, site: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -261,34 +258,27 @@ class Coordinator:
 
     def _finetune_input(
         self, site: str, arrays: dict[str, np.ndarray]
-    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-        """A site's keyed latents, batch by batch (leaves, for their gradient), and the same
-        un-keyed."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A site's keyed latents (leaves, for their gradient) and the same un-keyed."""
         self._check_site(site)
         t = self._transforms[site]
         check_fields(arrays, ("image",), len(self.shapes))
         batch = self.cfg.training.batch_size
-        limit = batch * self.cfg.training.finetune_micro_batches
-        latents = unpack(arrays, "image", self.shapes, limit)
+        keyed = [z.requires_grad_() for z in unpack(arrays, "image", self.shapes, batch)]
         self._magnitudes.check(site, arrays)
-        keyed = [
-            [z[part].clone().requires_grad_() for z in latents]
-            for part in batch_slices(len(latents[0]), batch)
-        ]
-        images = [t.inverse(k, "image") for k in keyed]
+        image = t.inverse(keyed, "image")
         if self.cfg.model.canonical_adapters and not self.umn.has_input_basis(site):
-            self._start_input_bases(site, images[0])  # the first batch, whatever k
-        return keyed, images
+            self._start_input_bases(site, image)
+        return keyed, image
 
     def finetune_backward(
         self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Step 4: the sites' loss gradients back through the exchange's UMN passes, and one
-        optimizer step per pass on the mean of its sites' gradients (as the centralized UNet
-        takes one step on a batch drawn from all sites). Every pass's gradient is taken before
-        the first step: each goes back through the weights that mapped it. Returns each site's
-        gradient for its keyed image latents, and the sites whose gradient was refused (with
-        why); a refused or missing site does not count this exchange."""
+        """Step 4: the sites' loss gradients back through the step's one UMN pass, and one
+        optimizer step on their mean (as the centralized UNet takes one step on a batch drawn
+        from all sites). Returns each site's gradient for its keyed image latents, and the
+        sites whose gradient was refused (with why); a refused or missing site does not count
+        this step."""
         graphs, self._finetune_graphs = self._finetune_graphs, {}
         accepted, refused = {}, {}
         for site, arrays in sorted(grads.items()):  # a fixed order, whatever replied first
@@ -297,7 +287,7 @@ class Coordinator:
                 continue
             try:
                 check_fields(arrays, ("grad",), len(self.shapes))
-                expected = sum(out[0].shape[0] for out in graphs[site][1])
+                expected = graphs[site][1][0].shape[0]
                 grad = unpack(arrays, "grad", self.shapes, dtype=GRAD_DTYPE, items=expected)
                 self._magnitudes.check(site, arrays)
             except ValueError as err:
@@ -311,31 +301,22 @@ class Coordinator:
         if self._finetune_opt is None:
             self._finetune_opt = adamw(params, self.cfg.training.finetune_lr)
         cosine_lr(self._finetune_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
+        keyed = [z for site in accepted for z in graphs[site][0]]
+        out = torch.autograd.grad(
+            [m for site in accepted for m in graphs[site][1]],
+            [*keyed, *params],
+            [g for grad in accepted.values() for g in grad],
+            allow_unused=True,  # other sites' adapters, when each site has its own
+        )
         scales = len(self.shapes)
-        site_grads: dict[str, list[list[torch.Tensor]]] = {site: [] for site in accepted}
-        steps = []  # each pass's parameter gradients: the mean of its sites' losses
-        batch = self.cfg.training.batch_size
-        for j in range(max(len(graphs[site][0]) for site in accepted)):
-            sites = [site for site in accepted if j < len(graphs[site][0])]
-            part = slice(j * batch, (j + 1) * batch)
-            keyed = [z for site in sites for z in graphs[site][0][j]]
-            out = torch.autograd.grad(
-                [m for site in sites for m in graphs[site][1][j]],
-                [*keyed, *params],
-                [g[part] for site in sites for g in accepted[site]],
-                allow_unused=True,  # other sites' adapters, when each site has its own
-            )
-            for i, site in enumerate(sites):
-                site_grads[site].append(list(out[i * scales : (i + 1) * scales]))
-            steps.append([None if g is None else g / len(sites) for g in out[len(keyed) :]])
         answers = {
-            site: pack(joined(parts), "grad", GRAD_DTYPE) for site, parts in site_grads.items()
+            site: pack(list(out[i * scales : (i + 1) * scales]), "grad", GRAD_DTYPE)
+            for i, site in enumerate(accepted)
         }
-        for step in steps:
-            for p, g in zip(params, step, strict=True):
-                p.grad = g
-            self._finetune_opt.step()
-            self._finetune_opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, out[len(keyed) :], strict=True):
+            p.grad = None if g is None else g / len(accepted)  # the mean of the sites' losses
+        self._finetune_opt.step()
+        self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
         return answers, refused
 

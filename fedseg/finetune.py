@@ -37,15 +37,14 @@ from fedseg.privacy.blind import BlindSite
 from fedseg.privacy.transforms import Keyed
 from fedseg.site import SiteModels
 from fedseg.training import adamw, augment, cosine_lr, nhwc, segmentation_loss, to_nhwc
-from fedseg.wire import GRAD_DTYPE, batch_slices, joined, pack, unpack
+from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
 
 
-def finetune_steps(n_train: int, batch_size: int, micro_batches: int = 1) -> int:
-    """Exchanges per epoch at a site: full batches only (a batch of 1 would upset batch norm),
-    ``micro_batches`` of them per exchange (the last exchange may have fewer)."""
-    return math.ceil(max(1, n_train // batch_size) / micro_batches)
+def finetune_steps(n_train: int, batch_size: int) -> int:
+    """Steps per epoch at a site: full batches only (a batch of 1 would upset batch norm)."""
+    return max(1, n_train // batch_size)
 
 
 def split_epochs(training: TrainingConfig, sizes: Iterable[int]) -> int:
@@ -90,130 +89,90 @@ class SiteFinetuner:
 
     @property
     def steps(self) -> int:
-        """Exchanges an epoch (``training.finetune_micro_batches`` batches each)."""
-        t = self.cfg.training
-        return finetune_steps(len(self.data), t.batch_size, t.finetune_micro_batches)
+        return finetune_steps(len(self.data), self.cfg.training.batch_size)
 
-    def _micro_batches(self, step: int) -> range:
-        """The batches (by index in the epoch) that exchange ``step`` carries."""
+    def _batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same batch, augmented the same way, whenever (epoch, step) is asked for."""
         if not 0 <= step < self.steps:
             raise ValueError(f"fine-tuning step {step} is outside 0..{self.steps - 1}")
-        t = self.cfg.training
-        k = t.finetune_micro_batches
-        return range(step * k, min((step + 1) * k, finetune_steps(len(self.data), t.batch_size)))
-
-    def _micro_batch(self, epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same batch, augmented the same way, whenever (epoch, batch) is asked for."""
         seed = self.cfg.training.seed
         shuffle = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(self.data), generator=shuffle)
         bs = self.cfg.training.batch_size
-        idx = order[micro * bs : (micro + 1) * bs].numpy()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + micro)
+        idx = order[step * bs : (step + 1) * bs].numpy()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + step)
         x = torch.from_numpy(self.data.images[idx])
         y = torch.from_numpy(self.data.masks[idx])
         return augment(x, y, gen)
 
-    def _batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exchange ``step``'s images and masks: its batches one after the other."""
-        pairs = [self._micro_batch(epoch, m) for m in self._micro_batches(step)]
-        return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    def _encode(self, epoch: int, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keyed image latents and local-skip features of (epoch, step), with their graph.
 
-    def _encode(self, epoch: int, step: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Keyed image latents and local-skip features of each batch of (epoch, step), with
-        their graphs.
-
-        Each pass runs on a copy of the encoder's weights that only its graph holds (weight
-        stashing, as in PipeDream): pipelined, the encoder steps on the last exchange's
-        gradients after this one's batches were encoded, and each batch's gradient must go back
-        through the weights that encoded it, without a second pass. One pass a batch, so that
-        each batch's encoder step costs a backward pass over that batch only."""
+        The pass runs on a copy of the encoder's weights that only its graph holds (weight
+        stashing, as in PipeDream): pipelined, the encoder steps on the last batch's gradient
+        after this batch was encoded, and this batch's gradient must go back through the
+        weights that encoded it, without a second pass."""
         if (epoch, step) not in self._passes:
+            x, _ = self._batch(epoch, step)
             encoder = self.models.image_ae.encoder
             encoder.train()
-            passes = []
-            for micro in self._micro_batches(step):
-                x, _ = self._micro_batch(epoch, micro)
-                weights = {name: p.clone() for name, p in encoder.named_parameters()}
-                latents, local = functional_call(encoder, weights, (nhwc(x),), {"local": True})
-                passes.append((self.transform.forward(latents, "image"), local))
-            self._passes = dict(list(self._passes.items())[-1:])  # at most two exchanges'
-            self._passes[(epoch, step)] = passes
+            weights = {name: p.clone() for name, p in encoder.named_parameters()}
+            latents, local = functional_call(encoder, weights, (nhwc(x),), {"local": True})
+            self._passes = dict(list(self._passes.items())[-1:])  # at most two
+            self._passes[(epoch, step)] = (self.transform.forward(latents, "image"), local)
         return self._passes[(epoch, step)]
 
     def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        """Step 1: keyed image latents of this exchange's batches (fp16 wire arrays)."""
-        passes = self._encode(epoch, step)
-        return pack(joined((k for k, _ in passes)), "image")
+        """Step 1: keyed image latents of this step's batch (fp16 wire arrays)."""
+        return pack(self._encode(epoch, step)[0], "image")
 
     def backward_encoder(
         self, epoch: int, step: int, epochs: int, grads: dict[str, np.ndarray]
     ) -> None:
-        """Step 4: the server's gradient for that exchange's keyed image latents, into the
-        encoder: one step for each of its batches, in order."""
+        """Step 4: the server's gradient for that step's keyed image latents, into the encoder."""
         grad = unpack(grads, "grad", self.shapes, dtype=GRAD_DTYPE)
-        passes = self._encode(epoch, step)
-        del self._passes[(epoch, step)]  # its graphs are spent below
-        items = sum(keyed[0].shape[0] for keyed, _ in passes)
-        if items != grad[0].shape[0]:
-            raise ValueError(f"gradient for {grad[0].shape[0]} items, the batches have {items}")
-        local_grads = self.local_grads.pop((epoch, step), None)
-        # An older step's would never be used; pipelined, the next exchange's is already here
-        # (it was decoded first) and waits for its own encoder steps.
-        self.local_grads = {k: g for k, g in self.local_grads.items() if k > (epoch, step)}
+        keyed, local = self._encode(epoch, step)
+        del self._passes[(epoch, step)]  # its graph is spent below
+        if keyed[0].shape[0] != grad[0].shape[0]:
+            raise ValueError(f"gradient for {grad[0].shape[0]} items, batch has {len(keyed[0])}")
         cosine_lr(self.encoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
-        start = 0
-        for keyed, local in passes:
-            part = slice(start, start + keyed[0].shape[0])
-            start = part.stop
-            self.encoder_opt.zero_grad(set_to_none=True)
-            if local_grads is None:
-                torch.autograd.backward(keyed, [g[part] for g in grad])
-            else:  # one pass back through the encoder for both: its first stages are the costly
-                torch.autograd.backward(
-                    [*keyed, *local], [*(g[part] for g in grad), *(g[part] for g in local_grads)]
-                )
-            self.encoder_opt.step()
+        self.encoder_opt.zero_grad(set_to_none=True)
+        local_grads = self.local_grads.pop((epoch, step), None)
+        # An older step's would never be used; pipelined, the next batch's is already here
+        # (it was decoded first) and waits for its own encoder step.
+        self.local_grads = {k: g for k, g in self.local_grads.items() if k > (epoch, step)}
+        if local_grads is None:
+            torch.autograd.backward(keyed, grad)
+        else:  # one pass back through the encoder for both: its first stages are the costly
+            torch.autograd.backward([*keyed, *local], [*grad, *local_grads])
+        self.encoder_opt.step()
         self.models.image_ae.eval()
 
     def decode_and_backward(
         self, epoch: int, step: int, epochs: int, mapped: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], float]:
-        """Step 3: loss on the site's own masks, one decoder step for each of the exchange's
-        batches; returns d loss / d keyed mask latents (each batch's own loss) and the mean
-        loss."""
-        keyed_all = unpack(mapped, "mask", self.shapes)
-        micros = self._micro_batches(step)
-        bs = self.cfg.training.batch_size
-        items = len(micros) * bs  # every batch is full (finetune_steps)
-        if keyed_all[0].shape[0] != items:
-            raise ValueError(f"mapped latents for {keyed_all[0].shape[0]} items, batch has {items}")
+        """Step 3: loss on the site's own masks; returns d loss / d keyed mask latents."""
+        _, y = self._batch(epoch, step)
+        keyed = [z.requires_grad_() for z in unpack(mapped, "mask", self.shapes)]
+        if keyed[0].shape[0] != y.shape[0]:
+            raise ValueError(f"mapped latents for {keyed[0].shape[0]} items, batch has {len(y)}")
         decoder = self.models.mask_ae.decoder
+        decoder.train()
+        local = None
+        if decoder.local_skips:  # cut from the encoder's graph: step 4 goes back through it
+            local = [f.detach().requires_grad_() for f in self._encode(epoch, step)[1]]
+            self.models.image_ae.encoder.eval()
+        logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")], local)
+        loss = self.loss_fn(logits, y[:, None])
         cosine_lr(self.decoder_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
-        passes = self._encode(epoch, step) if decoder.local_skips else None
-        keyed_grads, local_grads, losses = [], [], []
-        for j, (micro, part) in enumerate(zip(micros, batch_slices(items, bs), strict=True)):
-            _, y = self._micro_batch(epoch, micro)
-            keyed = [z[part].clone().requires_grad_() for z in keyed_all]
-            decoder.train()
-            local = None
-            if passes is not None:  # cut from the encoder's graph: step 4 goes back through it
-                local = [f.detach().requires_grad_() for f in passes[j][1]]
-                self.models.image_ae.encoder.eval()
-            logits = decoder([nhwc(z) for z in self.transform.inverse(keyed, "mask")], local)
-            loss = self.loss_fn(logits, y[:, None])
-            self.decoder_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.decoder_opt.step()
-            losses.append(float(loss.item()))
-            keyed_grads.append([cast(torch.Tensor, z.grad) for z in keyed])  # leaves: set
-            if local is not None:
-                local_grads.append([cast(torch.Tensor, f.grad) for f in local])
+        self.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.decoder_opt.step()
         decoder.eval()
-        if local_grads:
-            self.local_grads[(epoch, step)] = joined(local_grads)
-        grads = joined(keyed_grads)
-        return pack(grads, "grad", GRAD_DTYPE), float(np.mean(losses))
+        if local is not None:
+            self.local_grads[(epoch, step)] = [cast(torch.Tensor, f.grad) for f in local]
+        keyed_grads = [cast(torch.Tensor, z.grad) for z in keyed]  # leaves of this graph: set
+        return pack(keyed_grads, "grad", GRAD_DTYPE), float(loss.item())
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The weights that ``training.finetune_share`` makes one model across sites: the

@@ -190,10 +190,7 @@ class SplitTraining:
         from fedseg.finetune import finetune_steps, split_epochs
 
         self.epochs = split_epochs(self.cfg.training, sites.values())
-        t = self.cfg.training
-        self.steps = {
-            n: finetune_steps(k, t.batch_size, t.finetune_micro_batches) for n, k in sites.items()
-        }
+        self.steps = {n: finetune_steps(k, self.cfg.training.batch_size) for n, k in sites.items()}
         self.owed: dict[str, tuple[int, int, Arrays]] = {}  # encoder gradients not yet sent
         self.adopt: dict[str, Any] = {}  # average: the mean each site takes with its next call
         # blind: the masked sum each site unmasks with its next call, with its epoch and the

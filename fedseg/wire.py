@@ -6,8 +6,6 @@ hospital must be refused with a message naming the field, not crash a federation
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 
@@ -32,17 +30,6 @@ def pack(latents: Latents, prefix: str, dtype: type = WIRE_DTYPE) -> dict[str, n
         # C order: latents are often channels-last in memory; the wire is (N, C, h, w).
         out[f"{prefix}{s}"] = arr.astype(dtype, order="C")
     return out
-
-
-def batch_slices(items: int, batch_size: int) -> list[slice]:
-    """A split-training payload cut into its batches of ``batch_size`` (one optimiser step
-    each, ``training.finetune_micro_batches``)."""
-    return [slice(a, min(a + batch_size, items)) for a in range(0, items, batch_size)]
-
-
-def joined(parts: Iterable[Latents]) -> Latents:
-    """Batches of multi-scale latents, one after the other: one tensor per scale."""
-    return [torch.cat(scale) for scale in zip(*parts, strict=True)]
 
 
 def unpack(

@@ -32,15 +32,12 @@ def _in_process(cfg, key: Path, create: bool = False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("pipeline", "micro_batches"), [(False, 1), (True, 1), (True, 2)])
-def test_flower_and_in_process_split_training_are_one_computation(
-    tmp_path, pipeline, micro_batches
-):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_flower_and_in_process_split_training_are_one_computation(tmp_path, pipeline):
     from simulations.engine import simulate
 
     cfg = blind_config(tmp_path / "flower", sites=2, epochs=2)
     cfg.training.finetune_pipeline = pipeline
-    cfg.training.finetune_micro_batches = micro_batches
     cfg.training.threads = 1
     cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
     simulate(cfg.validate())
@@ -50,7 +47,6 @@ def test_flower_and_in_process_split_training_are_one_computation(
     torch.set_num_threads(1)
     twin = blind_config(tmp_path / "in-process", sites=2, epochs=2)
     twin.training.finetune_pipeline = pipeline
-    twin.training.finetune_micro_batches = micro_batches
     tuners, coordinator = _in_process(twin, out / "keys" / "federation.key")
     losses = split_train(coordinator, tuners)
 
