@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from monai.losses import DiceCELoss
 
 from fedseg.attacks.context import RunContext
 from fedseg.models.autoencoder import Latents
 from fedseg.models.umn import UnifiedMappingNetwork
-from fedseg.training import augment, nhwc
+from fedseg.training import augment, nhwc, segmentation_loss
 
 AUGMENTED_COPIES = 3  # passes over the victim's training set (the server saw hundreds)
 
@@ -75,7 +74,7 @@ def gather(ctx: RunContext) -> ServerView:
         a.seed,
     )
     encoder, decoder = models.image_ae.encoder.eval(), models.mask_ae.decoder.eval()
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    loss_fn = segmentation_loss()  # the loss the victim trains with: its gradients are these
     keyed_parts, grad_parts = [], []
     index = umn.site_index(victim)
     for i in range(0, len(x), 32):
