@@ -32,6 +32,7 @@ from fedseg.attacks.report import figure_dir, table
 from fedseg.attacks.scores import image_quality
 from fedseg.attacks.server_inversion import dice, statistics
 from fedseg.attacks.server_view import AUGMENTED_COPIES, ServerView, _augmented, gather, map_keyed
+from fedseg.data import input_channels
 from fedseg.models.autoencoder import Decoder, Encoder, Latents
 from fedseg.training import nhwc
 
@@ -54,9 +55,9 @@ def train_surrogate(
     """Encoder and image decoder on the auxiliary images: reconstruct them, and make the
     encoder's latents look like the victim's keyed latents."""
     torch.manual_seed(seed)
-    m = cfg.model
-    encoder = Encoder(1, m.ae_widths, m.latent_channels)
-    decoder = Decoder(1, m.ae_widths, m.latent_channels)
+    m, c = cfg.model, input_channels(cfg)  # the victim's encoder's: 3 for 2.5D slices, colour
+    encoder = Encoder(c, m.ae_widths, m.latent_channels)
+    decoder = Decoder(c, m.ae_widths, m.latent_channels)
     targets = [{k: v.detach() for k, v in statistics(z).items() if v is not None} for z in keyed]
     params = [*encoder.parameters(), *decoder.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
