@@ -204,13 +204,6 @@ class ModelConfig:
     # (fedseg/models/autoencoder.py). They never leave the site; only split training
     # (training.finetune_epochs != 0) teaches the decoder to use them. us-nerve: docs/results.md.
     local_skips: bool = True
-    # Channels of a full-resolution local skip (0: none): a small branch on the site's image
-    # whose features the mask decoder's last layer reads beside its upsampled 1/2-scale ones.
-    # Like the other local skips it never leaves the site and is not part of the latents.
-    full_res_skip: int = 0
-    # How many of the image encoder's stages, finest first, the local skips take: 2 = the 1/2
-    # and 1/4 scale features, 3 adds the 1/8 scale one (beside the server's 1/8 latent).
-    local_skip_stages: int = 2
     # The mask decoder standardises each latent channel first (batch norm without affine). In
     # client custody its input is the server's output un-keyed, R^T (out - b): the key's bias
     # b reaches the decoder as an offset that only the key holder could have removed.
@@ -454,12 +447,6 @@ class RunConfig:
                 not self.model.local_skips or self.training.finetune_epochs != 0,
                 "model.local_skips needs split training (training.finetune_epochs != 0; only it "
                 "teaches the mask decoder to use the site's image features)",
-            ),
-            (self.model.full_res_skip >= 0, "model.full_res_skip must be >= 0"),
-            (1 <= self.model.local_skip_stages <= 3, "model.local_skip_stages must be 1 to 3"),
-            (
-                not self.model.full_res_skip or self.model.local_skips,
-                "model.full_res_skip is a local skip: it needs model.local_skips = true",
             ),
             (self.federation.actors >= 0, "federation.actors must be >= 0"),
             (

@@ -56,14 +56,7 @@ class SiteModels:
     def build(cls, cfg: RunConfig, num_classes: int) -> SiteModels:
         m, c = cfg.model, input_channels(cfg)  # 3: colour images; 2.5D: slices per sample
         return cls(
-            SkipAutoencoder(
-                c,
-                c,
-                m.ae_widths,
-                m.latent_channels,
-                encoder_full_res=m.full_res_skip,
-                local_stages=m.local_skip_stages,
-            ),
+            SkipAutoencoder(c, c, m.ae_widths, m.latent_channels),
             SkipAutoencoder(
                 num_classes,
                 num_classes,
@@ -71,8 +64,6 @@ class SiteModels:
                 m.latent_channels,
                 m.local_skips,
                 m.decoder_input_norm,
-                decoder_full_res=m.full_res_skip,
-                local_stages=m.local_skip_stages,
             ),
         )
 
