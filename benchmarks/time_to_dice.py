@@ -31,7 +31,8 @@ recorded beside each part)::
         --every 20 --unet-minutes 40 --out results/bench/ttd-us-nerve
 
 ``--fedseg-only`` draws fedseg's in-process curve alone, to compare variants by Dice
-(``--set training.local_batch_norm=true``).
+(``--set training.local_batch_norm=true``); ``--at 4,8,12`` scores it at those epochs only
+and stops after the last, so a variant's early curve costs only those epochs.
 """
 
 from __future__ import annotations
@@ -107,8 +108,17 @@ def score_point(sites: list[SiteSplit], predict_site: Callable[[SiteSplit], obje
     return {"dice": mean_over_sites(metrics)["dice"], "sites": per_site}
 
 
-def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Path) -> dict:
-    """Split training in process, scored at :func:`scored_epoch` and after the last epoch."""
+class _Stopped(Exception):
+    """Raised after the last epoch ``at`` asks for: the rest of the phase is not run."""
+
+
+def federated_curve(
+    cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Path, at: list[int] | None = None
+) -> dict:
+    """Split training in process, scored at :func:`scored_epoch` and after the last epoch.
+    With ``at``, scored at those epochs only and stopped after the last of them: a variant's
+    early curve without its whole phase (the learning-rate schedule stays fitted to the whole
+    phase, so its points are the whole run's)."""
     torch.set_num_threads(cfg.training.threads)
     tuners, transforms = {}, {}
     for s in sites:
@@ -144,18 +154,23 @@ def federated_curve(cfg: RunConfig, sites: list[SiteSplit], every: int, keys: Pa
     load = os.getloadavg()[0]
 
     def on_epoch(epoch: int, total: int, loss: float) -> None:
-        if not scored_epoch(epoch, every) and epoch != total:
-            return
-        seconds = clock.seconds()
-        point = clock.scoring(lambda: score_point(sites, predict_site))
-        points.append({"epoch": epoch, "seconds": seconds, "loss": loss, **point})
-        print(
-            f"fedseg epoch {epoch}/{total}: Dice {point['dice']:.3f}, loss {loss:.3f}, "
-            f"at {seconds:.0f} s",
-            flush=True,
-        )
+        wanted = epoch in at if at else scored_epoch(epoch, every) or epoch == total
+        if wanted:
+            seconds = clock.seconds()
+            point = clock.scoring(lambda: score_point(sites, predict_site))
+            points.append({"epoch": epoch, "seconds": seconds, "loss": loss, **point})
+            print(
+                f"fedseg epoch {epoch}/{total}: Dice {point['dice']:.3f}, loss {loss:.3f}, "
+                f"at {seconds:.0f} s",
+                flush=True,
+            )
+        if at and epoch >= max(at):
+            raise _Stopped
 
-    split_train(coordinator, tuners, on_epoch)
+    try:
+        split_train(coordinator, tuners, on_epoch)
+    except _Stopped:
+        pass
     return {"points": points, "load_before": load, "threads": cfg.training.threads}
 
 
@@ -306,6 +321,17 @@ def draw(path: Path, result: dict) -> None:
     fig.savefig(path)
 
 
+def _epochs(text: str) -> list[int]:
+    """``--at``'s value: epochs, comma-separated, each at least 1."""
+    try:
+        epochs = sorted({int(e) for e in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of epochs: {text!r}") from None
+    if not epochs or epochs[0] < 1:
+        raise argparse.ArgumentTypeError(f"epochs start at 1: {text!r}")
+    return epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="scenario TOML (default: the embedded demo)")
@@ -344,6 +370,13 @@ def main() -> None:
         help="only fedseg's in-process curve (no Flower timing, no UNet): for comparing "
         "variants of fedseg by Dice; writes <out>/fedseg_curve.json",
     )
+    parser.add_argument(
+        "--at",
+        type=_epochs,
+        metavar="E1,E2,...",
+        help="with --fedseg-only: score at these epochs only and stop after the last "
+        "(the schedule stays fitted to the whole phase)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench/time-to-dice"))
     args = parser.parse_args()
     overrides = dict(_override(item) for item in args.set)
@@ -352,17 +385,22 @@ def main() -> None:
         cfg = load_config(args.config) if args.config else demo_config()
         return apply_overrides(cfg, overrides).validate()
 
+    if args.at and not args.fedseg_only:
+        parser.error("--at needs --fedseg-only (a ratio needs the whole curve)")
     cfg = fresh()
     args.out.mkdir(parents=True, exist_ok=True)
     sites = load_federation(cfg)
     epochs = split_epochs(cfg.training, [len(s.train) for s in sites])
     print(f"fedseg: {epochs} epochs of split training", flush=True)
+    if args.at and max(args.at) > epochs:
+        parser.error(f"--at: epoch {max(args.at)} is past the phase's {epochs} epochs")
     if args.fedseg_only:
         with tempfile.TemporaryDirectory() as keys:
-            fed = federated_curve(cfg, sites, args.every, Path(keys))
+            fed = federated_curve(cfg, sites, args.every, Path(keys), args.at)
         fed = {"command": " ".join(sys.argv), "scenario": cfg.name, **fed}
         (args.out / "fedseg_curve.json").write_text(json.dumps(fed, indent=2))
-        print(f"fedseg final Dice {fed['points'][-1]['dice']:.3f}")
+        last = fed["points"][-1]
+        print(f"fedseg Dice {last['dice']:.3f} at epoch {last['epoch']} of {epochs}")
         return
     rate = flower_rate(fresh(), min(args.flower_epochs, epochs), args.out / "flower")
     print(f"through Flower: {rate['seconds_per_epoch']:.2f} s an epoch", flush=True)

@@ -158,3 +158,49 @@ def test_fedseg_only_draws_the_in_process_curve_of_a_variant(tmp_path, monkeypat
     assert [p["epoch"] for p in curve["points"]] == [1, 2, 3]
     assert all(0.0 <= p["dice"] <= 1.0 for p in curve["points"])
     assert "local_batch_norm=false" in curve["command"]
+
+
+def test_fedseg_only_at_given_epochs_scores_those_and_stops_after_the_last(tmp_path, monkeypatch):
+    """``--at``: a variant's early curve, scored where asked, the rest of the phase not run."""
+    out = tmp_path / "curve"
+    argv = ["time_to_dice.py", "--fedseg-only", "--at", "3,1", "--out", str(out)]
+    for item in (
+        "training.finetune_epochs=6",
+        "training.threads=1",
+        "data.synthetic_train=8",
+        "data.synthetic_test=4",
+        "model.image_size=32",
+    ):
+        argv += ["--set", item]
+    monkeypatch.setattr("sys.argv", argv)
+    epochs_run = []
+    real = ttd.split_train
+
+    def counting(coordinator, tuners, on_epoch):
+        def seen(epoch, total, loss):
+            epochs_run.append(epoch)
+            on_epoch(epoch, total, loss)
+
+        return real(coordinator, tuners, seen)
+
+    monkeypatch.setattr(ttd, "split_train", counting)
+    ttd.main()
+    curve = json.loads((out / "fedseg_curve.json").read_text())
+    assert [p["epoch"] for p in curve["points"]] == [1, 3]
+    assert epochs_run == [1, 2, 3]  # stopped after epoch 3 of 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--at", "2"], "--at needs --fedseg-only"),
+        (["--fedseg-only", "--at", "two"], "not a list of epochs"),
+        (["--fedseg-only", "--at", "0,2"], "epochs start at 1"),
+    ],
+)
+def test_at_is_checked_before_any_work(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.argv", ["time_to_dice.py", *argv])
+    monkeypatch.setattr(ttd, "load_federation", None)  # called, it would fail the test
+    with pytest.raises(SystemExit):
+        ttd.main()
+    assert message in capsys.readouterr().err
