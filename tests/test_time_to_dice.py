@@ -136,20 +136,25 @@ def test_both_systems_are_scored_densely_before_their_regular_interval():
     assert times == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 160.0, 200.0]
 
 
-def test_fedseg_only_draws_the_in_process_curve_of_a_variant(tmp_path, monkeypatch):
-    """``--fedseg-only`` with ``--set``: the variant's curve alone, scored after the last
-    epoch, the override in force (nothing of Flower or the UNet runs)."""
-    out = tmp_path / "curve"
-    argv = ["time_to_dice.py", "--fedseg-only", "--every", "2", "--out", str(out)]
+def _fedseg_only_argv(out: Path, epochs: int, *extra: str) -> list[str]:
+    """``--fedseg-only`` on a tiny synthetic federation: ``epochs`` of split training."""
+    argv = ["time_to_dice.py", "--fedseg-only", "--out", str(out), *extra]
     for item in (
-        "training.finetune_epochs=3",
+        f"training.finetune_epochs={epochs}",
         "training.threads=1",
         "data.synthetic_train=8",
         "data.synthetic_test=4",
         "model.image_size=32",
-        "training.local_batch_norm=false",
     ):
         argv += ["--set", item]
+    return argv
+
+
+def test_fedseg_only_draws_the_in_process_curve_of_a_variant(tmp_path, monkeypatch):
+    """``--fedseg-only`` with ``--set``: the variant's curve alone, scored after the last
+    epoch, the override in force (nothing of Flower or the UNet runs)."""
+    out = tmp_path / "curve"
+    argv = _fedseg_only_argv(out, 3, "--every", "2", "--set", "training.local_batch_norm=false")
     monkeypatch.setattr("sys.argv", argv)
     monkeypatch.setattr(ttd, "flower_rate", None)  # called, it would fail the test
     monkeypatch.setattr(ttd, "unet_curve", None)
@@ -163,16 +168,7 @@ def test_fedseg_only_draws_the_in_process_curve_of_a_variant(tmp_path, monkeypat
 def test_fedseg_only_at_given_epochs_scores_those_and_stops_after_the_last(tmp_path, monkeypatch):
     """``--at``: a variant's early curve, scored where asked, the rest of the phase not run."""
     out = tmp_path / "curve"
-    argv = ["time_to_dice.py", "--fedseg-only", "--at", "3,1", "--out", str(out)]
-    for item in (
-        "training.finetune_epochs=6",
-        "training.threads=1",
-        "data.synthetic_train=8",
-        "data.synthetic_test=4",
-        "model.image_size=32",
-    ):
-        argv += ["--set", item]
-    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr("sys.argv", _fedseg_only_argv(out, 6, "--at", "3,1"))
     epochs_run = []
     real = ttd.split_train
 
