@@ -193,7 +193,9 @@ class ModelConfig:
     umn_width: int = (
         64  # was 96: 1.8x the mapping time for Dice within 0.4 pp (docs/performance.md)
     )
-    umn_blocks: int = 2  # residual context blocks per scale
+    # residual context blocks per scale; was 2: one costs about an eighth less compute a
+    # split-training epoch for the same Dice (session 38, docs/performance.md)
+    umn_blocks: int = 1
     canonical_adapters: bool = True  # start each site's adapters at its latents' principal axes
     # "shared": one adapter set for every site, for sites that encode into one space (a shared
     # encoder through finetune_share, and one key: privacy.key_scope = "federation",
