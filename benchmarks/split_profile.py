@@ -6,9 +6,7 @@ ClientApp's handlers and key guard, the site workers' compute and state saves), 
 each epoch's wall-clock, on the critical path, into:
 
 - sites' compute: encoder, decoder and their steps (per exchange, the slowest site);
-- server's UMN compute: its forward, backward and optimizer steps, where they are on the
-  critical path (between exchanges); with ``training.finetune_overlap`` the backward pass and
-  step run during the next exchange, and that time is shown beside, as the saves are;
+- server's UMN compute: its forward, backward and optimizer steps;
 - server bookkeeping: the rest of the server's time between two exchanges (records, checks);
 - key guard: the outgoing check of the slowest site's reply;
 - site call: the ClientApp handler beyond the compute (decoding, the call to the site
@@ -45,8 +43,7 @@ SITE_HANDLERS = ("clients.app.Hospital.finetune_forward", "clients.app.Hospital.
 SITE_COMPUTE = ("fedseg.hospital.finetune_forward", "fedseg.hospital.finetune_backward")
 UMN = (
     "fedseg.coordinator.Coordinator.finetune_map",
-    "fedseg.coordinator.Coordinator.finetune_accept",
-    "fedseg.coordinator.Coordinator.finetune_step",
+    "fedseg.coordinator.Coordinator.finetune_backward",
 )
 GUARD = "clients.app.Hospital.outgoing_guard"
 EXCHANGE = "strategies.common.exchange"
@@ -63,12 +60,6 @@ def read_calls(path: Path) -> list[Call]:
 
 def _within(calls: list[Call], labels: tuple[str, ...], start: float, end: float) -> list[Call]:
     return [c for c in calls if c[0] in labels and c[2] >= start and c[3] <= end + 1e-3]
-
-
-def _time_in(calls: list[Call], labels: tuple[str, ...], start: float, end: float) -> float:
-    """Seconds the labelled calls spent inside [start, end] (a call may run across it: with
-    ``training.finetune_overlap`` the UMN's step starts during an exchange)."""
-    return sum(max(0.0, min(c[3], end) - max(c[2], start)) for c in calls if c[0] in labels)
 
 
 def start_up(calls: list[Call]) -> dict:
@@ -96,7 +87,6 @@ def breakdown(calls: list[Call], epochs: int) -> dict:
     )
     exchanges = exchanges[len(exchanges) // epochs :]  # leave the first epoch out
     parts: dict[str, float] = defaultdict(float)
-    hidden = 0.0  # the UMN's compute during exchanges: off the critical path
     for i, (_, _, start, end) in enumerate(exchanges):
         handled = _within(calls, SITE_HANDLERS, start, end)
         if not handled:
@@ -113,10 +103,9 @@ def breakdown(calls: list[Call], epochs: int) -> dict:
         parts["Flower and Ray messaging"] += messaging
         if i + 1 < len(exchanges):
             gap_end = exchanges[i + 1][2]
-            umn = _time_in(calls, UMN, end, gap_end)
+            umn = sum(c[3] - c[2] for c in _within(calls, UMN, end, gap_end))
             parts["server's UMN compute"] += umn
             parts["server bookkeeping"] += gap_end - end - umn
-        hidden += _time_in(calls, UMN, start, end)
     counted = epochs - 1
     wall = exchanges[-1][2] - exchanges[0][2]
     saves = [c for c in calls if c[0] == SAVE and first <= c[2] <= last]
@@ -130,7 +119,6 @@ def breakdown(calls: list[Call], epochs: int) -> dict:
         "ms_per_epoch_total": total,
         "wall_ms_per_epoch": 1000 * wall / counted,
         "non_compute_share": 1 - compute / total if total else None,
-        "umn_ms_per_epoch_during_exchanges": 1000 * hidden / counted,
         "state_saves_ms_per_epoch": 1000 * sum(c[3] - c[2] for c in saves) / counted,
     }
 
@@ -153,7 +141,6 @@ def run(args: argparse.Namespace, log: Path) -> None:
         "command": " ".join(sys.argv),
         "scenario": cfg.name,
         "pipeline": cfg.training.finetune_pipeline,
-        "overlap": cfg.training.finetune_overlap,
         "load_before": load,
         "load_after": os.getloadavg()[0],
         "seconds_per_epoch": metrics["timing_s"]["finetuning"] / args.epochs,

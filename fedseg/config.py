@@ -20,7 +20,6 @@ Transform = Literal["none", "klt", "knt"]
 Custody = Literal["client", "server"]
 UmnArch = Literal["fast", "reference", "he"]
 FinetuneShare = Literal["none", "blind", "average"]
-Overlap = Literal["off", "full", "weights"]
 TAMPERING = ("missing-record", "extra-items", "scaled", "huge", "forged-metrics")
 Preset = Literal["blind-split", "paper"]
 AdapterScope = Literal["site", "shared"]
@@ -255,12 +254,6 @@ class TrainingConfig:
     # the same final Dice (0.769 against 0.763, 0.706 against 0.710); a deployed exchange
     # costs about 6 s of Flower's latency, so there it saves most (docs/performance.md).
     finetune_pipeline: bool = True
-    # The server's UMN steps on a batch's gradients while the sites work on the next batch, not
-    # between two exchanges (with finetune_pipeline): the next batch is mapped by weights that
-    # have not yet taken the last step (each pass keeps its own copy of them), and a site's
-    # encoder gradient comes one exchange later. An epoch then costs one exchange more (the
-    # last gradients, before the share), and the UMN's backward pass leaves the critical path.
-    finetune_overlap: Overlap = "off"
     # FedBN (Li et al., ICLR 2021): the encoder's and mask decoder's batch norms (affine
     # weights and running statistics) stay at each site and out of the aggregation; the rest is
     # shared as finetune_share says. For hospitals whose scanners differ (feature shift): the
@@ -452,14 +445,6 @@ class RunConfig:
                 "(training.finetune_epochs != 0)",
             ),
             (self.training.finetune_lr > 0, "training.finetune_lr must be > 0"),
-            (
-                self.training.finetune_overlap in ("off", "full", "weights"),
-                "training.finetune_overlap: 'off', 'full' or 'weights'",
-            ),
-            (
-                self.training.finetune_overlap == "off" or self.training.finetune_pipeline,
-                "training.finetune_overlap needs training.finetune_pipeline = true",
-            ),
             (
                 not self.model.local_skips or self.training.finetune_epochs != 0,
                 "model.local_skips needs split training (training.finetune_epochs != 0; only it "

@@ -10,13 +10,10 @@ answers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from fedseg.checkpoint import LATENTS_NAME, CheckpointMismatch, save_private
 from fedseg.config import RunConfig
@@ -64,9 +61,7 @@ class Coordinator:
         self._chunks: dict[str, list[tuple[list, list]]] = {s: [] for s in self.sites}
         self._transforms: dict[str, Keyed] = {s: LatentTransform(None) for s in self.sites}
         self._finetune_opt: torch.optim.Optimizer | None = None
-        # split training's UMN passes awaiting their gradients: tag -> site -> (the weights'
-        # copy the pass ran on, keyed input latents, keyed output latents)
-        self._finetune_graphs: dict[Hashable, dict[str, tuple[dict, list, list]]] = {}
+        self._finetune_graphs: dict[str, tuple[list, list]] = {}
         self._magnitudes = MagnitudeGuard(cfg.federation.magnitude_bound)
         self._ckks: dict[str, ServerCkks] = {}  # each hospital's public CKKS keys
         self._mappers: dict[str, tuple[str, EncryptedMapper]] = {}  # compiled, per weights
@@ -226,14 +221,12 @@ class Coordinator:
         return self.umn
 
     def finetune_map(
-        self, batches: dict[str, dict[str, np.ndarray]], tag: Hashable = None
+        self, batches: dict[str, dict[str, np.ndarray]]
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
         """Split-learning step 2 (fedseg/finetune.py) for every site's batch of a step: each
         batch checked and taken out of its site's key on its own, then one pass of the UMN over
-        all of them, graphs kept under ``tag`` for step 4. The pass runs on a copy of the UMN's
-        weights that only its graph holds, so the UMN may step on another batch before this
-        one's gradient comes (``training.finetune_overlap``). A batch is at most
-        ``training.batch_size`` items. Returns the mapped batches and the refused sites."""
+        all of them, graphs kept for step 4. A batch is at most ``training.batch_size`` items.
+        Returns the mapped batches and the refused sites, with why."""
         inputs, refused = {}, {}
         for site in sorted(batches):  # name order: the first batch fixes a site's input bases
             try:
@@ -243,20 +236,16 @@ class Coordinator:
         if not inputs:
             return {}, refused
         self.umn.train()
-        weights = {
-            name: p.detach().clone().requires_grad_(p.requires_grad)
-            for name, p in self.umn.named_parameters()
-        }
-        passes = [
-            ([nhwc(z) for z in image], self.umn.site_index(site))
-            for site, (_, image) in inputs.items()
-        ]
-        outs = functional_call(_SitesPass(self.umn), _prefixed(weights), (passes,))
+        outs = self.umn.map_sites(
+            [
+                ([nhwc(z) for z in image], self.umn.site_index(site))
+                for site, (_, image) in inputs.items()
+            ]
+        )
         mapped = {}
-        graphs = self._finetune_graphs.setdefault(tag, {})
         for (site, (keyed, _)), out in zip(inputs.items(), outs, strict=True):
             keyed_out = self._transforms[site].forward(out, "mask")
-            graphs[site] = (weights, keyed, keyed_out)
+            self._finetune_graphs[site] = (keyed, keyed_out)
             mapped[site] = pack(keyed_out, "mask")
         return mapped, refused
 
@@ -283,19 +272,14 @@ class Coordinator:
         return keyed, image
 
     def finetune_backward(
-        self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int, tag: Hashable = None
+        self, grads: dict[str, dict[str, np.ndarray]], epoch: int, epochs: int
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Step 4 (:meth:`finetune_accept`, then :meth:`finetune_step`). Returns each site's
-        gradient for its keyed image latents, and the sites whose gradient was refused."""
-        accepted, refused = self.finetune_accept(grads, tag)
-        return self.finetune_step(accepted, epoch, epochs, tag), refused
-
-    def finetune_accept(
-        self, grads: dict[str, dict[str, np.ndarray]], tag: Hashable = None
-    ) -> tuple[dict[str, list[torch.Tensor]], dict[str, str]]:
-        """The sites' loss gradients for the pass under ``tag``, checked and decoded: the
-        accepted ones, and the refused sites with why (a refused site does not count)."""
-        graphs = self._finetune_graphs.get(tag, {})
+        """Step 4: the sites' loss gradients back through the step's one UMN pass, and one
+        optimizer step on their mean (as the centralized UNet takes one step on a batch drawn
+        from all sites). Returns each site's gradient for its keyed image latents, and the
+        sites whose gradient was refused (with why); a refused or missing site does not count
+        this step."""
+        graphs, self._finetune_graphs = self._finetune_graphs, {}
         accepted, refused = {}, {}
         for site, arrays in sorted(grads.items()):  # a fixed order, whatever replied first
             if site not in graphs:
@@ -303,62 +287,24 @@ class Coordinator:
                 continue
             try:
                 check_fields(arrays, ("grad",), len(self.shapes))
-                expected = graphs[site][2][0].shape[0]
+                expected = graphs[site][1][0].shape[0]
                 grad = unpack(arrays, "grad", self.shapes, dtype=GRAD_DTYPE, items=expected)
                 self._magnitudes.check(site, arrays)
             except ValueError as err:
                 refused[site] = str(err)
                 continue
             accepted[site] = grad
-        return accepted, refused
-
-    def finetune_input_grads(
-        self, accepted: dict[str, list[torch.Tensor]], tag: Hashable = None
-    ) -> dict[str, dict[str, np.ndarray]]:
-        """Each site's gradient for its keyed image latents from the pass under ``tag``, the
-        pass kept for :meth:`finetune_step` with ``inputs=False``."""
-        graphs = self._finetune_graphs.get(tag, {})
-        accepted = {site: g for site, g in accepted.items() if site in graphs}
-        if not accepted:
-            return {}
-        out = torch.autograd.grad(
-            [m for site in accepted for m in graphs[site][2]],
-            [z for site in accepted for z in graphs[site][1]],
-            [g for grad in accepted.values() for g in grad],
-            retain_graph=True,
-        )
-        scales = len(self.shapes)
-        return {
-            site: pack(list(out[i * scales : (i + 1) * scales]), "grad", GRAD_DTYPE)
-            for i, site in enumerate(accepted)
-        }
-
-    def finetune_step(
-        self,
-        accepted: dict[str, list[torch.Tensor]],
-        epoch: int,
-        epochs: int,
-        tag: Hashable = None,
-        inputs: bool = True,
-    ) -> dict[str, dict[str, np.ndarray]]:
-        """Accepted gradients back through the pass under ``tag``, and one optimizer step on
-        their mean (as the centralized UNet takes one step on a batch drawn from all sites).
-        Returns each site's gradient for its keyed image latents. Touches only the UMN, its
-        optimizer and that pass, so it may run while the next pass's replies are checked."""
-        graphs = self._finetune_graphs.pop(tag, {})
-        accepted = {site: g for site, g in accepted.items() if site in graphs}
         if not accepted:
             self.umn.eval()
-            return {}
+            return {}, refused
+        params = list(self.umn.parameters())
         if self._finetune_opt is None:
-            self._finetune_opt = adamw(self.umn.parameters(), self.cfg.training.finetune_lr)
+            self._finetune_opt = adamw(params, self.cfg.training.finetune_lr)
         cosine_lr(self._finetune_opt, self.cfg.training.finetune_lr, epoch / max(epochs, 1))
-        copies = list({id(graphs[s][0]): graphs[s][0] for s in accepted}.values())
-        names = [name for name, p in self.umn.named_parameters() if p.requires_grad]
-        keyed = [z for site in accepted for z in graphs[site][1]] if inputs else []
+        keyed = [z for site in accepted for z in graphs[site][0]]
         out = torch.autograd.grad(
-            [m for site in accepted for m in graphs[site][2]],
-            [*keyed, *(copy[name] for copy in copies for name in names)],
+            [m for site in accepted for m in graphs[site][1]],
+            [*keyed, *params],
             [g for grad in accepted.values() for g in grad],
             allow_unused=True,  # other sites' adapters, when each site has its own
         )
@@ -366,18 +312,13 @@ class Coordinator:
         answers = {
             site: pack(list(out[i * scales : (i + 1) * scales]), "grad", GRAD_DTYPE)
             for i, site in enumerate(accepted)
-            if inputs
         }
-        params = dict(self.umn.named_parameters())
-        by_copy = out[len(keyed) :]
-        for j, name in enumerate(names):
-            parts = [g for g in by_copy[j :: len(names)] if g is not None]
-            # the mean of the sites' losses
-            params[name].grad = sum(parts) / len(accepted) if parts else None
+        for p, g in zip(params, out[len(keyed) :], strict=True):
+            p.grad = None if g is None else g / len(accepted)  # the mean of the sites' losses
         self._finetune_opt.step()
         self._finetune_opt.zero_grad(set_to_none=True)
         self.umn.eval()
-        return answers
+        return answers, refused
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> Path:
         """UMN weights, optimizer and progress; never a key, whatever the custody."""
@@ -432,19 +373,3 @@ def _matrices(layer: FoldedLayer) -> list[np.ndarray]:
 def _round_lr_factor(round_index: int, rounds: int) -> float:
     """Step the base LR down over rounds so the per-round cosine does not restart at full LR."""
     return float(0.5 * (1 + np.cos(np.pi * round_index / rounds)))  # float: weights_only loads
-
-
-class _SitesPass(nn.Module):
-    """``umn.map_sites`` as a module's forward, so that ``functional_call`` can run it on a
-    copy of the weights."""
-
-    def __init__(self, umn: nn.Module) -> None:
-        super().__init__()
-        self.umn = umn
-
-    def forward(self, passes: list) -> list:
-        return self.umn.map_sites(passes)
-
-
-def _prefixed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"umn.{name}": value for name, value in weights.items()}

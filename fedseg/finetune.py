@@ -40,7 +40,6 @@ from fedseg.training import adamw, augment, cosine_lr, nhwc, segmentation_loss, 
 from fedseg.wire import GRAD_DTYPE, pack, unpack
 
 SHARED_PREFIXES = ("image.encoder.", "mask.decoder.")
-PASSES_KEPT = 3  # encoder passes awaiting their gradient (training.finetune_overlap: three)
 
 
 def finetune_steps(n_train: int, batch_size: int) -> int:
@@ -84,8 +83,7 @@ class SiteFinetuner:
         self.local_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
         # Step 1's encoder pass (keyed latents, local-skip features) by (epoch, step), graph
         # and all, until step 4: the batch is encoded once a step, not three times. Pipelined,
-        # two are kept (the next batch's is encoded before this one's gradient comes), three
-        # with training.finetune_overlap (the gradient comes an exchange later). Not state.
+        # two are kept (the next batch's is encoded before this one's gradient comes). Not state.
         self._passes: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         to_nhwc(models.image_ae, models.mask_ae)
 
@@ -120,7 +118,7 @@ class SiteFinetuner:
             encoder.train()
             weights = {name: p.clone() for name, p in encoder.named_parameters()}
             latents, local = functional_call(encoder, weights, (nhwc(x),), {"local": True})
-            self._passes = dict(list(self._passes.items())[-(PASSES_KEPT - 1) :])
+            self._passes = dict(list(self._passes.items())[-1:])  # at most two
             self._passes[(epoch, step)] = (self.transform.forward(latents, "image"), local)
         return self._passes[(epoch, step)]
 

@@ -73,7 +73,6 @@ SEGMENT_DECODE = "decode"
 # Split-training steps beyond a batch index: the site applies the gradient it is owed, then
 FINAL_STEP = -1  # saves its fine-tuned models (the end of the phase)
 SHARE_STEP = -2  # sends its shared weights (training.finetune_share)
-APPLY_STEP = -3  # answers nothing (training.finetune_overlap: a second gradient it is owed)
 
 
 class ProtocolError(ValueError):
@@ -142,7 +141,7 @@ class RoundRequest(Request):
 class FinetuneRequest(Request):
     epoch: int
     epochs: int
-    step: int  # a batch index, SHARE_STEP, FINAL_STEP or APPLY_STEP
+    step: int  # a batch index, SHARE_STEP or FINAL_STEP
     start: bool = False  # the first message of the phase: start from the trained models
     grad_epoch: int | None = None  # the encoder gradient in GRAD is for this batch
     grad_step: int | None = None

@@ -12,11 +12,7 @@ Each step is two exchanges with every site that has a batch left in the epoch: f
 site applies the encoder gradient it is owed and sends keyed image latents) and backward (it
 decodes the mapped latents and sends the loss gradient). With ``training.finetune_pipeline``
 (the default) the backward exchange also carries the owed gradient and brings back the next
-batch's latents, so a step after an epoch's first is one exchange. With
-``training.finetune_overlap`` the server maps a step's batches, sends them, and takes the UMN's
-backward pass and step on the last step's gradients while the sites work, so the gradient a
-site is owed travels an exchange later (and the older of an epoch's last two in a message of
-its own, ``APPLY_STEP``).
+batch's latents, so a step after an epoch's first is one exchange.
 After every epoch the sites' encoders and decoders become one model: ``blind`` (the default)
 collects them as masked uint64 vectors and sends back their sum modulo 2^64, which the server
 cannot read; ``average`` (SplitFed, the reference) collects the weights themselves.
@@ -32,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,7 +35,7 @@ import numpy as np
 
 from fedseg.config import RunConfig
 from fedseg.privacy.blind import add_blinded, mask_label
-from fedseg.protocol import APPLY_STEP, FINAL_STEP, SHARE_STEP, FinetuneRequest
+from fedseg.protocol import FINAL_STEP, SHARE_STEP, FinetuneRequest
 
 if TYPE_CHECKING:  # the call types below travel through a deployed node's one-message
     # ClientApp process, which needs no torch for them (clients/app.py)
@@ -131,8 +126,6 @@ def answer_forward(
         tuner.adopt_blinded(call.blinded_sum, label, request.blind_sites)
     if request.step == FINAL_STEP:
         return ForwardReply(done=True)
-    if request.step == APPLY_STEP:
-        return ForwardReply()
     if request.step != SHARE_STEP:
         return ForwardReply(latents=tuner.forward(request.epoch, request.step))
     check_finetune_share(tuner.cfg, site)
@@ -198,15 +191,7 @@ class SplitTraining:
 
         self.epochs = split_epochs(self.cfg.training, sites.values())
         self.steps = {n: finetune_steps(k, self.cfg.training.batch_size) for n, k in sites.items()}
-        # encoder gradients not yet sent, oldest first (two at most: finetune_overlap)
-        self.owed: dict[str, list[tuple[int, int, Arrays]]] = {}
-        # finetune_overlap: the UMN's backward pass of the last step, running during the
-        # exchange of this one (its step and accepted gradients wait in ``held`` until then)
-        self.overlap = (
-            self.cfg.training.finetune_overlap if self.cfg.training.finetune_pipeline else "off"
-        )
-        self.held: tuple[int, int, dict] | None = None
-        self.running: tuple[int, int, Future] | None = None
+        self.owed: dict[str, tuple[int, int, Arrays]] = {}  # encoder gradients not yet sent
         self.adopt: dict[str, Any] = {}  # average: the mean each site takes with its next call
         # blind: the masked sum each site unmasks with its next call, with its epoch and the
         # names of the sites added into it.
@@ -217,17 +202,6 @@ class SplitTraining:
 
     def run(self, on_epoch: Callable[[int, int, float], None] | None = None) -> list[float]:
         """Mean training loss of each epoch; ``on_epoch(done, epochs, loss)`` after each."""
-        with ThreadPoolExecutor(1, thread_name_prefix="umn-backward") as umn:
-            losses = self._epochs(umn, on_epoch)
-        final = [
-            n for n in self.sites if self.owed.get(n) or n in self.adopt or n in self.adopt_blind
-        ]
-        self._forward(final, FINAL_STEP, FINAL_STEP)
-        return losses
-
-    def _epochs(
-        self, umn: ThreadPoolExecutor, on_epoch: Callable[[int, int, float], None] | None
-    ) -> list[float]:
         losses: list[float] = []
         for epoch in range(self.epochs):
             if not self.sites:
@@ -236,12 +210,7 @@ class SplitTraining:
             ahead: dict[str, ForwardReply | BackwardReply] = {}  # latents sent in advance
             for step in range(max(self.steps[n] for n in self.sites)):
                 active = [n for n in self.sites if step < self.steps[n]]
-                epoch_losses += self._step(umn, active, epoch, step, ahead)
-            self._settle()
-            if self.held is not None:
-                self._umn_backward(*self.held)
-                self.held = None
-            self._apply_older_gradients(epoch)
+                epoch_losses += self._step(active, epoch, step, ahead)
             started = time.perf_counter()
             if self.share == "average":
                 self._collect_average()
@@ -253,6 +222,10 @@ class SplitTraining:
             log.info("split training epoch %d/%d: Dice+CE %.4f", epoch + 1, self.epochs, losses[-1])
             if on_epoch is not None:
                 on_epoch(epoch + 1, self.epochs, losses[-1])
+        final = [
+            n for n in self.sites if n in self.owed or n in self.adopt or n in self.adopt_blind
+        ]
+        self._forward(final, FINAL_STEP, FINAL_STEP)
         return losses
 
     def _drop(self, site: str, reason: str) -> None:
@@ -266,8 +239,8 @@ class SplitTraining:
         if site in self.adopt_blind:
             call.blinded_sum, request.blind_epoch, request.blind_sites = self.adopt_blind.pop(site)
         call.weights = self.adopt.pop(site, None)
-        if self.owed.get(site):
-            request.grad_epoch, request.grad_step, call.grad = self.owed[site].pop(0)
+        if site in self.owed:
+            request.grad_epoch, request.grad_step, call.grad = self.owed.pop(site)
         return call
 
     def _forward(
@@ -290,35 +263,19 @@ class SplitTraining:
             self.absent.append(absent)
         return replies
 
-    def _step(
-        self, umn: ThreadPoolExecutor, active: list[str], epoch: int, step: int, ahead: dict
-    ) -> list[float]:
+    def _step(self, active: list[str], epoch: int, step: int, ahead: dict) -> list[float]:
         """One batch at every active site. ``ahead`` holds the replies that brought a site's
-        latents with its last gradient (pipelined); the others are asked for theirs first.
-        With ``finetune_overlap`` the UMN's backward pass of the last step runs in ``umn``
-        during this step's exchange; else it ran before this step's pass."""
+        latents with its last gradient (pipelined); the others are asked for theirs first."""
         asked = [n for n in active if n not in ahead]
         ahead.update(self._forward(asked, epoch, step))
-        self._settle()
         mapped = self._map([n for n in active if n in self.sites], epoch, step, ahead)
         calls = {n: self._backward_call(n, epoch, step, m) for n, m in mapped.items()}
-        if self.held is not None:
-            self.running = (*self.held[:2], umn.submit(self._umn_backward_only, *self.held))
-            self.held = None
         replies, failed = self.link.backward(calls, self.timeout_s)
         for site, reason in failed.items():
             self._drop(site, reason)
         if self.cfg.training.finetune_pipeline:
             ahead.update({n: r for n, r in replies.items() if step + 1 < self.steps[n]})
-        accepted, losses = self._accept(replies, epoch, step)
-        if self.overlap == "weights":
-            inputs = self.coordinator.finetune_input_grads(accepted, (epoch, step))
-            self._owe(epoch, step, inputs)
-        self.held = (epoch, step, accepted)
-        if self.overlap == "off":
-            self._umn_backward(*self.held)
-            self.held = None
-        return losses
+        return self._step_server(replies, epoch, step)
 
     def _map(self, active: list[str], epoch: int, step: int, ahead: dict) -> dict[str, Arrays]:
         """The server's forward pass of the sites' batches, one pass for all of them; a
@@ -335,7 +292,7 @@ class SplitTraining:
                 )
             else:
                 batches[site] = reply.latents
-        mapped, refused = self.coordinator.finetune_map(batches, (epoch, step))
+        mapped, refused = self.coordinator.finetune_map(batches)
         for site, reason in refused.items():
             self.link.reject(site, f"latents: {reason}", epoch + 1, step + 1)
         return mapped
@@ -344,18 +301,17 @@ class SplitTraining:
         request = FinetuneRequest(epoch, self.epochs, step)
         call = BackwardCall(request, mapped)
         if self.cfg.training.finetune_pipeline:
-            if self.owed.get(site):
-                request.grad_epoch, request.grad_step, call.owed = self.owed[site].pop(0)
+            if site in self.owed:
+                request.grad_epoch, request.grad_step, call.owed = self.owed.pop(site)
             if step + 1 < self.steps[site]:
                 request.next_step = step + 1
         return call
 
-    def _accept(
-        self, replies: dict[str, BackwardReply], epoch: int, step: int
-    ) -> tuple[dict, list[float]]:
-        """The sites' gradients for this step's pass, checked (a refused one is reported now),
-        and their losses, in site-name order (their float mean, and the order in which the UMN
-        sums the gradients, must not depend on who answered first)."""
+    def _step_server(self, replies: dict[str, BackwardReply], epoch: int, step: int) -> list[float]:
+        """The UMN's backward pass and step on the sites' gradients; each site is owed the
+        gradient for its image latents. Returns the sites' losses, in site-name order (their
+        float mean, and the order in which the UMN sums the gradients, must not depend on who
+        answered first)."""
         grads, losses = {}, []
         for site in sorted(replies):
             reply = replies[site]
@@ -371,37 +327,12 @@ class SplitTraining:
                 continue
             grads[site] = reply.grad
             losses.append(reply.loss)
-        accepted, refused = self.coordinator.finetune_accept(grads, (epoch, step))
+        answers, refused = self.coordinator.finetune_backward(grads, epoch, self.epochs)
         for site, reason in refused.items():
             self.link.reject(site, f"gradient: {reason}", epoch + 1, step + 1)
-        return accepted, losses
-
-    def _umn_backward_only(self, epoch: int, step: int, accepted: dict) -> dict[str, Arrays]:
-        """The UMN's backward pass and step on a step's accepted gradients; what each site is
-        owed for its image latents. Touches only the UMN (it may run in ``umn``)."""
-        inputs = self.overlap != "weights"
-        return self.coordinator.finetune_step(accepted, epoch, self.epochs, (epoch, step), inputs)
-
-    def _umn_backward(self, epoch: int, step: int, accepted: dict) -> None:
-        self._owe(epoch, step, self._umn_backward_only(epoch, step, accepted))
-
-    def _owe(self, epoch: int, step: int, answers: dict[str, Arrays]) -> None:
         for site, grad in answers.items():
-            if site in self.sites:
-                self.owed.setdefault(site, []).append((epoch, step, grad))
-
-    def _settle(self) -> None:
-        """Wait for the UMN's backward pass running in the background; owe its gradients."""
-        if self.running is not None:
-            epoch, step, future = self.running
-            self.running = None
-            self._owe(epoch, step, future.result())
-
-    def _apply_older_gradients(self, epoch: int) -> None:
-        """``finetune_overlap``: at an epoch's end a site can be owed two gradients (the last
-        two steps'); the older goes now, in a message of its own, the newer with the next."""
-        while more := [n for n in self.sites if len(self.owed.get(n, [])) > 1]:
-            self._forward(more, epoch, APPLY_STEP)
+            self.owed[site] = (epoch, step, grad)
+        return losses
 
     def _collect_average(self) -> None:
         """The sites' shared weights (after the gradient each is owed), averaged by the link

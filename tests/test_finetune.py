@@ -445,38 +445,3 @@ def test_one_umn_pass_and_one_step_serve_all_sites_batches(setup):
     assert opt is not None
     steps = {int(state["step"]) for state in opt.state.values()}
     assert steps == {1}, f"one UMN step for the sites' batches, not {steps}"
-
-
-def test_a_umn_pass_keeps_the_weights_that_mapped_it(setup):
-    """training.finetune_overlap: the server maps the next batch before it steps on this
-    one's gradient. That batch's gradients then come from the UMN weights that mapped it (each
-    pass runs on its own copy of them), not from the weights after the step."""
-    cfg, sites, tuners, coord = _fresh(setup)
-    site = sites[0].name
-    tuner = tuners[site]
-    before = copy.deepcopy(coord)  # the weights both batches are mapped with
-    latents0, latents1 = tuner.forward(0, 0), tuner.forward(0, 1)
-    mapped0, _ = coord.finetune_map({site: latents0}, (0, 0))
-    mapped1, _ = coord.finetune_map({site: latents1}, (0, 1))  # before the step on batch 0
-    grad0, _ = tuner.decode_and_backward(0, 0, 1, mapped0[site])
-    accepted, refused = coord.finetune_accept({site: grad0}, (0, 0))
-    assert not refused
-    coord.finetune_step(accepted, 0, 1, (0, 0))
-    grad1, _ = tuner.decode_and_backward(0, 1, 1, mapped1[site])
-    moved = copy.deepcopy(before)  # the weights after the step on batch 0
-    moved.umn.load_state_dict(coord.umn.state_dict())
-    answers, refused = coord.finetune_backward({site: grad1}, 0, 1, (0, 1))
-    assert not refused
-
-    def gradient(server: Coordinator) -> list[torch.Tensor]:
-        server.finetune_forward(site, latents1)
-        answer = server.finetune_backward({site: grad1}, 0, 1)[0][site]
-        return unpack(answer, "grad", tuner.shapes, dtype=GRAD_DTYPE)
-
-    got = unpack(answers[site], "grad", tuner.shapes, dtype=GRAD_DTYPE)
-    for a, b in zip(got, gradient(before), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    stepped = gradient(moved)
-    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(got, stepped, strict=True))
-    opt = coord._finetune_opt
-    assert opt is not None and {int(s["step"]) for s in opt.state.values()} == {2}

@@ -32,15 +32,12 @@ def _in_process(cfg, key: Path, create: bool = False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("pipeline", "overlap"), [(False, "off"), (True, "off"), (True, "full"), (True, "weights")]
-)
-def test_flower_and_in_process_split_training_are_one_computation(tmp_path, pipeline, overlap):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_flower_and_in_process_split_training_are_one_computation(tmp_path, pipeline):
     from simulations.engine import simulate
 
     cfg = blind_config(tmp_path / "flower", sites=2, epochs=2)
     cfg.training.finetune_pipeline = pipeline
-    cfg.training.finetune_overlap = overlap
     cfg.training.threads = 1
     cfg.baselines.centralized_unet = cfg.baselines.local_unet = False
     simulate(cfg.validate())
@@ -50,7 +47,6 @@ def test_flower_and_in_process_split_training_are_one_computation(tmp_path, pipe
     torch.set_num_threads(1)
     twin = blind_config(tmp_path / "in-process", sites=2, epochs=2)
     twin.training.finetune_pipeline = pipeline
-    twin.training.finetune_overlap = overlap
     tuners, coordinator = _in_process(twin, out / "keys" / "federation.key")
     losses = split_train(coordinator, tuners)
 
@@ -150,47 +146,4 @@ def test_the_step_count_is_checked_by_name():
     cfg = RunConfig()
     cfg.training.finetune_epochs = -2
     with pytest.raises(ConfigError, match="finetune_epochs"):
-        cfg.validate()
-
-
-def test_overlapped_split_training_applies_every_encoder_gradient_once_in_order(tmp_path):
-    """training.finetune_overlap: the UMN steps on a batch while the sites work on the next,
-    so a site's encoder gradient comes an exchange later, and at an epoch's end two are owed.
-    Every batch's still reaches its site, once, in the order of the batches, before the
-    epoch's weights are shared."""
-    torch.set_num_threads(1)
-    cfg = blind_config(tmp_path, sites=2, epochs=2)
-    cfg.data.synthetic_train = 16  # 4 steps an epoch: gradients owed in mid-epoch exchanges
-    cfg.training.finetune_overlap = "full"
-    tuners, coordinator = _in_process(cfg, tmp_path / "keys" / "federation.key", create=True)
-    applied: dict[str, list[tuple[int, int]]] = {site: [] for site in tuners}
-    for site, tuner in tuners.items():
-
-        def record(epoch, step, epochs, grads, real=tuner.backward_encoder, site=site):
-            applied[site].append((epoch, step))
-            return real(epoch, step, epochs, grads)
-
-        def share(label, real=tuner.blinded_state, site=site):
-            applied[site].append(("share", label))
-            return real(label)
-
-        tuner.backward_encoder, tuner.blinded_state = record, share
-
-    losses = split_train(coordinator, tuners)
-
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    steps = tuners["hospital-1"].steps
-    assert steps == 4
-    for site, tuner in tuners.items():
-        batches = [call for call in applied[site] if call[0] != "share"]
-        assert batches == [(e, k) for e in range(2) for k in range(steps)], site
-        shares = [i for i, call in enumerate(applied[site]) if call[0] == "share"]
-        assert shares == [steps, 2 * steps + 1], "each epoch's gradients before its share"
-        assert not tuner._passes and not tuner.local_grads
-
-
-def test_overlap_needs_the_pipeline(tmp_path):
-    cfg = blind_config(tmp_path)
-    cfg.training.finetune_pipeline, cfg.training.finetune_overlap = False, "full"
-    with pytest.raises(ConfigError, match="finetune_overlap needs training.finetune_pipeline"):
         cfg.validate()

@@ -25,8 +25,7 @@ TIMED = {
     "fedseg.hospital": [("", "finetune_forward"), ("", "finetune_backward")],
     "fedseg.coordinator": [
         ("Coordinator", "finetune_map"),
-        ("Coordinator", "finetune_accept"),
-        ("Coordinator", "finetune_step"),
+        ("Coordinator", "finetune_backward"),
     ],
     "fedseg.checkpoint": [("", "save_private")],
     # a deployed node's ClientApp process (flwr-clientapp): its task, FAB, app call and reply
